@@ -1,0 +1,185 @@
+"""MLRSCallback: apply a learned MLR-SNet schedule, frozen, inside any `transformers.Trainer`.
+
+Transfer as in the paper's meta-test (Shu et al., TPAMI 2022, Sec. 5): the net is frozen, reads the training loss
+of each step, and sets that step's lr, alpha_t = gamma * A(x_t; h_{t-1}); its recurrent state carries on; a
+schedule with stages switches nets by training progress (or, horizon-free, by the loss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .integration import StepLossMeter, fix_loss_scaling, num_labels_of
+from .modeling import MLRSNet
+from .scheduler import MLRSScheduler
+
+
+STATE_KEY = "hf_mlrs.MLRSCallback"  # our entry in TrainerState.stateful_callbacks (saved in trainer_state.json)
+
+
+class MLRSCallback(TrainerCallback):
+    """Drives the lr of an unmodified [`~transformers.Trainer`] (or any subclass) from a learned MLR-SNet schedule.
+
+    The lr it sets in `on_pre_optimizer_step` (gradients final) is the lr that step uses and the lr the Trainer logs.
+    It reads the loss of each step from `Trainer.training_step`, so Trainer subclasses with their own
+    `compute_loss` work; the loss is averaged over processes, so every rank sets the same lr. Its state (the net's
+    recurrent state, stage, gamma) is saved in every checkpoint's `trainer_state.json` and restored on resume.
+    The Trainer's own `lr_scheduler_type` is overridden.
+
+    Args:
+        schedule (`MLRSNet`): the learned schedule, e.g. `MLRSNet.from_pretrained("minilm-bbc")`.
+        gamma (`float` or `"auto"`, *optional*): the lr scale gamma (lr = gamma * A_t, A_t in (0, 1)); defaults to the
+            Trainer's `learning_rate`. `"auto"` uses the paper's heuristic (SGD on classification only).
+        stage_by (`str`, *optional*, defaults to `"progress"`): `"progress"` switches stages by the fraction of
+            `max_steps` done; `"loss"` (horizon-free) by the smoothed training loss.
+        min_lr, max_lr (`float`, *optional*): bounds on the lr.
+        warmup_steps (`int`, *optional*): linear warmup on top of the schedule; defaults to the Trainer's.
+        on_nonfinite (`str`, *optional*, defaults to `"skip"`): on a NaN/inf loss keep the previous lr (`"skip"`),
+            and with `"stop"` also stop training.
+
+    Example:
+
+    ```python
+    >>> trainer = Trainer(model=model, args=args, train_dataset=train,
+    ...                   callbacks=[MLRSCallback(MLRSNet.from_pretrained("minilm-bbc"))])
+    ```
+    """
+
+    def __init__(
+        self,
+        schedule: MLRSNet,
+        *,
+        gamma: float | str | None = None,
+        stage_by: str = "progress",
+        min_lr: float | None = None,
+        max_lr: float | None = None,
+        warmup_steps: int | None = None,
+        on_nonfinite: str = "skip",
+    ):
+        if on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"MLRSCallback: on_nonfinite={on_nonfinite!r} is not 'skip' or 'stop'.")
+        if not isinstance(schedule, MLRSNet):
+            raise TypeError(f"MLRSCallback needs an MLRSNet, got {type(schedule).__name__}; load one with "
+                            "MLRSNet.from_pretrained(...).")
+        # user-provided hyperparameters
+        self.schedule = schedule.cpu().eval().requires_grad_(False)
+        self.gamma = gamma
+        self.stage_by = stage_by
+        self.min_lr = min_lr
+        self.max_lr = max_lr
+        self.warmup_steps = warmup_steps
+        self.on_nonfinite = on_nonfinite
+        # internal state, (re)built at every train()
+        self.trainer: Trainer | None = None
+        self.scheduler: MLRSScheduler | None = None
+        self.loss_meter = StepLossMeter()
+        self.applied_lr: float | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        trainer = _calling_trainer()
+        if hasattr(trainer, "schedule") and hasattr(trainer, "meta_training"):
+            raise ValueError("MLRSTrainer already drives the lr: use MLRSTrainer(schedule=...), not MLRSCallback.")
+        self.trainer = trainer
+        fix_loss_scaling(trainer)
+        _tap_training_step(trainer, self.loss_meter)
+        self.scheduler = MLRSScheduler(
+            kwargs["optimizer"],
+            self.schedule,
+            gamma=self.gamma if self.gamma is not None else args.learning_rate,
+            num_training_steps=state.max_steps,
+            stage_by=self.stage_by,
+            min_lr=self.min_lr,
+            max_lr=self.max_lr,
+            warmup_steps=args.get_warmup_steps(state.max_steps) if self.warmup_steps is None else self.warmup_steps,
+            num_labels=num_labels_of(trainer.accelerator.unwrap_model(trainer.model)),
+        )
+        saved = state.stateful_callbacks.get(STATE_KEY)
+        if state.global_step > 0 and saved:  # resuming: continue the recurrent state where it was saved
+            self.scheduler.load_state_dict(_from_json(saved, self.schedule))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # Gradients are final here and the step comes next: the paper's order, lr_t from loss_t.
+        skips = self.scheduler.nonfinite_skips
+        self.applied_lr = self.scheduler.observe(self.loss_meter.pop(self.trainer.accelerator))
+        _report_lr(kwargs.get("lr_scheduler"), self.scheduler.get_last_lr())
+        if self.scheduler.nonfinite_skips > skips and self.on_nonfinite == "stop":
+            control.should_training_stop = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # The Trainer's own scheduler.step() has just rewritten the param groups: put the applied lr back, and
+        # leave our state where the next checkpoint's trainer_state.json will pick it up.
+        self.scheduler.set_lr(self.applied_lr)
+        state.stateful_callbacks[STATE_KEY] = _to_json(self.scheduler.state_dict(), self.schedule)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer is not None and "training_step" in vars(trainer):
+            del trainer.training_step  # back to the class's method
+
+
+def _calling_trainer() -> Trainer:
+    """The Trainer whose train() is calling us: callbacks get no reference to it, but it is on the call stack."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    raise RuntimeError("MLRSCallback must be used inside transformers.Trainer.train(): pass it as "
+                       "Trainer(..., callbacks=[MLRSCallback(schedule)]).")
+
+
+def _tap_training_step(trainer: Trainer, meter: StepLossMeter) -> None:
+    """Wrap this trainer's training_step (instance only) so each step's loss reaches the meter."""
+    if "training_step" in vars(trainer):
+        raise ValueError("This Trainer's training_step is already wrapped: use one MLRSCallback per Trainer.")
+    original = trainer.training_step
+
+    def training_step(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        meter.add(loss)
+        return loss
+
+    trainer.training_step = training_step
+
+
+def _report_lr(lr_scheduler, lrs: list[float]) -> None:
+    """Make the Trainer's scheduler report the lr we applied: Trainer logs `lr_scheduler.get_last_lr()[0]`."""
+    if lr_scheduler is not None:
+        target = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's AcceleratedScheduler
+        target._last_lr = list(lrs)
+
+
+def _fingerprint(schedule: MLRSNet) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(schedule.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _to_json(state: dict, schedule: MLRSNet) -> dict:
+    """The scheduler's state as JSON values (trainer_state.json); float32 values round-trip exactly."""
+    state = dict(state)
+    state.pop("schedule")
+    state["hidden"], state["cell"] = state["hidden"].tolist(), state["cell"].tolist()
+    state["schedule_fingerprint"] = _fingerprint(schedule)
+    return state
+
+
+def _from_json(saved: dict, schedule: MLRSNet) -> dict:
+    if saved.get("schedule_fingerprint") != _fingerprint(schedule):
+        raise ValueError(
+            "MLRSCallback: the checkpoint being resumed was trained with a different schedule than the one passed "
+            "now. Resume with the same MLRSNet, or start a new run."
+        )
+    state = dict(saved)
+    state.pop("schedule_fingerprint")
+    state["hidden"] = torch.tensor(state["hidden"], dtype=torch.float32)
+    state["cell"] = torch.tensor(state["cell"], dtype=torch.float32)
+    state["schedule"] = schedule.state_dict()
+    return state

@@ -1,0 +1,131 @@
+"""Model card and lr plot of a saved schedule: what it is, how it was learned, what lr it produces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+
+from .modeling import PAPER_URL, REPO_URL, MLRSNet
+
+
+PLOT_NAME = "lr_curve.png"
+CITATION = """@article{shu2022mlrsnet,
+  title   = {MLR-SNet: Transferable LR Schedules for Heterogeneous Tasks},
+  author  = {Shu, Jun and Zhu, Yanwen and Zhao, Qian and Xu, Zongben and Meng, Deyu},
+  journal = {IEEE Transactions on Pattern Analysis and Machine Intelligence},
+  year    = {2022}
+}"""
+
+
+def reference_loss_trace(net: MLRSNet, steps: int = 300) -> list[float]:
+    """A smooth, decaying loss in the net's input units: 1 -> 0.05 normalised, or ln(10) -> 0.01 raw."""
+    start, end = (2.3, 0.01) if net.input_normalization == "raw" else (1.0, 0.05)
+    return [start * (end / start) ** (t / (steps - 1)) for t in range(steps)]
+
+
+@torch.no_grad()
+def stage_outputs(net: MLRSNet, losses: list[float]) -> list[list[float]]:
+    """A_t of every stage along `losses` (already normalised), each from the zero state with the state carried."""
+    curves = []
+    for stage in range(net.num_stages):
+        state, curve = None, []
+        for x in losses:
+            out, state = net(torch.tensor([[x]]), state, stage=stage)
+            curve.append(float(out))
+        curves.append(curve)
+    return curves
+
+
+def plot_schedule(net: MLRSNet, path: str | Path, losses: list[float] | None = None) -> Path:
+    """Save a PNG: the lr/gamma each stage produces along a loss trace, and the lr learned at meta-training."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    losses = losses if losses is not None else reference_loss_trace(net)
+    history = net.provenance.get("lr_history") or []
+    figure = Figure(figsize=(10 if history else 5.5, 3.6), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2 if history else 1, squeeze=False)[0]
+    ax = axes[0]
+    for k, curve in enumerate(stage_outputs(net, losses)):
+        ax.plot(curve, label=f"stage {k} (from {net.stage_starts[k]:.2f} of training)")
+    twin = ax.twinx()
+    twin.plot(losses, color="grey", linestyle=":", label="input loss")
+    twin.set_ylabel("net input (loss, " + net.input_normalization + ")")
+    ax.set(xlabel="step", ylabel="A_t = lr / gamma", title="Response to a loss trace")
+    ax.legend(fontsize=7, loc="upper right")
+    if history:
+        steps, lrs = zip(*history)
+        axes[1].plot(steps, lrs)
+        title = f"Learned at meta-training: {net.provenance.get('task', '')}"
+        axes[1].set(xlabel="step", ylabel="learning rate", title=title)
+    figure.tight_layout()
+    path = Path(path)
+    canvas.print_png(str(path))
+    return path
+
+
+def render_card(net: MLRSNet, repo_id: str | None = None) -> ModelCard:
+    """The model card: YAML metadata, usage, provenance, stages and citation."""
+    provenance = {k: v for k, v in net.provenance.items() if k != "lr_history"}
+    data = ModelCardData(
+        library_name="hf_mlrs",
+        license="apache-2.0",
+        tags=["hf_mlrs", "mlr-snet", "learning-rate-schedule", "meta-learning", "arxiv:2007.14546"],
+    )
+    name = repo_id or "path/to/this/folder"
+    rows = "\n".join(f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in provenance.items())
+    stages = "\n".join(
+        f"| {k} | {start:.3f} | {float(net.stage_switch_losses[k]):.4g} |" for k, start in enumerate(net.stage_starts)
+    )
+    content = f"""---
+{data.to_yaml()}
+---
+
+# MLR-SNet learning-rate schedule{': ' + str(provenance['task']) if provenance.get('task') else ''}
+
+A learning-rate schedule learned by [MLR-SNet]({PAPER_URL}) (Shu et al., TPAMI 2022) with [hf_mlrs]({REPO_URL}):
+a small LSTM that reads the training loss each step and outputs the learning rate `gamma * A_t`, `A_t` in (0, 1).
+
+![learned lr]({PLOT_NAME})
+
+## Use it with any `transformers.Trainer`
+
+```python
+from hf_mlrs import MLRSCallback, MLRSNet
+
+schedule = MLRSNet.from_pretrained("{name}")
+trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[MLRSCallback(schedule)])
+```
+
+`gamma` defaults to the Trainer's `learning_rate`: the schedule's lr never exceeds it.
+
+## Stages
+
+Input normalisation: `{net.input_normalization}`; hidden size {net.hidden_size}.
+
+| stage | starts at (fraction of training) | switch loss (horizon-free mode) |
+|---|---|---|
+{stages}
+
+## How it was learned
+
+| field | value |
+|---|---|
+{rows if rows else '| (no provenance recorded) | |'}
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    return ModelCard(content)
+
+
+def write_card_and_plot(net: MLRSNet, folder: Path, repo_id: str | None = None) -> None:
+    plot_schedule(net, folder / PLOT_NAME)
+    render_card(net, repo_id).save(folder / "README.md")

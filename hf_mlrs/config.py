@@ -1,0 +1,169 @@
+"""MLRSTrainingArguments: `transformers.TrainingArguments` plus the `mlrs_` fields of MLR-SNet."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .modeling import INPUT_NORMALIZATIONS
+
+
+# args.optim values whose optimizer is not linear in lr (see hypergrad.lr_linearity_problem for classes).
+NONLINEAR_OPTIM_NAMES = {
+    "schedule_free_adamw": "Schedule-Free interpolates and averages iterates with lr-dependent weights",
+    "schedule_free_radam": "Schedule-Free interpolates and averages iterates with lr-dependent weights",
+    "schedule_free_sgd": "Schedule-Free interpolates and averages iterates with lr-dependent weights",
+    "lomo": "LOMO steps inside backward, before the schedule sets the lr",
+    "adalomo": "AdaLomo steps inside backward, before the schedule sets the lr",
+}
+
+
+@dataclass
+class MLRSTrainingArguments(TrainingArguments):
+    r"""
+    [`~transformers.TrainingArguments`] for [`MLRSTrainer`]: every field of `TrainingArguments`, plus:
+
+    > The schedule (both modes)
+
+    mlrs_gamma (`str` or `float`, *optional*):
+        The lr scale gamma: lr = gamma * A_t with A_t in (0, 1). A number, `"auto"` (the paper's heuristic from the
+        initial loss and the number of labels; SGD only), or unset to use `learning_rate`.
+    mlrs_min_lr, mlrs_max_lr (`float`, *optional*):
+        Bounds on the lr.
+    mlrs_stage_by (`str`, *optional*, defaults to `"progress"`):
+        How a learned schedule with several stages is applied: `"progress"` (by fraction of training done) or
+        `"loss"` (horizon-free: by the smoothed training loss).
+    mlrs_on_nonfinite (`str`, *optional*, defaults to `"skip"`):
+        On a NaN/inf training loss, meta loss or hypergradient: `"skip"` (keep the lr and the net, warn, count) or
+        `"stop"` (also stop training).
+
+    > Meta-training (when MLRSTrainer gets no `schedule`)
+
+    mlrs_meta_interval (`int`, *optional*, defaults to `10`):
+        A meta-update every this many optimizer steps (paper: 300 iterations of a 200-epoch run).
+    mlrs_meta_lr, mlrs_meta_weight_decay (`float`, *optional*, defaults to `1e-3`, `1e-4`):
+        Adam on the net's parameters (paper values).
+    mlrs_meta_batch_size (`int`, *optional*):
+        Meta batch size per process; defaults to `per_device_train_batch_size`.
+    mlrs_meta_fraction (`float`, *optional*, defaults to `0.1`):
+        Share of `train_dataset` held out as the meta set when no `meta_dataset` is given (class-balanced when a
+        `label`/`labels` column exists). The model never trains on it.
+    mlrs_input_normalization (`str`, *optional*, defaults to `"initial_loss"`):
+        What the net reads: `"raw"` loss (paper), `"log_num_labels"` (loss / ln C) or `"initial_loss"`.
+    mlrs_hidden_size (`int`, *optional*, defaults to `50`), mlrs_output_bias_init (`float`, defaults to `1.0`):
+        Architecture of a new net.
+    mlrs_num_stages (`int`, *optional*, defaults to `3`):
+        Stage snapshots saved with the learned schedule (paper: the epoch 1, 100 and 200 nets).
+    mlrs_assume_lr_linear (`bool`, *optional*, defaults to `False`):
+        Accept an optimizer hf_mlrs does not know, on your word that its step is linear in lr.
+
+    NOTE: `lr_scheduler_type` is ignored: the schedule net owns the lr. `warmup_steps` is honoured as a linear ramp
+    multiplying the net's lr.
+    """
+
+    mlrs_gamma: str | None = field(
+        default=None,
+        metadata={"help": "LR scale gamma (lr = gamma * net output in (0,1)): a number, 'auto' (paper heuristic, "
+                  "SGD only), or unset to use learning_rate."},
+    )
+    mlrs_min_lr: float | None = field(default=None, metadata={"help": "Lower bound on the lr."})
+    mlrs_max_lr: float | None = field(default=None, metadata={"help": "Upper bound on the lr."})
+    mlrs_stage_by: str = field(
+        default="progress",
+        metadata={"help": "Apply a multi-stage schedule by training 'progress' or by training 'loss' (horizon-free)."},
+    )
+    mlrs_on_nonfinite: str = field(
+        default="skip",
+        metadata={"help": "On NaN/inf loss, meta loss or hypergradient: 'skip' (keep lr and net) or 'stop' training."},
+    )
+    mlrs_meta_interval: int = field(default=10, metadata={"help": "Meta-update every N optimizer steps."})
+    mlrs_meta_lr: float = field(default=1e-3, metadata={"help": "Adam lr of the schedule net (paper: 1e-3)."})
+    mlrs_meta_weight_decay: float = field(
+        default=1e-4, metadata={"help": "Adam weight decay of the schedule net (paper: 1e-4)."}
+    )
+    mlrs_meta_batch_size: int | None = field(
+        default=None, metadata={"help": "Meta batch size per process (default: per_device_train_batch_size)."}
+    )
+    mlrs_meta_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of train_dataset held out as meta set when no meta_dataset is given "
+                  "(class-balanced; never trained on)."},
+    )
+    mlrs_input_normalization: str = field(
+        default="initial_loss",
+        metadata={"help": "Net input: 'raw' loss (paper), 'log_num_labels' (loss/ln C), 'initial_loss' "
+                  "(loss/first loss)."},
+    )
+    mlrs_hidden_size: int = field(default=50, metadata={"help": "Hidden size of a new schedule net (paper: 50)."})
+    mlrs_output_bias_init: float = field(
+        default=1.0, metadata={"help": "Initial output bias of a new net: it starts at gamma*sigmoid(bias)."}
+    )
+    mlrs_num_stages: int = field(
+        default=3, metadata={"help": "Stage snapshots saved with the learned schedule (paper: 3)."}
+    )
+    mlrs_assume_lr_linear: bool = field(
+        default=False,
+        metadata={"help": "Accept an optimizer hf_mlrs does not know, on your word that its step is linear in lr."},
+    )
+
+    def __post_init__(self):
+        self._validate_mlrs()
+        super().__post_init__()
+
+    @property
+    def mlrs_gamma_value(self) -> float | str:
+        """gamma as the scheduler takes it: a float, or "auto"."""
+        if self.mlrs_gamma is None:
+            return float(self.learning_rate)
+        return "auto" if self.mlrs_gamma == "auto" else float(self.mlrs_gamma)
+
+    def _validate_mlrs(self) -> None:
+        def fail(name: str, problem: str, fix: str) -> None:
+            raise ValueError(f"MLRSTrainingArguments.{name}: {problem}. {fix}")
+
+        if self.mlrs_gamma is not None and self.mlrs_gamma != "auto":
+            try:
+                gamma = float(self.mlrs_gamma)
+            except (TypeError, ValueError):
+                gamma = float("nan")
+            if not (math.isfinite(gamma) and gamma > 0):
+                fail("mlrs_gamma", f"{self.mlrs_gamma!r} is not a positive number or 'auto'",
+                     "Use the largest lr you want (e.g. your usual peak lr), 'auto', or leave it unset.")
+        elif self.mlrs_gamma is None and not self.learning_rate > 0:
+            fail("learning_rate", f"{self.learning_rate} cannot serve as gamma", "Set a positive learning_rate.")
+        for name in ("mlrs_min_lr", "mlrs_max_lr"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                fail(name, f"{value} is not a finite lr >= 0", "Use a non-negative number or leave it unset.")
+        if self.mlrs_min_lr is not None and self.mlrs_max_lr is not None and self.mlrs_min_lr > self.mlrs_max_lr:
+            fail("mlrs_min_lr", f"{self.mlrs_min_lr} is above mlrs_max_lr={self.mlrs_max_lr}",
+                 "Swap them or widen the range.")
+        if self.mlrs_stage_by not in ("progress", "loss"):
+            fail("mlrs_stage_by", f"{self.mlrs_stage_by!r} is not 'progress' or 'loss'", "Pick one of the two.")
+        if self.mlrs_on_nonfinite not in ("skip", "stop"):
+            fail("mlrs_on_nonfinite", f"{self.mlrs_on_nonfinite!r} is not 'skip' or 'stop'", "Pick one of the two.")
+        if self.mlrs_meta_interval < 1:
+            fail("mlrs_meta_interval", f"{self.mlrs_meta_interval} < 1", "Use 1 (every step) or more.")
+        if not (self.mlrs_meta_lr > 0 and math.isfinite(self.mlrs_meta_lr)):
+            fail("mlrs_meta_lr", f"{self.mlrs_meta_lr} is not a positive number", "Paper value: 1e-3.")
+        if not self.mlrs_meta_weight_decay >= 0:
+            fail("mlrs_meta_weight_decay", f"{self.mlrs_meta_weight_decay} < 0", "Paper value: 1e-4.")
+        if self.mlrs_meta_batch_size is not None and self.mlrs_meta_batch_size < 1:
+            fail("mlrs_meta_batch_size", f"{self.mlrs_meta_batch_size} < 1", "Use a positive batch size or unset.")
+        if not 0.0 <= self.mlrs_meta_fraction < 1.0:
+            fail("mlrs_meta_fraction", f"{self.mlrs_meta_fraction} is outside [0, 1)",
+                 "Hold out a share such as 0.1 of train_dataset, or pass meta_dataset= to MLRSTrainer.")
+        if self.mlrs_input_normalization not in INPUT_NORMALIZATIONS:
+            fail("mlrs_input_normalization", f"{self.mlrs_input_normalization!r} is unknown",
+                 f"Use one of {INPUT_NORMALIZATIONS}.")
+        if self.mlrs_hidden_size < 2:
+            fail("mlrs_hidden_size", f"{self.mlrs_hidden_size} < 2", "Paper value: 50.")
+        if self.mlrs_num_stages < 1:
+            fail("mlrs_num_stages", f"{self.mlrs_num_stages} < 1", "Use 1 (one net) or 3 (paper).")
+        optim = str(getattr(self.optim, "value", self.optim))
+        if optim in NONLINEAR_OPTIM_NAMES or "layerwise" in optim:
+            reason = NONLINEAR_OPTIM_NAMES.get(optim, "layer-wise optimizers step inside backward")
+            fail("optim", f"{self.optim!r} cannot be driven by MLR-SNet: {reason}",
+                 "Use an optimizer whose step is linear in lr, e.g. optim='adamw_torch' or 'sgd'.")

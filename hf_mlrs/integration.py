@@ -1,0 +1,88 @@
+"""What MLRSTrainer and MLRSCallback both need from a `transformers.Trainer`: the loss of each step, read right.
+
+MLR-SNet reads the training loss of step t to set the lr of step t. Inside a Trainer that loss is the sum of the
+`training_step` returns over one gradient-accumulation window (each is already divided by the number of
+accumulation steps), averaged over processes: the same number the Trainer logs as `loss`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+from torch import nn
+
+
+logger = logging.getLogger(__name__)
+
+
+class StepLossMeter:
+    """Sums the `training_step` returns of one accumulation window; `pop` gives the global mean and resets."""
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        self.total = loss if self.total is None else self.total + loss
+
+    def pop(self, accelerator) -> float:
+        total = self.total if self.total is not None else torch.tensor(float("nan"), device=accelerator.device)
+        self.total = None
+        if accelerator.num_processes > 1:
+            # The schedule net's input must be identical on every rank, or ranks set different lrs and drift apart.
+            total = accelerator.reduce(total.to(accelerator.device), reduction="mean")
+        return float(total)
+
+
+def model_scales_loss_itself(model: nn.Module) -> bool:
+    """Whether the model's forward really uses `num_items_in_batch` (as causal-LM heads do).
+
+    Trainer assumes it does whenever forward takes `**kwargs`. Models such as BertForSequenceClassification take
+    `**kwargs` but return their own batch mean, and Trainer then scales loss and gradients by
+    gradient_accumulation_steps x num_processes (an open upstream bug).
+    """
+    if hasattr(model, "accepts_loss_kwargs"):
+        return bool(model.accepts_loss_kwargs)
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return False
+    return "loss_function" in source or "num_items_in_batch" in source
+
+
+def fix_loss_scaling(trainer) -> None:
+    """Make the Trainer divide by the accumulation steps itself when the model returns a plain batch mean."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = getattr(model, "base_model", model) if hasattr(model, "peft_config") else model
+    if trainer.model_accepts_loss_kwargs and not model_scales_loss_itself(model):
+        logger.info(
+            "hf_mlrs: %s returns a batch-mean loss; setting model_accepts_loss_kwargs=False so that the loss the "
+            "schedule reads (and the gradients) are not multiplied by accumulation steps x processes.",
+            type(model).__name__,
+        )
+        trainer.model_accepts_loss_kwargs = False
+
+
+def num_labels_of(model: nn.Module) -> int | None:
+    """C for the paper's gamma heuristic and for loss / ln(C): classes, or the vocabulary of a language model."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if getattr(config, "problem_type", None) != "regression" and getattr(config, "num_labels", 0) >= 2:
+        if not getattr(config, "is_decoder", False) and "CausalLM" not in type(model).__name__:
+            return int(config.num_labels)
+    vocab = getattr(config, "vocab_size", None)
+    return int(vocab) if vocab else None
+
+
+def broadcast_from_main(module: nn.Module, accelerator) -> None:
+    """Copy rank 0's parameters and buffers of a (CPU) module to every rank, through the training device."""
+    if accelerator.num_processes <= 1:
+        return
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        on_device = tensor.detach().to(accelerator.device)
+        torch.distributed.broadcast(on_device, src=0)
+        with torch.no_grad():
+            tensor.copy_(on_device.to(tensor.device))

@@ -1,0 +1,373 @@
+"""MLRSTrainer: a `transformers.Trainer` whose learning rate comes from MLR-SNet.
+
+Without `schedule=` it meta-trains a new MLRSNet while it trains the model (the paper's bilevel loop with the exact
+first-order lookahead of `hypergrad.py`); with `schedule=` it applies a learned schedule frozen (transfer).
+
+Per optimizer step t, once gradients are complete (accumulated, synced, clipped):
+  on_pre_optimizer_step   l_t = global mean loss of the step; alpha_t = gamma * A(l_t; h_{t-1}, theta)
+  optimizer.step()        the real step, with alpha_t; it doubles as the lookahead step w'
+  on_optimizer_step       every mlrs_meta_interval steps: meta loss at w', dL/dalpha = <g_meta, delta> / alpha_t,
+                          Adam step on theta, alpha'_t from the updated net, w = w_old + (alpha'_t / alpha_t) delta
+The logged `learning_rate` is alpha'_t: the lr the step really applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+
+import torch
+from accelerate.utils import DistributedType
+from transformers import Trainer, TrainerCallback
+
+from . import __version__
+from .config import MLRSTrainingArguments
+from .data import MetaBatchSampler, split_meta_set
+from .hypergrad import MetaLearner, lr_linearity_problem
+from .integration import StepLossMeter, broadcast_from_main, fix_loss_scaling, num_labels_of
+from .modeling import MLRSNet
+from .scheduler import MLRSScheduler
+
+
+SCHEDULE_DIR = "mlrs_schedule"  # where save_model() and every checkpoint put the schedule
+META_TRAIN_UNSUPPORTED = {
+    DistributedType.FSDP: "FSDP shards the parameters the lookahead is taken over",
+    DistributedType.DEEPSPEED: "DeepSpeed owns the optimizer step and shards its state",
+    DistributedType.XLA: "XLA is untested",
+    DistributedType.MEGATRON_LM: "Megatron-LM owns the optimizer step",
+}
+
+
+class MLRSTrainer(Trainer):
+    """[`~transformers.Trainer`] whose lr comes from an MLR-SNet schedule (Shu et al., TPAMI 2022).
+
+    Takes every argument of `Trainer`, with `args` an [`MLRSTrainingArguments`], plus:
+
+    Args:
+        meta_dataset (`Dataset`, *optional*):
+            Held-out data for the meta loss. If unset, `args.mlrs_meta_fraction` of `train_dataset` is held out
+            (class-balanced) and the model never trains on it. Ignored in transfer mode.
+        schedule (`MLRSNet`, *optional*):
+            A learned schedule to apply frozen (transfer mode). If unset, a new net is meta-trained.
+
+    After `train()`, `trainer.schedule` is the learned [`MLRSNet`]; `save_model()` and every checkpoint also write
+    it to `<dir>/mlrs_schedule/`, and its full state (net, meta-optimizer, recurrent state) is in `scheduler.pt`,
+    so `resume_from_checkpoint` continues exactly.
+
+    Example:
+
+    ```python
+    >>> trainer = MLRSTrainer(model=model, args=MLRSTrainingArguments("out", learning_rate=5e-5),
+    ...                       train_dataset=train, eval_dataset=test)
+    >>> trainer.train()
+    >>> trainer.schedule.save_pretrained("my-schedule")
+    ```
+    """
+
+    _tag_names = ["hf_mlrs", "mlr-snet"]
+
+    def __init__(self, *positional, meta_dataset=None, schedule: MLRSNet | None = None, **kwargs):
+        positional, kwargs, args = _as_mlrs_args(positional, kwargs)
+        self.meta_training = schedule is None
+        optimizer, scheduler = kwargs.get("optimizers", (None, None))
+        if scheduler is not None:
+            raise ValueError(
+                "MLRSTrainer owns the learning-rate schedule; pass optimizers=(optimizer, None) "
+                "(the schedule net replaces the scheduler)."
+            )
+        _check_optimizer(optimizer, kwargs.get("optimizer_cls_and_kwargs"), args)
+        if self.meta_training and meta_dataset is None and args.mlrs_meta_fraction == 0:
+            raise ValueError(
+                "MLRSTrainingArguments.mlrs_meta_fraction is 0 and no meta_dataset was given, so meta-training has "
+                "no held-out data. Pass meta_dataset=... or set mlrs_meta_fraction (e.g. 0.1); to apply a learned "
+                "schedule instead, pass schedule=MLRSNet.from_pretrained(...)."
+            )
+        super().__init__(*positional, **kwargs)
+        # Why: the schedule must read the real mean loss, not one multiplied by accumulation steps x processes.
+        fix_loss_scaling(self)
+        if self.meta_training:
+            problem = META_TRAIN_UNSUPPORTED.get(self.accelerator.distributed_type)
+            if problem:
+                raise ValueError(
+                    f"MLRSTrainer cannot meta-train under {self.accelerator.distributed_type.value}: {problem}. "
+                    "Meta-train with DDP (recipes/accelerate_configs/multi_gpu.yaml) or one process, then apply "
+                    "the learned schedule frozen (schedule=... or MLRSCallback), which works under any mode."
+                )
+            self._setup_meta_set(meta_dataset)
+            schedule = MLRSNet(
+                hidden_size=self.args.mlrs_hidden_size,
+                output_bias_init=self.args.mlrs_output_bias_init,
+                input_normalization=self.args.mlrs_input_normalization,
+                stage_starts=[k / self.args.mlrs_num_stages for k in range(self.args.mlrs_num_stages)],
+            )
+        self.schedule = schedule.cpu()  # tiny: evaluated on the CPU, next to the optimizer's Python floats
+        self.schedule.requires_grad_(self.meta_training)
+        self._loss_meter = StepLossMeter()
+        self._pending_meta = None
+        self._log_window = {"meta_loss": [], "hypergrad": []}
+        self.add_callback(_MLRSHooks(self))
+
+    # ---- overrides (each minimal) -------------------------------------------------------------------------------
+
+    # Why: the schedule replaces the Trainer's scheduler, and get_last_lr() of ours reports the lr really applied.
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None:
+            optimizer = optimizer if optimizer is not None else self.optimizer
+            base = getattr(optimizer, "optimizer", optimizer)  # under AcceleratedOptimizer
+            problem = None if self.args.mlrs_assume_lr_linear else lr_linearity_problem(type(base), base.defaults)
+            if problem:
+                raise ValueError(f"MLRSTrainer: the optimizer cannot be driven by MLR-SNet: {problem}.")
+            self.lr_scheduler = MLRSScheduler(
+                optimizer,
+                self.schedule,
+                gamma=self.args.mlrs_gamma_value,
+                num_training_steps=num_training_steps,
+                stage_by="fixed" if self.meta_training else self.args.mlrs_stage_by,
+                min_lr=self.args.mlrs_min_lr,
+                max_lr=self.args.mlrs_max_lr,
+                warmup_steps=self.args.get_warmup_steps(num_training_steps),
+                num_labels=num_labels_of(self.accelerator.unwrap_model(self.model)),
+            )
+            if self.meta_training:
+                self.lr_scheduler.meta_learner = MetaLearner(
+                    self.schedule,
+                    [p for group in optimizer.param_groups for p in group["params"]],
+                    interval=self.args.mlrs_meta_interval,
+                    meta_lr=self.args.mlrs_meta_lr,
+                    weight_decay=self.args.mlrs_meta_weight_decay,
+                    max_steps=num_training_steps,
+                )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # Why: the schedule reads the loss of each step, which only training_step sees.
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._loss_meter.add(loss)
+        return loss
+
+    # Why: log what the schedule did next to the lr it set.
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        scheduler = self.lr_scheduler
+        if "loss" in logs and isinstance(scheduler, MLRSScheduler):
+            for name, values in self._log_window.items():
+                if values:
+                    logs[f"mlrs/{name}"] = sum(values) / len(values)
+                values.clear()
+            logs["mlrs/net_output"] = scheduler.last_output
+            logs["mlrs/gamma"] = scheduler.gamma
+            logs["mlrs/stage"] = scheduler.stage
+            logs["mlrs/nonfinite_skips"] = scheduler.nonfinite_skips
+            if scheduler.meta_learner is not None:
+                logs["mlrs/meta_updates"] = scheduler.meta_learner.num_updates
+                logs["mlrs/meta_skips"] = scheduler.meta_learner.num_skipped
+        super().log(logs, start_time)
+
+    # Why: a saved model (and every checkpoint) should carry the schedule that trained it, loadable on its own.
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.schedule.provenance = self.provenance()
+            folder = os.path.join(output_dir or self.args.output_dir, SCHEDULE_DIR)
+            self.schedule.save_pretrained(folder, write_card=not _internal_call)
+
+    # ---- the two halves of one MLR-SNet step --------------------------------------------------------------------
+
+    def _mlrs_before_step(self) -> None:
+        """Set alpha_t from the loss of step t; keep w_old if a meta-update is due."""
+        scheduler, learner = self.lr_scheduler, self.lr_scheduler.meta_learner
+        loss = self._loss_meter.pop(self.accelerator)
+        if learner is None or not learner.is_due(self.state.global_step):
+            skips = scheduler.nonfinite_skips
+            scheduler.observe(loss)
+            if scheduler.nonfinite_skips > skips:
+                self._on_nonfinite("training loss")
+            return
+        x = scheduler.prepare_input(loss)
+        if x is None:
+            scheduler.hold_lr()
+            self._on_nonfinite("training loss")
+            return
+        lr, state = scheduler.compute_lr(x)  # with a graph to theta
+        alpha = float(lr.detach())
+        if not (math.isfinite(alpha) and alpha > 0):
+            scheduler.apply_lr(lr.detach(), state)
+            return
+        scheduler.set_lr(alpha)
+        learner.remember_weights()
+        self._pending_meta = (x, lr, state)
+
+    def _mlrs_after_step(self) -> None:
+        """The meta-update, then the step rescaled to the updated net's lr (the paper's order, exactly)."""
+        if self._pending_meta is None:
+            return
+        x, lr, state = self._pending_meta
+        self._pending_meta = None
+        scheduler, learner = self.lr_scheduler, self.lr_scheduler.meta_learner
+        if self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step was taken to learn from
+            scheduler.apply_lr(lr.detach(), state)
+            return
+        alpha = float(lr.detach())
+        learner.weights_to_delta()
+        meta_loss, dot = self._meta_loss_and_dot(learner)
+        stats = torch.stack([meta_loss, dot]).to(self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            stats = self.accelerator.reduce(stats, reduction="mean")  # two scalars: the only extra communication
+        meta_loss, hypergrad = float(stats[0]), float(stats[1]) / alpha
+        if math.isfinite(meta_loss) and math.isfinite(hypergrad):
+            learner.update_schedule(lr, hypergrad)
+            with torch.no_grad():
+                lr, state = scheduler.compute_lr(x)  # alpha'_t: same input and h_{t-1}, updated theta
+            self._log_window["meta_loss"].append(meta_loss)
+            self._log_window["hypergrad"].append(hypergrad)
+        else:
+            learner.num_skipped += 1
+            self._on_nonfinite(f"meta loss ({meta_loss}) or hypergradient ({hypergrad})")
+            lr = lr.detach()
+        new_alpha = scheduler.apply_lr(lr, state)
+        learner.rescale(new_alpha / alpha)
+
+    def _meta_loss_and_dot(self, learner: MetaLearner) -> tuple[torch.Tensor, torch.Tensor]:
+        """Meta loss at w' on this rank's meta batch, and the local <g_meta, delta>.
+
+        Runs on the unwrapped model with autograd.grad: no DDP hook fires, so gradients are not all-reduced.
+        The spent training gradients are freed first, so the meta gradient costs no extra parameter-sized memory.
+        Buffers (e.g. BatchNorm running statistics) are restored: the meta batch must not leak into the model.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        for p in learner.params:
+            p.grad = None
+        meta_step = (self.state.global_step + 1) // learner.interval - 1
+        inputs = self._meta_batch(meta_step)
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        with self.compute_loss_context_manager():
+            meta_loss = self.compute_loss(model, inputs)
+        grads = torch.autograd.grad(meta_loss, learner.params, allow_unused=True)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        return meta_loss.detach().to(torch.float64), learner.local_dot(grads)
+
+    def _on_nonfinite(self, what: str) -> None:
+        warnings.warn(f"MLRSTrainer: non-finite {what} at step {self.state.global_step}; the lr and the schedule "
+                      "net were left unchanged.", RuntimeWarning, stacklevel=2)
+        if self.args.mlrs_on_nonfinite == "stop":
+            self.control.should_training_stop = True
+
+    # ---- meta data ----------------------------------------------------------------------------------------------
+
+    def _setup_meta_set(self, meta_dataset) -> None:
+        if meta_dataset is None:
+            if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+                raise ValueError(
+                    "MLRSTrainer: holding out a meta set needs a train_dataset with a length; pass meta_dataset=..."
+                )
+            self.train_dataset, meta_dataset = split_meta_set(
+                self.train_dataset, self.args.mlrs_meta_fraction, self.args.seed
+            )
+        batch_size = self.args.mlrs_meta_batch_size or self.args.per_device_train_batch_size
+        if len(meta_dataset) < batch_size:
+            raise ValueError(
+                f"MLRSTrainer: the meta set has {len(meta_dataset)} examples, fewer than one meta batch "
+                f"(mlrs_meta_batch_size={batch_size}). Raise mlrs_meta_fraction, pass a larger meta_dataset, or "
+                "lower mlrs_meta_batch_size."
+            )
+        self.meta_dataset = meta_dataset
+        if hasattr(meta_dataset, "column_names"):
+            self._meta_source = self._remove_unused_columns(meta_dataset, description="meta")
+            self._meta_collator = self.data_collator
+        else:
+            self._meta_source = meta_dataset
+            self._meta_collator = self._get_collator_with_removed_columns(self.data_collator, description="meta")
+        self._meta_sampler = MetaBatchSampler(len(meta_dataset), batch_size, self.args.seed)
+
+    def _meta_batch(self, m: int) -> dict:
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        features = [self._meta_source[i] for i in self._meta_sampler.indices(m, rank, world)]
+        return self._prepare_inputs(self._meta_collator(features))
+
+    # ---- provenance ---------------------------------------------------------------------------------------------
+
+    def provenance(self) -> dict:
+        """How this schedule was learned (or applied): goes into its config and model card."""
+        model = self.accelerator.unwrap_model(self.model)
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        history = [e for e in self.state.log_history if "learning_rate" in e and "step" in e]
+        scheduler = self.lr_scheduler if isinstance(self.lr_scheduler, MLRSScheduler) else None
+        provenance = dict(self.schedule.provenance) if not self.meta_training else {}
+        provenance.update({
+            "mode": "meta-training" if self.meta_training else "transfer",
+            "task": self.args.run_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            "model": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
+            "model_class": type(model).__name__,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "optimizer": type(optimizer).__name__ if optimizer is not None else str(self.args.optim),
+            "steps": self.state.global_step,
+            "max_steps": self.state.max_steps,
+            "gamma_rule": "auto" if self.args.mlrs_gamma == "auto" else "explicit",
+            "gamma": scheduler.gamma if scheduler else None,
+            "input_normalization": self.schedule.input_normalization,
+            "meta_interval": self.args.mlrs_meta_interval,
+            "meta_updates": scheduler.meta_learner.num_updates if scheduler and scheduler.meta_learner else 0,
+            "lr_history": [[e["step"], e["learning_rate"]] for e in history][-500:],
+            "final_metrics": {k: v for e in self.state.log_history for k, v in e.items()
+                              if k.startswith(("eval_", "train_loss", "mlrs/meta_loss")) and isinstance(v, float)},
+            "hf_mlrs_version": __version__,
+        })
+        if not self.meta_training:
+            provenance["transfer_of"] = dict(self.schedule.provenance).get("task")
+        return provenance
+
+
+class _MLRSHooks(TrainerCallback):
+    """Connects MLRSTrainer to the points of the Trainer loop where gradients are final and the step is taken."""
+
+    def __init__(self, trainer: MLRSTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Every rank must start from the same net: identical nets + identical inputs = identical lrs.
+        broadcast_from_main(self.trainer.schedule, self.trainer.accelerator)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._mlrs_before_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._mlrs_after_step()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        scheduler = self.trainer.lr_scheduler
+        if scheduler.meta_learner is not None:
+            scheduler.meta_learner.record_stages(state.global_step, scheduler.loss_ema)
+
+
+def _as_mlrs_args(positional: tuple, kwargs: dict) -> tuple[tuple, dict, MLRSTrainingArguments]:
+    """Accept `TrainingArguments` too: copy it into MLRSTrainingArguments with the mlrs_ defaults."""
+    args = list(positional)
+    training_args = args[1] if len(args) > 1 else kwargs.get("args")
+    if training_args is None:
+        training_args = MLRSTrainingArguments(output_dir="trainer_output")
+    elif not isinstance(training_args, MLRSTrainingArguments):
+        values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
+        training_args = MLRSTrainingArguments(**values)
+    if len(args) > 1:
+        args[1] = training_args
+    else:
+        kwargs["args"] = training_args
+    return tuple(args), kwargs, training_args
+
+
+def _check_optimizer(optimizer, cls_and_kwargs, args: MLRSTrainingArguments) -> None:
+    """Refuse, before anything is built, an optimizer whose step is not linear in lr."""
+    if args.mlrs_assume_lr_linear:
+        return
+    if optimizer is not None:
+        problem = lr_linearity_problem(type(optimizer), optimizer.defaults)
+    elif cls_and_kwargs is not None:
+        problem = lr_linearity_problem(cls_and_kwargs[0], cls_and_kwargs[1])
+    else:
+        return  # args.optim was checked by MLRSTrainingArguments
+    if problem:
+        raise ValueError(f"MLRSTrainer: the optimizer cannot be driven by MLR-SNet: {problem}.")
