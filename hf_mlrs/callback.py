@@ -10,10 +10,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 
-import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .integration import StepLossMeter, fix_loss_scaling, num_labels_of
+from .integration import StepLossMeter, check_all_processes_joined, fix_loss_scaling, num_labels_of
 from .modeling import MLRSNet
 from .scheduler import MLRSScheduler
 
@@ -84,6 +83,7 @@ class MLRSCallback(TrainerCallback):
         if hasattr(trainer, "schedule") and hasattr(trainer, "meta_training"):
             raise ValueError("MLRSTrainer already drives the lr: use MLRSTrainer(schedule=...), not MLRSCallback.")
         self.trainer = trainer
+        check_all_processes_joined(trainer)
         fix_loss_scaling(trainer)
         _tap_training_step(trainer, self.loss_meter)
         self.scheduler = MLRSScheduler(
@@ -97,9 +97,15 @@ class MLRSCallback(TrainerCallback):
             warmup_steps=args.get_warmup_steps(state.max_steps) if self.warmup_steps is None else self.warmup_steps,
             num_labels=num_labels_of(trainer.accelerator.unwrap_model(trainer.model)),
         )
+        self.fingerprint = _fingerprint(self.schedule)
         saved = state.stateful_callbacks.get(STATE_KEY)
         if state.global_step > 0 and saved:  # resuming: continue the recurrent state where it was saved
-            self.scheduler.load_state_dict(_from_json(saved, self.schedule))
+            if saved.get("schedule_fingerprint") != self.fingerprint:
+                raise ValueError(
+                    "MLRSCallback: the checkpoint being resumed was trained with another schedule than the one "
+                    "passed now. Resume with the same MLRSNet, or start a new run."
+                )
+            self.scheduler.load_run_state(saved)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # Gradients are final here and the step comes next: the paper's order, lr_t from loss_t.
@@ -113,7 +119,7 @@ class MLRSCallback(TrainerCallback):
         # The Trainer's own scheduler.step() has just rewritten the param groups: put the applied lr back, and
         # leave our state where the next checkpoint's trainer_state.json will pick it up.
         self.scheduler.set_lr(self.applied_lr)
-        state.stateful_callbacks[STATE_KEY] = _to_json(self.scheduler.state_dict(), self.schedule)
+        state.stateful_callbacks[STATE_KEY] = {**self.scheduler.run_state(), "schedule_fingerprint": self.fingerprint}
 
     def on_train_end(self, args, state, control, **kwargs):
         trainer = self.trainer
@@ -160,26 +166,3 @@ def _fingerprint(schedule: MLRSNet) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def _to_json(state: dict, schedule: MLRSNet) -> dict:
-    """The scheduler's state as JSON values (trainer_state.json); float32 values round-trip exactly."""
-    state = dict(state)
-    state.pop("schedule")
-    state["hidden"], state["cell"] = state["hidden"].tolist(), state["cell"].tolist()
-    state["schedule_fingerprint"] = _fingerprint(schedule)
-    return state
-
-
-def _from_json(saved: dict, schedule: MLRSNet) -> dict:
-    if saved.get("schedule_fingerprint") != _fingerprint(schedule):
-        raise ValueError(
-            "MLRSCallback: the checkpoint being resumed was trained with a different schedule than the one passed "
-            "now. Resume with the same MLRSNet, or start a new run."
-        )
-    state = dict(saved)
-    state.pop("schedule_fingerprint")
-    state["hidden"] = torch.tensor(state["hidden"], dtype=torch.float32)
-    state["cell"] = torch.tensor(state["cell"], dtype=torch.float32)
-    state["schedule"] = schedule.state_dict()
-    return state

@@ -22,7 +22,7 @@ def _label_column(dataset) -> list | None:
     names = getattr(dataset, "column_names", None) or []
     for name in LABEL_COLUMNS:
         if name in names:
-            labels = dataset[name]
+            labels = dataset.with_format(None)[name]  # plain Python values even for torch-formatted datasets
             if all(isinstance(y, (int, str, bool)) for y in labels):
                 return list(labels)
     return None

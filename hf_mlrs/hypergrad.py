@@ -65,22 +65,23 @@ class MetaLearner:
         """Before the step: keep w_old."""
         if self.delta is None:
             self.delta = [torch.empty_like(p) for p in self.params]
-        for buf, p in zip(self.delta, self.params):
-            buf.copy_(p)
+        torch._foreach_copy_(self.delta, self.params)
 
     @torch.no_grad()
     def weights_to_delta(self) -> None:
         """After the step: turn the buffer into delta = w_new - w_old, in place."""
-        for buf, p in zip(self.delta, self.params):
-            buf.sub_(p).neg_()
+        torch._foreach_sub_(self.delta, self.params)
+        torch._foreach_neg_(self.delta)
 
     @torch.no_grad()
     def local_dot(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
-        """<g_meta, delta> over this rank's parameters, accumulated in float64."""
+        """<g_meta, delta> over this rank's parameters: per tensor in at least float32, summed in float64."""
         total = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
         for g, d in zip(grads, self.delta):
             if g is not None:
-                total += torch.dot(g.reshape(-1).to(torch.float64), d.reshape(-1).to(torch.float64))
+                if g.dtype in (torch.float16, torch.bfloat16):
+                    g, d = g.float(), d.float()
+                total += torch.dot(g.reshape(-1), d.reshape(-1)).to(torch.float64)
         return total
 
     def update_schedule(self, lr: torch.Tensor, hypergrad: float) -> None:
@@ -95,8 +96,7 @@ class MetaLearner:
     def rescale(self, ratio: float) -> None:
         """w = w_old + ratio * delta, from w = w_old + delta: the step taken becomes a step with lr alpha'."""
         if ratio != 1.0:
-            for buf, p in zip(self.delta, self.params):
-                p.add_(buf, alpha=ratio - 1.0)
+            torch._foreach_add_(self.params, self.delta, alpha=ratio - 1.0)
 
     # ---- stage snapshots (the paper's epoch-1/100/200 nets) ----------------------------------------------------
 

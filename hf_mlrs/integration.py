@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 
 import torch
 from torch import nn
@@ -75,6 +76,23 @@ def num_labels_of(model: nn.Module) -> int | None:
             return int(config.num_labels)
     vocab = getattr(config, "vocab_size", None)
     return int(vocab) if vocab else None
+
+
+def check_all_processes_joined(trainer) -> None:
+    """Refuse a launch whose processes would train independently (e.g. `--multi_gpu` on a CPU without use_cpu).
+
+    Each would set its own lrs and learn its own schedule from a different shard: silently wrong.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        launched = max(launched, torch.distributed.get_world_size())
+    if launched > trainer.accelerator.num_processes:
+        raise RuntimeError(
+            f"hf_mlrs: {launched} processes were launched, but this Trainer runs as "
+            f"{trainer.accelerator.num_processes} process(es): they would train independently. On CPUs set "
+            "use_cpu=True (or ACCELERATE_USE_CPU=1) with a multi-process launch, e.g. "
+            "recipes/accelerate_configs/cpu_2proc.yaml."
+        )
 
 
 def broadcast_from_main(module: nn.Module, accelerator) -> None:

@@ -121,3 +121,44 @@ def reference_meta_train(
         optimizer.step()
         lrs.append(lr)
     return {"lrs": lrs, "meta_losses": meta_losses, "state": state}
+
+
+def paper_style_trainer_class():
+    """MLRSTrainer with the official meta-step in place of the fast one: the benchmark peer of `MLRSTrainer`.
+
+    Imported lazily (transformers) so that `reference_meta_train` stays a pure PyTorch oracle.
+    """
+    from .trainer import MLRSTrainer
+
+    class PaperStyleMLRSTrainer(MLRSTrainer):
+        """Before a due step: copy the model, take the virtual step w' = w - alpha(theta) d in the graph, evaluate the
+        meta loss on the copy at w', backpropagate into theta, then step with the updated net's lr."""
+
+        def _mlrs_before_step(self) -> None:
+            scheduler, learner = self.lr_scheduler, self.lr_scheduler.meta_learner
+            loss = self._loss_meter.pop(self.accelerator)
+            if not learner.is_due(self.state.global_step):
+                scheduler.observe(loss)
+                return
+            x = scheduler.prepare_input(loss)
+            alpha, _ = scheduler.compute_lr(x)
+            model = self.accelerator.unwrap_model(self.model)
+            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+            copy_of_model = copy.deepcopy(model)
+            by_id = {id(p): name for name, p in model.named_parameters()}
+            virtual = {by_id[id(p)]: p.detach() + optimizer_direction(optimizer, p, p.grad.detach(), alpha)
+                       for p in learner.params}
+            inputs = self._meta_batch((self.state.global_step + 1) // learner.interval - 1)
+            meta_loss = functional_call(copy_of_model, virtual, (), inputs).loss
+            learner.meta_optimizer.zero_grad()
+            meta_loss.backward()
+            learner.meta_optimizer.step()
+            learner.num_updates += 1
+            with torch.no_grad():
+                lr, state = scheduler.compute_lr(x)
+            scheduler.apply_lr(lr, state)
+
+        def _mlrs_after_step(self) -> None:
+            pass
+
+    return PaperStyleMLRSTrainer

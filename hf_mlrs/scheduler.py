@@ -241,12 +241,13 @@ class MLRSScheduler(LRScheduler):
 
     # ---- checkpointing: plain values and tensors only, so Trainer's torch.load(weights_only=True) works ---------
 
-    def state_dict(self) -> dict:
-        state = {
+    def run_state(self) -> dict:
+        """The per-run state as plain Python values (JSON-able; float32 values round-trip exactly)."""
+        return {
             "last_epoch": self.last_epoch,
             "base_lrs": list(self.base_lrs),
-            "hidden": self.hidden[0].clone(),
-            "cell": self.hidden[1].clone(),
+            "hidden": self.hidden[0].tolist(),
+            "cell": self.hidden[1].tolist(),
             "num_observed": self.num_observed,
             "stage": self.stage,
             "gamma": self.gamma,
@@ -255,8 +256,27 @@ class MLRSScheduler(LRScheduler):
             "recent_losses": list(self.recent_losses),
             "lrs": self.get_last_lr(),
             "nonfinite_skips": self.nonfinite_skips,
-            "schedule": {k: v.clone() for k, v in self.schedule.state_dict().items()},
         }
+
+    def load_run_state(self, state: dict) -> None:
+        dtype = self.schedule.stages[0].head.weight.dtype
+        self.last_epoch = state["last_epoch"]
+        self.base_lrs = list(state["base_lrs"])
+        self.hidden = (torch.tensor(state["hidden"], dtype=dtype), torch.tensor(state["cell"], dtype=dtype))
+        self.num_observed = state["num_observed"]
+        self.stage = state["stage"]
+        self.gamma = state["gamma"]
+        self.initial_loss = state["initial_loss"]
+        self.loss_ema = state["loss_ema"]
+        self.recent_losses = deque(state["recent_losses"], maxlen=RECENT_LOSSES)
+        self.nonfinite_skips = state["nonfinite_skips"]
+        for group, lr in zip(self.optimizer.param_groups, state["lrs"]):
+            group["lr"] = lr
+        self._last_lr = self.get_last_lr()
+
+    def state_dict(self) -> dict:
+        """Run state, the net's weights and (while meta-training) the meta-learner's state: everything to resume."""
+        state = {**self.run_state(), "schedule": {k: v.clone() for k, v in self.schedule.state_dict().items()}}
         if self.meta_learner is not None:
             state["meta_learner"] = self.meta_learner.state_dict()
         return state
@@ -268,18 +288,6 @@ class MLRSScheduler(LRScheduler):
                 "resume from a checkpoint of an MLRSTrainer run."
             )
         self.schedule.load_state_dict(state["schedule"])
-        self.last_epoch = state["last_epoch"]
-        self.base_lrs = list(state["base_lrs"])
-        self.hidden = (state["hidden"].clone(), state["cell"].clone())
-        self.num_observed = state["num_observed"]
-        self.stage = state["stage"]
-        self.gamma = state["gamma"]
-        self.initial_loss = state["initial_loss"]
-        self.loss_ema = state["loss_ema"]
-        self.recent_losses = deque(state["recent_losses"], maxlen=RECENT_LOSSES)
-        self.nonfinite_skips = state["nonfinite_skips"]
-        for group, lr in zip(self.optimizer.param_groups, state["lrs"]):
-            group["lr"] = lr
-        self._last_lr = self.get_last_lr()
+        self.load_run_state(state)
         if self.meta_learner is not None and "meta_learner" in state:
             self.meta_learner.load_state_dict(state["meta_learner"])

@@ -26,7 +26,13 @@ from . import __version__
 from .config import MLRSTrainingArguments
 from .data import MetaBatchSampler, split_meta_set
 from .hypergrad import MetaLearner, lr_linearity_problem
-from .integration import StepLossMeter, broadcast_from_main, fix_loss_scaling, num_labels_of
+from .integration import (
+    StepLossMeter,
+    broadcast_from_main,
+    check_all_processes_joined,
+    fix_loss_scaling,
+    num_labels_of,
+)
 from .modeling import MLRSNet
 from .scheduler import MLRSScheduler
 
@@ -285,7 +291,12 @@ class MLRSTrainer(Trainer):
 
     def _meta_batch(self, m: int) -> dict:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        features = [self._meta_source[i] for i in self._meta_sampler.indices(m, rank, world)]
+        indices = self._meta_sampler.indices(m, rank, world)
+        if hasattr(self._meta_source, "column_names"):  # one Arrow read for the batch, then rows for the collator
+            columns = self._meta_source[indices]
+            features = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        else:
+            features = [self._meta_source[i] for i in indices]
         return self._prepare_inputs(self._meta_collator(features))
 
     # ---- provenance ---------------------------------------------------------------------------------------------
@@ -328,6 +339,7 @@ class _MLRSHooks(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        check_all_processes_joined(self.trainer)
         # Every rank must start from the same net: identical nets + identical inputs = identical lrs.
         broadcast_from_main(self.trainer.schedule, self.trainer.accelerator)
 

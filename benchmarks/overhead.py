@@ -1,0 +1,185 @@
+"""Per-step cost of hf_mlrs against a plain Trainer: wall time and peak memory, as ratios measured in one run.
+
+Arms (same model, data, batch size, AdamW; the meta batch is as large as the training batch):
+  plain      transformers.Trainer with its default linear schedule
+  transfer   the same Trainer + MLRSCallback (a frozen schedule)
+  meta_1     MLRSTrainer meta-training, a meta-update every step
+  meta_10    MLRSTrainer meta-training, a meta-update every 10 steps
+  paper_1    the paper-style meta-update (copy the model, virtual step, autograd through it) every step
+  paper_10   the same every 10 steps
+Each arm runs in a fresh process, because peak memory (RSS on CPU) is a per-process high-water mark; arms are
+interleaved over repeats and the fastest repeat of each is kept.
+
+    python benchmarks/overhead.py                 # full CPU run -> benchmarks/results/overhead_cpu.{json,md}
+    python benchmarks/overhead.py --smoke         # seconds, in one process; run by the test suite
+    python benchmarks/overhead.py --device cuda   # GPU variant -> benchmarks/results/overhead_cuda.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+HERE = Path(__file__).resolve().parent
+ARMS = ["plain", "transfer", "meta_1", "meta_10", "paper_1", "paper_10"]
+SIZES = {  # BERT encoders; vocabulary kept small so the transformer body dominates the parameter count
+    "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=1024),
+    "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
+                  vocab_size=8192),
+    "base": dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048,
+                 vocab_size=8192),
+}
+
+
+def worker(arm: str, size: str, steps: int, warmup: int, batch: int, seq: int, device: str) -> dict:
+    """Train one arm for warmup + steps optimizer steps and report its step times and peak memory."""
+    import torch
+    from datasets import Dataset
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+
+    from hf_mlrs import MLRSCallback, MLRSNet, MLRSTrainer, MLRSTrainingArguments
+    from hf_mlrs.reference import paper_style_trainer_class
+
+    torch.manual_seed(0)
+    config = BertConfig(max_position_embeddings=seq, num_labels=2, **SIZES[size])
+    model = BertForSequenceClassification(config)
+    g = torch.Generator().manual_seed(0)
+    n = batch * (steps + warmup + 1)
+    ids = torch.randint(0, config.vocab_size, (n + 4 * batch, seq), generator=g)
+    rows = {"input_ids": ids.tolist(), "attention_mask": [[1] * seq] * len(ids), "label": (ids[:, 0] % 2).tolist()}
+    data = Dataset.from_dict(rows)
+    train, meta = data.select(range(n)), data.select(range(n, n + 4 * batch))
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.stamps = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+
+    clock = StepClock()
+    common = dict(output_dir="/tmp/hf_mlrs_overhead", max_steps=steps + warmup, per_device_train_batch_size=batch,
+                  learning_rate=1e-4, report_to="none", save_strategy="no", logging_steps=10_000,
+                  disable_tqdm=True, use_cpu=device == "cpu", dataloader_pin_memory=False)
+    if arm in ("plain", "transfer"):
+        callbacks = [clock] + ([MLRSCallback(MLRSNet())] if arm == "transfer" else [])
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=train, callbacks=callbacks)
+    else:
+        cls = paper_style_trainer_class() if arm.startswith("paper") else MLRSTrainer
+        args = MLRSTrainingArguments(**common, mlrs_meta_interval=int(arm.split("_")[1]), mlrs_meta_batch_size=batch)
+        trainer = cls(model=model, args=args, train_dataset=train, meta_dataset=meta, callbacks=[clock])
+    trainer.train()
+    times = [b - a for a, b in zip(clock.stamps[warmup:], clock.stamps[warmup + 1:])]
+    # A step time robust to passing noise from the host: the median over windows of 10 steps (one meta cycle at
+    # interval 10) of the window's mean.
+    windows = [statistics.fmean(times[i:i + 10]) for i in range(0, len(times) - 9, 10)] or [statistics.fmean(times)]
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"arm": arm, "size": size, "step_s": statistics.median(windows), "mean_step_s": statistics.fmean(times),
+            "peak_bytes": peak, "param_bytes": param_bytes, "num_params": sum(p.numel() for p in model.parameters())}
+
+
+def run_arm(arm, size, options) -> dict:
+    if options.smoke:  # in-process: checks the script end to end in seconds; its memory numbers mean nothing
+        return worker(arm, size, options.steps, options.warmup, options.batch, options.seq, options.device)
+    command = [sys.executable, __file__, "--worker", arm, "--sizes", size, "--steps", str(options.steps),
+               "--warmup", str(options.warmup), "--batch", str(options.batch), "--seq", str(options.seq),
+               "--device", options.device]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"arm {arm}/{size} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarize(results: list[dict], options) -> tuple[dict, str]:
+    rows, lines = [], []
+    for size in options.sizes.split(","):
+        best = {arm: min((r for r in results if r["arm"] == arm and r["size"] == size),
+                         key=lambda r: r["step_s"]) for arm in options.arms.split(",")}
+        plain = best["plain"]
+        for r in best.values():
+            rows.append({**r, "time_vs_plain": r["step_s"] / plain["step_s"],
+                         "extra_memory_in_param_sizes": (r["peak_bytes"] - plain["peak_bytes"]) / r["param_bytes"]})
+        for p in ("1", "10"):
+            if f"meta_{p}" in best and f"paper_{p}" in best:
+                meta, paper, base = (best[a]["step_s"] for a in (f"meta_{p}", f"paper_{p}", "plain"))
+                rows.append({"size": size, "arm": f"meta_{p} vs paper_{p}: whole step", "value": paper / meta})
+                rows.append({"size": size, "arm": f"meta_{p} vs paper_{p}: meta-update cost (time above plain)",
+                             "value": (paper - base) / max(meta - base, 1e-9)})
+    memory = "peak GPU memory allocated" if options.device == "cuda" else "peak process RSS"
+    lines.append(f"| size | params | arm | step (ms) | mean step (ms) | time / plain | {memory} (MB) | "
+                 "extra memory / parameter size |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "value" in r:
+            lines.append(f"| {r['size']} | | **{r['arm']}** | | | **{r['value']:.2f}x** | | |")
+        else:
+            lines.append(f"| {r['size']} | {r['num_params'] / 1e6:.1f}M | {r['arm']} | {1e3 * r['step_s']:.1f} | "
+                         f"{1e3 * r['mean_step_s']:.1f} | {r['time_vs_plain']:.3f} | {r['peak_bytes'] / 2**20:.0f} | "
+                         f"{r['extra_memory_in_param_sizes']:+.2f} |")
+    return {"rows": rows}, "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="small,base")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--steps", type=int, default=60, help="measured steps (a multiple of 10)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few steps, no files written")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(HERE / "results"))
+    options = parser.parse_args(argv)
+    if options.worker:
+        print(json.dumps(worker(options.worker, options.sizes, options.steps, options.warmup, options.batch,
+                                options.seq, options.device)))
+        return None
+    if options.smoke:
+        options.sizes, options.steps, options.warmup, options.repeats, options.batch, options.seq = (
+            "tiny", 10, 1, 1, 4, 16)
+    results = []
+    for _ in range(options.repeats):
+        for size in options.sizes.split(","):
+            for arm in options.arms.split(","):
+                results.append(run_arm(arm, size, options))
+                print(f"{size:6s} {arm:9s} {1e3 * results[-1]['step_s']:8.1f} ms", flush=True)
+    summary, table = summarize(results, options)
+    print(table)
+    if not options.smoke:
+        import torch
+
+        machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
+                   f"{torch.__version__}" + (f", {torch.cuda.get_device_name()}" if options.device == "cuda" else ""))
+        command = "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(options.out).mkdir(parents=True, exist_ok=True)
+        stem = Path(options.out) / f"overhead_{options.device}"
+        stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "command": command, **summary,
+                                                         "raw": results}, indent=2))
+        stem.with_suffix(".md").write_text(f"# Overhead ({options.device})\n\nMachine: {machine}\n\nCommand: "
+                                           f"`{command.strip()}`\n\n{table}\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Run under `accelerate launch` with 2 CPU processes (see tests/test_distributed.py).
+
+Meta-trains a tiny BERT with MLRSTrainer over an uneven last batch and gradient accumulation, then checks on every
+rank that the lrs, the schedule net and the model are identical, and that meta steps add no gradient all-reduce.
+Writes the verdict of rank 0 as JSON to argv[1].
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from transformers import TrainerCallback
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from hf_mlrs import MLRSTrainer  # noqa: E402
+from tests.testing_utils import tiny_args, tiny_bert, tiny_dataset  # noqa: E402
+
+
+def digest(tensors):
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class CountAllReduces(TrainerCallback):
+    """Counts DDP's gradient-bucket all-reduces per optimizer step through a comm hook."""
+
+    def __init__(self, trainer):
+        self.trainer, self.calls, self.per_step = trainer, 0, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        def hook(process_group, bucket):
+            self.calls += 1
+            return default_hooks.allreduce_hook(process_group, bucket)
+
+        self.trainer.model_wrapped.register_comm_hook(None, hook)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.per_step.append(self.calls)
+        self.calls = 0
+
+
+def main(out_path):
+    torch.set_num_threads(1)
+    dataset = tiny_dataset(n=203)  # 203 - 20 held out: the last batch of each epoch is uneven across 2 ranks
+    trainer = MLRSTrainer(
+        model=tiny_bert(),
+        args=tiny_args(os.path.dirname(out_path) + "/ddp", max_steps=14, per_device_train_batch_size=8,
+                       gradient_accumulation_steps=2, mlrs_meta_interval=2, mlrs_meta_lr=1e-2, seed=7),
+        train_dataset=dataset,
+    )
+    counter = CountAllReduces(trainer)
+    trainer.add_callback(counter)
+    trainer.train()
+
+    lrs = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+    mine = {
+        "lrs": lrs,
+        "net": digest(trainer.schedule.state_dict().values()),
+        "model": digest(trainer.model.parameters()),
+        "meta_updates": trainer.lr_scheduler.meta_learner.num_updates,
+        "allreduces_per_step": counter.per_step,
+    }
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if trainer.accelerator.is_main_process:
+        verdict = {
+            "world_size": trainer.accelerator.num_processes,
+            "identical": all(other == everyone[0] for other in everyone),
+            "lr_range": [min(lrs), max(lrs)],
+            **everyone[0],
+        }
+        with open(out_path, "w") as f:
+            json.dump(verdict, f)
+    trainer.accelerator.end_training()
+    sys.stdout.flush()
+    os._exit(0)  # gloo can abort at interpreter exit after the work is done (hf-notes.md)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
