@@ -179,6 +179,7 @@ class MLRSScheduler(LRScheduler):
         if not math.isfinite(value) or value < 0:
             self.nonfinite_skips += 1
             return self.hold_lr()
+        value = self._bounded(value)  # again in float64: the float32 clamp can land a hair outside the bounds
         if state is not None:
             self.hidden = (state[0].detach(), state[1].detach())
         self.last_output = self._computed_output
@@ -188,10 +189,12 @@ class MLRSScheduler(LRScheduler):
     def hold_lr(self) -> float:
         """Keep the lr already in the optimizer (clamped to the bounds); used when a step cannot be trusted."""
         lr = self.optimizer.param_groups[0]["lr"] / (self.group_ratios[0] or 1.0)
-        lr = lr if math.isfinite(lr) and lr >= 0 else 0.0
-        lr = min(max(lr, self.min_lr or 0.0), self.max_lr if self.max_lr is not None else math.inf)
+        lr = self._bounded(lr if math.isfinite(lr) and lr >= 0 else 0.0)
         self.set_lr(lr)
         return lr
+
+    def _bounded(self, lr: float) -> float:
+        return min(max(lr, self.min_lr or 0.0), self.max_lr if self.max_lr is not None else math.inf)
 
     def set_lr(self, lr: float) -> None:
         for group, ratio in zip(self.optimizer.param_groups, self.group_ratios):

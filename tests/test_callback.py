@@ -1,0 +1,105 @@
+"""MLRSCallback in unmodified Trainers: the lr it sets is the lr applied and logged, and equals MLRSTrainer's."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from hf_mlrs import MLRSCallback, MLRSNet, MLRSTrainer
+from tests.test_trainer import AppliedLrProbe, logged_lrs
+from tests.testing_utils import tiny_args, tiny_bert
+
+
+def plain_args(output_dir, **overrides):
+    values = dict(per_device_train_batch_size=16, max_steps=12, learning_rate=0.5, logging_steps=1, report_to="none",
+                  use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True, optim="sgd")
+    values.update(overrides)
+    return TrainingArguments(str(output_dir), **values)
+
+
+def staged_schedule(biases=(2.0, 0.0, -2.0)):
+    """Stages whose outputs differ clearly: about sigmoid(bias) whatever the loss."""
+    torch.manual_seed(0)
+    net = MLRSNet(stage_starts=[k / len(biases) for k in range(len(biases))])
+    with torch.no_grad():
+        for stage, bias in zip(net.stages, biases):
+            stage.head.weight.zero_()
+            stage.head.bias.fill_(bias)
+    return net
+
+
+class SmoothedLossTrainer(Trainer):
+    """A Trainer subclass with its own compute_loss, which the model's output never carries."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = nn.functional.cross_entropy(outputs.logits, labels, label_smoothing=0.1)
+        return (loss, outputs) if return_outputs else loss
+
+
+@pytest.mark.parametrize("trainer_cls", [Trainer, SmoothedLossTrainer])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_callback_lr_is_applied_and_logged(tmp_path, dataset, trainer_cls, accumulation):
+    probe = AppliedLrProbe()
+    schedule = MLRSNet.from_pretrained(_schedule(tmp_path))
+    trainer = trainer_cls(model=tiny_bert(), args=plain_args(tmp_path / "run", gradient_accumulation_steps=accumulation),
+                          train_dataset=dataset, callbacks=[probe, MLRSCallback(schedule)])
+    trainer.train()
+    lrs = logged_lrs(trainer)
+    assert len(lrs) == len(probe.applied) == 12
+    torch.testing.assert_close(torch.tensor(probe.applied), torch.tensor(lrs), rtol=2e-3, atol=0)
+    assert max(lrs) < 0.5 and min(lrs) > 0  # the schedule's lr, not the linear default decaying from 0.5
+    assert "training_step" not in vars(trainer)  # the loss tap is removed after training
+
+
+def _schedule(tmp_path):
+    folder = tmp_path / "schedule"
+    if not folder.exists():
+        torch.manual_seed(3)
+        net = MLRSNet()
+        with torch.no_grad():  # make the output depend clearly on the loss
+            net.stages[0].head.weight.normal_(0, 2.0)
+        net.save_pretrained(folder, write_card=False)
+    return folder
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_callback_equals_mlrs_trainer_in_transfer_mode(tmp_path, dataset, accumulation):
+    schedule = MLRSNet.from_pretrained(_schedule(tmp_path))
+    args = dict(max_steps=10, learning_rate=1e-3, gradient_accumulation_steps=accumulation, optim="adamw_torch")
+    with_callback = Trainer(model=tiny_bert(), args=plain_args(tmp_path / "a", **args), train_dataset=dataset,
+                            callbacks=[MLRSCallback(schedule)])
+    with_callback.train()
+    ours = MLRSTrainer(model=tiny_bert(), args=tiny_args(tmp_path / "b", **args), train_dataset=dataset,
+                       schedule=schedule)
+    ours.train()
+    assert logged_lrs(with_callback) == logged_lrs(ours)
+    assert len(set(logged_lrs(ours))) > 5
+
+
+@pytest.mark.parametrize("stage_by", ["progress", "loss"])
+def test_stages_switch_by_progress_or_loss(tmp_path, dataset, stage_by):
+    schedule = staged_schedule()
+    schedule.stage_switch_losses[1:] = torch.tensor([1.5, 0.0])  # loss mode: stage 1 at once, stage 2 never
+    args = plain_args(tmp_path, max_steps=12, learning_rate=1e-3, optim="adamw_torch")
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=dataset,
+                      callbacks=[MLRSCallback(schedule, stage_by=stage_by)])
+    trainer.train()
+    levels = [round(lr / 1e-3, 2) for lr in logged_lrs(trainer)]
+    if stage_by == "progress":  # 12 steps, stages start at 0, 1/3, 2/3 of training
+        assert levels == [0.88] * 4 + [0.5] * 4 + [0.12] * 4
+    else:
+        assert levels == [0.5] * 12
+
+
+def test_callback_refuses_mlrs_trainer(tmp_path, dataset):
+    trainer = MLRSTrainer(model=tiny_bert(), args=tiny_args(tmp_path, max_steps=2), train_dataset=dataset,
+                          schedule=MLRSNet(), callbacks=[MLRSCallback(MLRSNet())])
+    with pytest.raises(ValueError, match="use MLRSTrainer\\(schedule=...\\)"):
+        trainer.train()
+
+
+def test_callback_needs_a_schedule():
+    with pytest.raises(TypeError, match="needs an MLRSNet"):
+        MLRSCallback("minilm2-bbc")

@@ -1,0 +1,45 @@
+"""The hf-mlrs console command."""
+
+import pytest
+import torch
+
+from hf_mlrs import MLRSNet
+from hf_mlrs.cli import main
+
+
+@pytest.fixture
+def schedule(tmp_path):
+    torch.manual_seed(0)
+    net = MLRSNet(stage_starts=[0.0, 0.5], provenance={"task": "cli-test", "lr_history": [[1, 1e-3], [2, 5e-4]]})
+    net.stage_switch_losses[1] = 0.3
+    net.save_pretrained(tmp_path / "s", write_card=False)
+    return tmp_path / "s"
+
+
+def test_info(schedule, capsys):
+    assert main(["info", str(schedule)]) == 0
+    out = capsys.readouterr().out
+    assert "stages              2" in out and "cli-test" in out and "at loss 0.3" in out
+    assert "0.001 -> 0.0005" in out
+
+
+def test_plot(schedule, tmp_path, capsys):
+    losses = tmp_path / "losses.txt"
+    losses.write_text("1.0 0.9, 0.7\n0.5")
+    assert main(["plot", str(schedule), "--out", str(tmp_path / "lr.png"), "--losses", str(losses)]) == 0
+    assert (tmp_path / "lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    losses.write_text("1.0 nan")
+    assert main(["plot", str(schedule), "--out", str(tmp_path / "lr2.png"), "--losses", str(losses)]) == 2
+    assert "expected finite numbers" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing" / "deep" / "x")]) == 2
+    assert capsys.readouterr().err.startswith("hf-mlrs: error: No schedule folder")
+
+
+def test_list_shows_shipped_schedules(capsys):
+    from hf_mlrs import pretrained
+
+    assert main(["list"]) == 0
+    assert capsys.readouterr().out.split() == pretrained.available()
