@@ -43,8 +43,9 @@ class SmoothedLossTrainer(Trainer):
 def test_callback_lr_is_applied_and_logged(tmp_path, dataset, trainer_cls, accumulation):
     probe = AppliedLrProbe()
     schedule = MLRSNet.from_pretrained(_schedule(tmp_path))
-    trainer = trainer_cls(model=tiny_bert(), args=plain_args(tmp_path / "run", gradient_accumulation_steps=accumulation),
-                          train_dataset=dataset, callbacks=[probe, MLRSCallback(schedule)])
+    args = plain_args(tmp_path / "run", gradient_accumulation_steps=accumulation)
+    callbacks = [probe, MLRSCallback(schedule)]
+    trainer = trainer_cls(model=tiny_bert(), args=args, train_dataset=dataset, callbacks=callbacks)
     trainer.train()
     lrs = logged_lrs(trainer)
     assert len(lrs) == len(probe.applied) == 12
