@@ -7,7 +7,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_mlrs import MLRSCallback, MLRSNet, MLRSTrainer
 from tests.test_trainer import AppliedLrProbe, logged_lrs
-from tests.testing_utils import tiny_args, tiny_bert
+from tests.testing_utils import constant_stages, tiny_args, tiny_bert
 
 
 def plain_args(output_dir, **overrides):
@@ -15,17 +15,6 @@ def plain_args(output_dir, **overrides):
                   use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True, optim="sgd")
     values.update(overrides)
     return TrainingArguments(str(output_dir), **values)
-
-
-def staged_schedule(biases=(2.0, 0.0, -2.0)):
-    """Stages whose outputs differ clearly: about sigmoid(bias) whatever the loss."""
-    torch.manual_seed(0)
-    net = MLRSNet(stage_starts=[k / len(biases) for k in range(len(biases))])
-    with torch.no_grad():
-        for stage, bias in zip(net.stages, biases):
-            stage.head.weight.zero_()
-            stage.head.bias.fill_(bias)
-    return net
 
 
 class SmoothedLossTrainer(Trainer):
@@ -81,7 +70,7 @@ def test_callback_equals_mlrs_trainer_in_transfer_mode(tmp_path, dataset, accumu
 
 @pytest.mark.parametrize("stage_by", ["progress", "loss"])
 def test_stages_switch_by_progress_or_loss(tmp_path, dataset, stage_by):
-    schedule = staged_schedule()
+    schedule = constant_stages(2.0, 0.0, -2.0)
     schedule.stage_switch_losses[1:] = torch.tensor([1.5, 0.0])  # loss mode: stage 1 at once, stage 2 never
     args = plain_args(tmp_path, max_steps=12, learning_rate=1e-3, optim="adamw_torch")
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=dataset,

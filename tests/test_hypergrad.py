@@ -19,66 +19,73 @@ OPTIMIZERS = {
 }
 
 
-def problem(make_optimizer, seed=0):
-    """A float64 MLP whose optimizer state is warm (a few steps taken), with fresh gradients of one more batch."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-    x, y = torch.randn(64, 6, dtype=torch.float64), torch.randint(0, 3, (64,))
-    x_meta, y_meta = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
-    optimizer = make_optimizer(model.parameters())
-    for i in range(4):
+class PendingStep:
+    """A float64 MLP with a warm optimizer (a few steps taken) and the fresh gradients of one more batch.
+
+    The pending step can be taken, again and again, with any lr on a fresh copy of the optimizer state.
+    """
+
+    def __init__(self, make_optimizer, seed=0):
+        torch.manual_seed(seed)
+        self.make_optimizer = make_optimizer
+        self.model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+        x, y = torch.randn(64, 6, dtype=torch.float64), torch.randint(0, 3, (64,))
+        self.x_meta, self.y_meta = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+        optimizer = make_optimizer(self.model.parameters())
+        for i in range(4):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(self.model(x[16 * i: 16 * i + 16]), y[16 * i: 16 * i + 16]).backward()
+            optimizer.step()
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x[16 * i: 16 * i + 16]), y[16 * i: 16 * i + 16]).backward()
+        nn.functional.cross_entropy(self.model(x), y).backward()
+        self.lr = optimizer.param_groups[0]["lr"]
+        self.weights = [p.detach().clone() for p in self.model.parameters()]
+        self.grads = [p.grad.clone() for p in self.model.parameters()]
+        # state_dict() holds live tensors: copy it, or every optimizer built from it shares the same buffers
+        self.state = copy.deepcopy(optimizer.state_dict())
+
+    def meta_loss(self):
+        return nn.functional.cross_entropy(self.model(self.x_meta), self.y_meta)
+
+    def take(self, lr):
+        with torch.no_grad():
+            for p, w, g in zip(self.model.parameters(), self.weights, self.grads):
+                p.copy_(w)
+                p.grad = g.clone()
+        optimizer = self.make_optimizer(self.model.parameters())
+        optimizer.load_state_dict(copy.deepcopy(self.state))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
-    optimizer.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
 
-    def meta_loss():
-        return nn.functional.cross_entropy(model(x_meta), y_meta)
+    def take_with_learner(self, lr, net=None) -> MetaLearner:
+        """The fast path: the real step, bracketed by the learner's one buffer (w_old, then delta)."""
+        learner = MetaLearner(net or MLRSNet(), list(self.model.parameters()), interval=1, meta_lr=1e-3,
+                              weight_decay=0, max_steps=10)
+        with torch.no_grad():
+            for p, w in zip(self.model.parameters(), self.weights):
+                p.copy_(w)
+        learner.remember_weights()
+        self.take(lr)
+        learner.weights_to_delta()
+        return learner
 
-    return model, optimizer, meta_loss
+    def hypergradient(self, learner, lr):
+        """dL/dalpha = <g_meta, delta> / alpha."""
+        return learner.local_dot(torch.autograd.grad(self.meta_loss(), learner.params)).item() / lr
 
-
-def step_with_lr(model, optimizer, make_optimizer, weights, grads, state, lr):
-    """Take the pending step from (weights, grads, optimizer state) with a given lr, on a fresh optimizer."""
-    with torch.no_grad():
-        for p, w, g in zip(model.parameters(), weights, grads):
-            p.copy_(w)
-            p.grad = g.clone()
-    fresh = make_optimizer(model.parameters())
-    fresh.load_state_dict(copy.deepcopy(state))  # state_dict() holds live tensors: copy, or both optimizers share them
-    for group in fresh.param_groups:
-        group["lr"] = lr
-    fresh.step()
+    def meta_loss_after(self, lr):
+        self.take(lr)
+        return self.meta_loss().item()
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_hypergradient_matches_central_finite_differences(name):
-    make_optimizer = OPTIMIZERS[name]
-    model, optimizer, meta_loss = problem(make_optimizer)
-    weights = [p.detach().clone() for p in model.parameters()]
-    grads = [p.grad.clone() for p in model.parameters()]
-    state = copy.deepcopy(optimizer.state_dict())
-    alpha = optimizer.param_groups[0]["lr"]
-
-    def loss_after_step(lr):
-        step_with_lr(model, optimizer, make_optimizer, weights, grads, state, lr)
-        return meta_loss().item()
-
+    pending = PendingStep(OPTIMIZERS[name])
+    alpha = pending.lr
     eps = alpha * 1e-5
-    finite_difference = (loss_after_step(alpha + eps) - loss_after_step(alpha - eps)) / (2 * eps)
-
-    # Fast path: the real step is the lookahead step; dL/dalpha = <g_meta, delta> / alpha.
-    learner = MetaLearner(MLRSNet(), list(model.parameters()), interval=1, meta_lr=1e-3, weight_decay=0, max_steps=10)
-    with torch.no_grad():
-        for p, w in zip(model.parameters(), weights):
-            p.copy_(w)
-    learner.remember_weights()
-    step_with_lr(model, optimizer, make_optimizer, weights, grads, state, alpha)
-    learner.weights_to_delta()
-    meta_grads = torch.autograd.grad(meta_loss(), learner.params)
-    hypergrad = learner.local_dot(meta_grads).item() / alpha
-
+    finite_difference = (pending.meta_loss_after(alpha + eps) - pending.meta_loss_after(alpha - eps)) / (2 * eps)
+    hypergrad = pending.hypergradient(pending.take_with_learner(alpha), alpha)
     assert abs(finite_difference) > 1e-3  # a meaningful slope, not two zeros agreeing
     assert abs(hypergrad - finite_difference) <= 1e-5 * abs(finite_difference)
 
@@ -86,35 +93,18 @@ def test_hypergradient_matches_central_finite_differences(name):
 @pytest.mark.parametrize("name", ["sgd_momentum_wd", "adamw"])
 def test_rescaled_step_equals_a_step_taken_with_the_new_lr(name):
     """w_old + (alpha'/alpha) delta == the step with alpha': the exactness of the paper's update-then-step order."""
-    make_optimizer = OPTIMIZERS[name]
-    model, optimizer, _ = problem(make_optimizer)
-    weights = [p.detach().clone() for p in model.parameters()]
-    grads = [p.grad.clone() for p in model.parameters()]
-    state = copy.deepcopy(optimizer.state_dict())
-    alpha, alpha_new = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["lr"] * 0.37
-
-    step_with_lr(model, optimizer, make_optimizer, weights, grads, state, alpha_new)
-    direct = [p.detach().clone() for p in model.parameters()]
-
-    learner = MetaLearner(MLRSNet(), list(model.parameters()), interval=1, meta_lr=1e-3, weight_decay=0, max_steps=10)
-    with torch.no_grad():
-        for p, w in zip(model.parameters(), weights):
-            p.copy_(w)
-    learner.remember_weights()
-    step_with_lr(model, optimizer, make_optimizer, weights, grads, state, alpha)
-    learner.weights_to_delta()
-    learner.rescale(alpha_new / alpha)
-    for p, d in zip(model.parameters(), direct):
+    pending = PendingStep(OPTIMIZERS[name])
+    alpha, alpha_new = pending.lr, pending.lr * 0.37
+    pending.take(alpha_new)
+    direct = [p.detach().clone() for p in pending.model.parameters()]
+    pending.take_with_learner(alpha).rescale(alpha_new / alpha)
+    for p, d in zip(pending.model.parameters(), direct):
         torch.testing.assert_close(p.detach(), d, rtol=0, atol=1e-13)
 
 
 def test_schedule_net_gradient_matches_finite_differences():
     """dL_meta/dtheta through the net (one scalar of theta: the head bias) against finite differences."""
-    make_optimizer = OPTIMIZERS["sgd_momentum_wd"]
-    model, optimizer, meta_loss = problem(make_optimizer)
-    weights = [p.detach().clone() for p in model.parameters()]
-    grads = [p.grad.clone() for p in model.parameters()]
-    state = copy.deepcopy(optimizer.state_dict())
+    pending = PendingStep(OPTIMIZERS["sgd_momentum_wd"])
     torch.manual_seed(1)
     net = MLRSNet(output_bias_init=0.0).double()
     x, gamma = torch.tensor([[0.8]], dtype=torch.float64), 0.3
@@ -124,23 +114,16 @@ def test_schedule_net_gradient_matches_finite_differences():
         with torch.no_grad():
             bias.fill_(value)
             lr = gamma * net(x, None)[0].item()
-        step_with_lr(model, optimizer, make_optimizer, weights, grads, state, lr)
-        return meta_loss().item()
+        return pending.meta_loss_after(lr)
 
     b0, eps = 0.0, 1e-6
     finite_difference = (loss_for_bias(b0 + eps) - loss_for_bias(b0 - eps)) / (2 * eps)
 
     with torch.no_grad():
         bias.fill_(b0)
-    learner = MetaLearner(net, list(model.parameters()), interval=1, meta_lr=1e-3, weight_decay=0, max_steps=10)
     lr = gamma * net(x, None)[0].reshape(())
-    with torch.no_grad():
-        for p, w in zip(model.parameters(), weights):
-            p.copy_(w)
-    learner.remember_weights()
-    step_with_lr(model, optimizer, make_optimizer, weights, grads, state, lr.item())
-    learner.weights_to_delta()
-    hypergrad = learner.local_dot(torch.autograd.grad(meta_loss(), learner.params)).item() / lr.item()
+    learner = pending.take_with_learner(lr.item(), net)
+    hypergrad = pending.hypergradient(learner, lr.item())
     learner.meta_optimizer.zero_grad()
     lr.backward(torch.tensor(hypergrad, dtype=lr.dtype))
     assert abs(finite_difference) > 1e-4

@@ -198,3 +198,16 @@ def test_any_loss_gives_a_finite_lr_within_bounds(loss, bounds):
         assert optimizer.param_groups[0]["lr"] == lr == scheduler.get_last_lr()[0]
     for key, value in scheduler.schedule.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True)
+
+
+def test_shipped_schedules_load_offline_by_short_name():
+    from hf_mlrs import pretrained
+
+    names = pretrained.available()
+    assert {"minilm2-bbc", "resnet-small-digits"} <= set(names)
+    for name in names:
+        net = MLRSNet.from_pretrained(name)
+        assert net.num_stages == 3 and net.provenance["mode"] == "meta-training" and net.provenance["steps"] > 0
+        assert net.provenance["command"].startswith("accelerate launch recipes/meta_train.py")
+        card = (pretrained.path(name) / "README.md").read_text()
+        assert "library_name: hf_mlrs" in card and net.provenance["command"] in card

@@ -7,20 +7,12 @@ import torch
 
 from hf_mlrs import MLRSNet, MLRSScheduler
 from hf_mlrs.scheduler import LOSS_EMA_BETA, paper_gamma
+from tests.testing_utils import constant_stages
 
 
 def optimizer(lr=1e-3, groups=1):
     params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(groups)]
     return torch.optim.SGD([{"params": [p], "lr": lr * (k + 1)} for k, p in enumerate(params)])
-
-
-def constant_stages(*biases):
-    net = MLRSNet(stage_starts=[k / len(biases) for k in range(len(biases))])
-    with torch.no_grad():
-        for stage, bias in zip(net.stages, biases):
-            stage.head.weight.zero_()
-            stage.head.bias.fill_(bias)
-    return net
 
 
 def test_horizon_free_loss_mode_switches_when_the_smoothed_loss_reaches_the_recorded_level():

@@ -43,3 +43,16 @@ def tiny_args(output_dir, **overrides):
     defaults.update(overrides)
     return MLRSTrainingArguments(str(output_dir), **defaults)
 
+
+
+def constant_stages(*biases):
+    """An MLRSNet whose stage k outputs about sigmoid(biases[k]) whatever the loss: stages made visible."""
+    from hf_mlrs import MLRSNet
+
+    torch.manual_seed(0)
+    net = MLRSNet(stage_starts=[k / len(biases) for k in range(len(biases))])
+    with torch.no_grad():
+        for stage, bias in zip(net.stages, biases):
+            stage.head.weight.zero_()
+            stage.head.bias.fill_(bias)
+    return net

@@ -1,0 +1,301 @@
+"""Schedule quality: MLR-SNet against the schedules users would pick instead, on three offline tasks.
+
+Tasks (see hf_mlrs/tasks.py); each has train / validation (15% of train, stratified; lrs are chosen on it) / test:
+  bbc      fine-tuning 2-layer MiniLM on BBC News (text), 64 tokens, 800 training articles
+  digits   a small ResNet from scratch on scikit-learn digits (images)
+  fashion  a small ResNet from scratch on 5,000 Fashion-MNIST images (images; Debian dataset-fashion-mnist)
+Arms (AdamW unless said; every arm x every seed):
+  default:<s>          Hugging Face schedule <s> at TrainingArguments' default lr 5e-5
+  tuned:<s>            the same, peak lr chosen on validation from a 5-value grid (seed 0), then run on every seed
+  schedule_free        optim="schedule_free_adamw" at its package default lr 2.5e-3, constant schedule (untuned)
+  prodigy              Prodigy(lr=1.0), constant schedule (untuned)
+  mlrs_meta            MLRSTrainer meta-training its schedule on the task itself, gamma = 5e-5
+  mlrs_transfer        Trainer + MLRSCallback with a shipped schedule learned on another task, gamma = 5e-5
+  mlrs_transfer_tuned  the same with gamma = the tuned linear schedule's peak lr
+Reported: final validation/test loss and accuracy (mean +- std over seeds), and steps to reach the target
+validation accuracy, the best tuned arm's mean final validation accuracy (AlgoPerf-style), with a performance
+profile across tasks.
+
+    python benchmarks/quality.py                       # full CPU run -> benchmarks/results/quality_cpu.{json,md,png}
+    python benchmarks/quality.py --smoke               # seconds; run by the test suite
+    python benchmarks/quality.py --device cuda         # GPU variant (larger batches, same arms)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+
+HERE = Path(__file__).resolve().parent
+SCHEDULES = ["linear", "cosine", "cosine_with_min_lr", "warmup_stable_decay", "constant"]
+DEFAULT_LR = 5e-5  # TrainingArguments.learning_rate
+TASKS = {  # model, data sizes, training length, lr grid, and the shipped schedule transferred to it
+    "bbc": dict(model="minilm-L2", max_train=800, max_test=None, max_length=64, epochs=1, batch=16,
+                grid=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3], transfer_from="resnet-small-digits"),
+    "digits": dict(model="resnet-small", max_train=None, max_test=None, max_length=0, epochs=10, batch=32,
+                   grid=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2], transfer_from="minilm2-bbc"),
+    "fashion": dict(model="resnet-small", max_train=5000, max_test=2000, max_length=0, epochs=2, batch=64,
+                    grid=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2], transfer_from="resnet-small-digits"),
+}
+
+
+def split_validation(task):
+    from hf_mlrs.tasks import stratified_split
+
+    labels = task.train.with_format(None)["labels"]
+    train_idx, val_idx = stratified_split(labels, test_fraction=0.15, seed=0)
+    return task.train.select(train_idx), task.train.select(val_idx)
+
+
+def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_source=None) -> dict:
+    """Train one arm on one task with one seed; returns its validation curve and final metrics."""
+    from prodigyopt import Prodigy
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from hf_mlrs import MLRSCallback, MLRSNet, MLRSTrainer, MLRSTrainingArguments
+    from hf_mlrs.metrics import accuracy_metric
+    from hf_mlrs.tasks import load_task
+
+    spec = TASKS[task_name]
+    set_seed(seed)
+    task = load_task(task_name, "tiny" if options.smoke else spec["model"], max_train=spec["max_train"],
+                     max_test=spec["max_test"], seed=0, max_length=spec["max_length"] or 128)
+    train, val = split_validation(task)
+    steps = 2 if options.smoke else math.ceil(len(train) / spec["batch"]) * spec["epochs"]
+    schedule = arm.split(":")[1] if ":" in arm else "constant"
+    kwargs = {"cosine_with_min_lr": {"min_lr_rate": 0.1},
+              "warmup_stable_decay": {"num_decay_steps": max(1, steps // 5)}}.get(schedule, {})
+    common = dict(output_dir=f"/tmp/hf_mlrs_quality/{task_name}/{arm}/{seed}", max_steps=steps, learning_rate=lr,
+                  per_device_train_batch_size=spec["batch"], per_device_eval_batch_size=128, seed=seed,
+                  lr_scheduler_type=schedule, lr_scheduler_kwargs=kwargs, eval_strategy="steps",
+                  eval_steps=max(1, steps // 10), logging_steps=max(1, steps // 20), save_strategy="no",
+                  report_to="none", disable_tqdm=True, use_cpu=options.device == "cpu",
+                  optim="schedule_free_adamw" if arm == "schedule_free" else "adamw_torch",
+                  dataloader_pin_memory=False, dataloader_drop_last=True)
+    data = dict(train_dataset=train, eval_dataset=val, data_collator=task.data_collator,
+                processing_class=task.processing_class, compute_metrics=accuracy_metric())
+    if arm == "mlrs_meta":
+        args = MLRSTrainingArguments(**common, mlrs_meta_interval=2, mlrs_meta_lr=1e-2)
+        trainer = MLRSTrainer(model=task.model, args=args, **data)
+    elif arm.startswith("mlrs_transfer"):
+        net = MLRSNet.from_pretrained(schedule_source) if isinstance(schedule_source, str) else schedule_source
+        trainer = Trainer(model=task.model, args=TrainingArguments(**common), callbacks=[MLRSCallback(net)], **data)
+    elif arm == "prodigy":
+        optimizer = Prodigy(task.model.parameters(), lr=1.0, weight_decay=0.0)
+        trainer = Trainer(model=task.model, args=TrainingArguments(**common), optimizers=(optimizer, None), **data)
+    else:
+        trainer = Trainer(model=task.model, args=TrainingArguments(**common), **data)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    history = trainer.state.log_history
+    curve = [(e["step"], e["eval_accuracy"]) for e in history if "eval_accuracy" in e]
+    test = trainer.evaluate(task.test, metric_key_prefix="test")
+    return {"task": task_name, "arm": arm, "lr": lr, "seed": seed, "steps": steps, "seconds": seconds,
+            "val_accuracy": curve[-1][1], "val_loss": [e["eval_loss"] for e in history if "eval_loss" in e][-1],
+            "test_accuracy": test["test_accuracy"], "test_loss": test["test_loss"], "val_curve": curve,
+            "lrs": [[e["step"], e["learning_rate"]] for e in history if "learning_rate" in e],
+            "losses": [[e["step"], e["loss"]] for e in history if "loss" in e]}
+
+
+def run_task(task_name: str, options, log) -> list[dict]:
+    spec = TASKS[task_name]
+    grid = spec["grid"][:2] if options.smoke else spec["grid"]
+    seeds = list(range(options.seeds))
+    source = spec["transfer_from"]
+    if options.smoke:
+        from hf_mlrs import MLRSNet
+
+        source = MLRSNet()
+    runs = []
+
+    def record(arm, lr, seed, **kw):
+        runs.append(run_one(task_name, arm, lr, seed, options, **kw))
+        r = runs[-1]
+        log(f"{task_name:8s} {arm:28s} lr={lr:<8.2g} seed={seed} val_acc={r['val_accuracy']:.4f} "
+            f"test_acc={r['test_accuracy']:.4f} ({r['seconds']:.1f}s)")
+
+    arms = options.arms.split(",")
+    for schedule in SCHEDULES:
+        if "default" in arms:
+            for seed in seeds:
+                record(f"default:{schedule}", DEFAULT_LR, seed)
+    tuned_lr = {}
+    for schedule in SCHEDULES:
+        if "tuned" in arms:
+            for lr in grid:  # the grid on seed 0; the best validation accuracy wins
+                record(f"grid:{schedule}", lr, 0)
+            best = max((r for r in runs if r["arm"] == f"grid:{schedule}"), key=lambda r: r["val_accuracy"])
+            tuned_lr[schedule] = best["lr"]
+            runs.append({**best, "arm": f"tuned:{schedule}"})
+            for seed in seeds[1:]:
+                record(f"tuned:{schedule}", best["lr"], seed)
+    for seed in seeds:
+        if "schedule_free" in arms:
+            record("schedule_free", 2.5e-3, seed)
+        if "prodigy" in arms:
+            record("prodigy", 1.0, seed)
+        if "mlrs_meta" in arms:
+            record("mlrs_meta", DEFAULT_LR, seed)
+        if "mlrs_transfer" in arms:
+            record("mlrs_transfer", DEFAULT_LR, seed, schedule_source=source)
+            if "linear" in tuned_lr:
+                record("mlrs_transfer_tuned", tuned_lr["linear"], seed, schedule_source=source)
+    return runs
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per task and arm: mean/std of the metrics, and steps to the target (AlgoPerf: best tuned arm's accuracy)."""
+    summary = {}
+    for task in sorted({r["task"] for r in runs}):
+        rows = [r for r in runs if r["task"] == task and not r["arm"].startswith("grid:")]
+        by_arm = {}
+        for r in rows:
+            by_arm.setdefault(r["arm"], []).append(r)
+        tuned = [statistics.fmean(x["val_accuracy"] for x in rs) for arm, rs in by_arm.items()
+                 if arm.startswith("tuned:")]
+        means = [statistics.fmean(x["val_accuracy"] for x in rs) for rs in by_arm.values()]
+        target = max(tuned) if tuned else max(means)
+        table = {}
+        for arm, rs in by_arm.items():
+            def stat(key, rs=rs):
+                values = [x[key] for x in rs]
+                return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+
+            reach = [next((s for s, acc in x["val_curve"] if acc >= target - 1e-12), None) for x in rs]
+            hits = [s for s in reach if s is not None]
+            table[arm] = {"lr": rs[0]["lr"], "seeds": len(rs), "val_accuracy": stat("val_accuracy"),
+                          "val_loss": stat("val_loss"), "test_accuracy": stat("test_accuracy"),
+                          "test_loss": stat("test_loss"),
+                          "steps_to_target": statistics.median(hits) if len(hits) * 2 > len(rs) else None,
+                          "reached_target": f"{len(hits)}/{len(rs)}", "steps": rs[0]["steps"]}
+        summary[task] = {"target_val_accuracy": target, "arms": table}
+    return summary
+
+
+def performance_profile(summary: dict) -> dict[str, list[float]]:
+    """Per arm, the ratios steps_to_target / best arm's steps_to_target on each task (inf if never reached)."""
+    ratios = {}
+    for task in summary.values():
+        reached = [a["steps_to_target"] for a in task["arms"].values() if a["steps_to_target"]]
+        best = min(reached) if reached else None
+        for arm, a in task["arms"].items():
+            ratio = a["steps_to_target"] / best if a["steps_to_target"] and best else math.inf
+            ratios.setdefault(arm, []).append(ratio)
+    return ratios
+
+
+def render(summary: dict, ratios: dict, path_png: Path | None) -> str:
+    lines = []
+    for task, result in summary.items():
+        lines += [f"\n### {task} (target validation accuracy {result['target_val_accuracy']:.4f})\n",
+                  "| arm | peak lr | val acc | val loss | test acc | test loss | steps to target | reached |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for arm, a in sorted(result["arms"].items(), key=lambda kv: -kv[1]["val_accuracy"][0]):
+            fmt = lambda v, d=4: f"{v[0]:.{d}f} ± {v[1]:.{d}f}"  # noqa: E731
+            steps = f"{a['steps_to_target']:.0f} / {a['steps']}" if a["steps_to_target"] else f"- / {a['steps']}"
+            lines.append(f"| {arm} | {a['lr']:.2g} | {fmt(a['val_accuracy'])} | {fmt(a['val_loss'])} | "
+                         f"{fmt(a['test_accuracy'])} | {fmt(a['test_loss'])} | {steps} | {a['reached_target']} |")
+    lines += ["\n### Performance profile (fraction of tasks on which an arm reaches the target within tau x the "
+              "fastest arm's steps)\n", "| arm | tau=1 | tau=1.5 | tau=2 | tau=4 |", "|---|---|---|---|---|"]
+    for arm, rs in sorted(ratios.items()):
+        lines.append(f"| {arm} | " + " | ".join(f"{sum(r <= tau for r in rs) / len(rs):.2f}" for tau in (1, 1.5, 2, 4))
+                     + " |")
+    if path_png is not None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(7, 4), dpi=100)
+        canvas = FigureCanvasAgg(figure)
+        ax = figure.subplots()
+        taus = [1 + 0.05 * i for i in range(61)]
+        for arm, rs in sorted(ratios.items()):
+            style = "-" if arm.startswith("mlrs") else "--" if arm.startswith("tuned") else ":"
+            ax.step(taus, [sum(r <= t for r in rs) / len(rs) for t in taus], style, label=arm, where="post")
+        ax.set(xlabel="tau (steps / fastest arm's steps)", ylabel="fraction of tasks", title="Performance profile")
+        ax.legend(fontsize=6, ncol=2)
+        figure.tight_layout()
+        canvas.print_png(str(path_png))
+    return "\n".join(lines)
+
+
+def plot_curves(runs: list[dict], path: Path) -> None:
+    """lr and training loss of seed 0 of the main arms, per task."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = sorted({r["task"] for r in runs})
+    figure = Figure(figsize=(11, 3.2 * len(tasks)), dpi=90)
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.subplots(len(tasks), 2, squeeze=False)
+    shown = ("default:linear", "tuned:linear", "tuned:cosine", "schedule_free", "prodigy", "mlrs_meta",
+             "mlrs_transfer", "mlrs_transfer_tuned")
+    for row, task in zip(axes, tasks):
+        for r in runs:
+            if r["task"] == task and r["seed"] == 0 and r["arm"] in shown and r["lrs"]:
+                steps, lrs = zip(*r["lrs"])
+                row[0].plot(steps, lrs, label=r["arm"])
+                steps, losses = zip(*r["losses"])
+                row[1].plot(steps, losses, label=r["arm"])
+        row[0].set(title=f"{task}: learning rate (logged = applied)", xlabel="step", yscale="log")
+        row[1].set(title=f"{task}: training loss", xlabel="step", yscale="log")
+        row[1].legend(fontsize=6)
+    figure.tight_layout()
+    canvas.print_png(str(path))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="bbc,digits,fashion")
+    parser.add_argument("--arms", default="default,tuned,schedule_free,prodigy,mlrs_meta,mlrs_transfer")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--smoke", action="store_true", help="tiny models, 2 steps, 1 seed, 2 grid values")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    options = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if options.smoke:
+        options.seeds, options.tasks = 1, "digits"
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"quality_{options.device}{'_smoke' if options.smoke else ''}"
+    runs = []
+    with open(stem.with_suffix(".log"), "w") as log_file:
+        def log(line):
+            print(line, flush=True)
+            log_file.write(line + "\n")
+            log_file.flush()
+
+        for task in options.tasks.split(","):
+            runs += run_task(task, options, log)
+            stem.with_suffix(".json").write_text(json.dumps({"runs": runs}))  # keep partial results
+    summary = summarize(runs)
+    ratios = performance_profile(summary)
+    table = render(summary, ratios, None if options.smoke else stem.with_name(stem.name + "_profile.png"))
+    if not options.smoke:
+        plot_curves(runs, stem.with_name(stem.name + "_curves.png"))
+    import torch
+
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}" + (
+        f", {torch.cuda.get_device_name()}" if options.device == "cuda" else "")
+    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else [])
+    stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "command": command.strip(),
+                                                     "summary": summary, "profile": ratios, "runs": runs},
+                                                    indent=1, default=str))
+    stem.with_suffix(".md").write_text(f"# Quality ({options.device})\n\nMachine: {machine}\n\n"
+                                       f"Command: `{command.strip()}`\n{table}\n")
+    print(table)
+    return summary
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every measured number in benchmarks/RESULTS.md, in the order it was produced (about an hour on 2 CPU cores).
+# Run one at a time: two training jobs on 2 cores make every timing meaningless.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+launch="accelerate launch --config_file recipes/accelerate_configs/cpu.yaml"
+
+# Transfer across model sizes (issue: recipes): a schedule from 2-layer MiniLM on the 6-layer model, and one from a
+# small ResNet on a 10x larger one, each against the default linear schedule at the same peak lr.
+$launch recipes/transfer.py --schedule minilm2-bbc --task bbc --model minilm-L6 --disable_tqdm true \
+  --output_dir benchmarks/results/transfer_bbc_minilm_L2_to_L6
+$launch recipes/transfer.py --schedule resnet-small-digits --task digits --model resnet-large --num_train_epochs 20 \
+  --learning_rate 3e-3 --disable_tqdm true --output_dir benchmarks/results/transfer_digits_resnet_small_to_large
+
+# Schedule quality against tuned built-in schedules, Schedule-Free and Prodigy (3 tasks x 3 seeds).
+python benchmarks/quality.py
+
+# Cost per step (two model sizes, every arm in its own process).
+python benchmarks/overhead.py

@@ -1,0 +1,31 @@
+"""The benchmark scripts run end to end in their smoke modes (the full runs are not tests)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overhead_smoke():
+    summary = load("overhead").main(["--smoke"])
+    arms = {r["arm"] for r in summary["rows"]}
+    assert {"plain", "transfer", "meta_1", "meta_10", "paper_1", "paper_10"} <= arms
+    assert all(r["step_s"] > 0 for r in summary["rows"] if "step_s" in r)
+
+
+def test_quality_smoke(tmp_path):
+    summary = load("quality").main(["--smoke", "--out", str(tmp_path)])
+    arms = set(summary["digits"]["arms"])
+    assert {"default:linear", "tuned:linear", "schedule_free", "prodigy", "mlrs_meta", "mlrs_transfer",
+            "mlrs_transfer_tuned"} <= arms
+    assert (tmp_path / "quality_cpu_smoke.md").read_text().count("| mlrs_") >= 3
