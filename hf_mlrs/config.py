@@ -44,7 +44,8 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_meta_interval (`int`, *optional*, defaults to `10`):
         A meta-update every this many optimizer steps (paper: 300 iterations of a 200-epoch run).
     mlrs_meta_lr, mlrs_meta_weight_decay (`float`, *optional*, defaults to `1e-3`, `1e-4`):
-        Adam on the net's parameters (paper values).
+        Adam on the net's parameters (paper values, for runs of tens of thousands of steps). Runs of a few hundred
+        steps learn little at these settings: the recipes use `mlrs_meta_interval=2` and `mlrs_meta_lr=1e-2`.
     mlrs_meta_batch_size (`int`, *optional*):
         Meta batch size per process; defaults to `per_device_train_batch_size`.
     mlrs_meta_fraction (`float`, *optional*, defaults to `0.1`):

@@ -83,7 +83,10 @@ class MLRSTrainer(Trainer):
                 "MLRSTrainer owns the learning-rate schedule; pass optimizers=(optimizer, None) "
                 "(the schedule net replaces the scheduler)."
             )
-        _check_optimizer(optimizer, kwargs.get("optimizer_cls_and_kwargs"), args)
+        if optimizer is not None:  # refuse before anything is built (args.optim is checked by the arguments)
+            _require_lr_linear(type(optimizer), optimizer.defaults, args)
+        elif kwargs.get("optimizer_cls_and_kwargs") is not None:
+            _require_lr_linear(*kwargs["optimizer_cls_and_kwargs"], args)
         if self.meta_training and meta_dataset is None and args.mlrs_meta_fraction == 0:
             raise ValueError(
                 "MLRSTrainingArguments.mlrs_meta_fraction is 0 and no meta_dataset was given, so meta-training has "
@@ -122,9 +125,7 @@ class MLRSTrainer(Trainer):
         if self.lr_scheduler is None:
             optimizer = optimizer if optimizer is not None else self.optimizer
             base = getattr(optimizer, "optimizer", optimizer)  # under AcceleratedOptimizer
-            problem = None if self.args.mlrs_assume_lr_linear else lr_linearity_problem(type(base), base.defaults)
-            if problem:
-                raise ValueError(f"MLRSTrainer: the optimizer cannot be driven by MLR-SNet: {problem}.")
+            _require_lr_linear(type(base), base.defaults, self.args)  # whichever way the optimizer was made
             self.lr_scheduler = MLRSScheduler(
                 optimizer,
                 self.schedule,
@@ -371,15 +372,8 @@ def _as_mlrs_args(positional: tuple, kwargs: dict) -> tuple[tuple, dict, MLRSTra
     return tuple(args), kwargs, training_args
 
 
-def _check_optimizer(optimizer, cls_and_kwargs, args: MLRSTrainingArguments) -> None:
-    """Refuse, before anything is built, an optimizer whose step is not linear in lr."""
-    if args.mlrs_assume_lr_linear:
-        return
-    if optimizer is not None:
-        problem = lr_linearity_problem(type(optimizer), optimizer.defaults)
-    elif cls_and_kwargs is not None:
-        problem = lr_linearity_problem(cls_and_kwargs[0], cls_and_kwargs[1])
-    else:
-        return  # args.optim was checked by MLRSTrainingArguments
+def _require_lr_linear(optimizer_cls: type, defaults: dict, args: MLRSTrainingArguments) -> None:
+    """Refuse an optimizer whose step is not linear in lr: the exact lookahead (and the learned lr) need it."""
+    problem = None if args.mlrs_assume_lr_linear else lr_linearity_problem(optimizer_cls, defaults)
     if problem:
         raise ValueError(f"MLRSTrainer: the optimizer cannot be driven by MLR-SNet: {problem}.")
