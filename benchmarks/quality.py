@@ -78,7 +78,7 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
                   eval_steps=max(1, steps // 10), logging_steps=max(1, steps // 20), save_strategy="no",
                   report_to="none", disable_tqdm=True, use_cpu=options.device == "cpu",
                   optim="schedule_free_adamw" if arm == "schedule_free" else "adamw_torch",
-                  dataloader_pin_memory=False, dataloader_drop_last=True)
+                  dataloader_pin_memory=False)
     data = dict(train_dataset=train, eval_dataset=val, data_collator=task.data_collator,
                 processing_class=task.processing_class, compute_metrics=accuracy_metric())
     if arm == "mlrs_meta":

@@ -47,7 +47,6 @@ RECIPE_DEFAULTS = dict(
     per_device_eval_batch_size=64,
     use_cpu=not torch.cuda.is_available(),  # several CPU processes must join one DDP group, not run independently
     logging_steps=10, save_strategy="no", report_to="none", seed=0,
-    dataloader_drop_last=True,  # BatchNorm cannot train on a last batch of one example
     mlrs_meta_interval=2, mlrs_meta_lr=1e-2, mlrs_num_stages=3,
 )
 

@@ -46,7 +46,6 @@ RECIPE_DEFAULTS = dict(
     per_device_eval_batch_size=64,
     use_cpu=not torch.cuda.is_available(),  # several CPU processes must join one DDP group, not run independently
     logging_steps=5, save_strategy="no", report_to="none", seed=0,
-    dataloader_drop_last=True,  # BatchNorm cannot train on a last batch of one example
 )
 
 
