@@ -17,4 +17,4 @@ $launch recipes/transfer.py --schedule resnet-small-digits --task digits --model
 python benchmarks/quality.py
 
 # Cost per step (two model sizes, every arm in its own process).
-python benchmarks/overhead.py
+python benchmarks/overhead.py --repeats 2

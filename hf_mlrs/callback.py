@@ -77,6 +77,7 @@ class MLRSCallback(TrainerCallback):
         self.scheduler: MLRSScheduler | None = None
         self.loss_meter = StepLossMeter()
         self.applied_lr: float | None = None
+        self.fingerprint: str | None = None  # of the schedule, saved with the state: resume with the same one
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         trainer = _calling_trainer()
@@ -85,6 +86,7 @@ class MLRSCallback(TrainerCallback):
         self.trainer = trainer
         check_all_processes_joined(trainer)
         fix_loss_scaling(trainer)
+        self.loss_meter = StepLossMeter()  # nothing left over from an interrupted train()
         _tap_training_step(trainer, self.loss_meter)
         self.scheduler = MLRSScheduler(
             kwargs["optimizer"],
@@ -122,9 +124,7 @@ class MLRSCallback(TrainerCallback):
         state.stateful_callbacks[STATE_KEY] = {**self.scheduler.run_state(), "schedule_fingerprint": self.fingerprint}
 
     def on_train_end(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        if trainer is not None and "training_step" in vars(trainer):
-            del trainer.training_step  # back to the class's method
+        _untap_training_step(self.trainer)
 
 
 def _calling_trainer() -> Trainer:
@@ -141,8 +141,7 @@ def _calling_trainer() -> Trainer:
 
 def _tap_training_step(trainer: Trainer, meter: StepLossMeter) -> None:
     """Wrap this trainer's training_step (instance only) so each step's loss reaches the meter."""
-    if "training_step" in vars(trainer):
-        raise ValueError("This Trainer's training_step is already wrapped: use one MLRSCallback per Trainer.")
+    _untap_training_step(trainer)  # a tap left by a train() that raised would count every loss twice
     original = trainer.training_step
 
     def training_step(*args, **kwargs):
@@ -150,7 +149,18 @@ def _tap_training_step(trainer: Trainer, meter: StepLossMeter) -> None:
         meter.add(loss)
         return loss
 
+    training_step.mlrs_original = original
     trainer.training_step = training_step
+
+
+def _untap_training_step(trainer: Trainer | None) -> None:
+    tap = vars(trainer).get("training_step") if trainer is not None else None
+    if tap is not None and hasattr(tap, "mlrs_original"):
+        original = tap.mlrs_original
+        if getattr(original, "__func__", None) is type(trainer).training_step:
+            del trainer.training_step  # back to the class's method
+        else:
+            trainer.training_step = original  # someone else's wrapper, kept
 
 
 def _report_lr(lr_scheduler, lrs: list[float]) -> None:

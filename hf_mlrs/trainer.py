@@ -340,6 +340,8 @@ class _MLRSHooks(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._loss_meter = StepLossMeter()  # nothing left over from a train() that raised
+        self.trainer._pending_meta = None
         check_all_processes_joined(self.trainer)
         # Every rank must start from the same net: identical nets + identical inputs = identical lrs.
         broadcast_from_main(self.trainer.schedule, self.trainer.accelerator)

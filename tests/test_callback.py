@@ -3,7 +3,7 @@
 import pytest
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_mlrs import MLRSCallback, MLRSNet, MLRSTrainer
 from tests.test_trainer import AppliedLrProbe, logged_lrs
@@ -93,3 +93,28 @@ def test_callback_refuses_mlrs_trainer(tmp_path, dataset):
 def test_callback_needs_a_schedule():
     with pytest.raises(TypeError, match="needs an MLRSNet"):
         MLRSCallback("minilm2-bbc")
+
+
+class FailAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_train_that_raised_leaves_no_stale_tap(tmp_path, dataset):
+    """After a failed train(), the next one reads each loss once (a stale tap would count it twice)."""
+    callback = MLRSCallback(MLRSNet.from_pretrained(_schedule(tmp_path)))
+    failing = FailAt(3)
+    trainer = Trainer(model=tiny_bert(), args=plain_args(tmp_path / "run", max_steps=6, optim="adamw_torch",
+                                                         learning_rate=1e-3),
+                      train_dataset=dataset, callbacks=[callback, failing])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train()
+    trainer.remove_callback(failing)
+    trainer.train()
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert callback.scheduler.recent_losses[-1] == pytest.approx(logged[-1], rel=1e-5)
+    assert "training_step" not in vars(trainer)
