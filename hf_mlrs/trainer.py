@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import warnings
+from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType
@@ -283,21 +284,25 @@ class MLRSTrainer(Trainer):
             )
         self.meta_dataset = meta_dataset
         if hasattr(meta_dataset, "column_names"):
-            self._meta_source = self._remove_unused_columns(meta_dataset, description="meta")
+            source = self._remove_unused_columns(meta_dataset, description="meta")
+
+            def rows(indices):  # one Arrow read for the batch, then rows for the collator
+                columns = source[indices]
+                return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
             self._meta_collator = self.data_collator
         else:
-            self._meta_source = meta_dataset
+
+            def rows(indices):
+                return [meta_dataset[i] for i in indices]
+
             self._meta_collator = self._get_collator_with_removed_columns(self.data_collator, description="meta")
+        self._meta_rows = rows
         self._meta_sampler = MetaBatchSampler(len(meta_dataset), batch_size, self.args.seed)
 
     def _meta_batch(self, m: int) -> dict:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        indices = self._meta_sampler.indices(m, rank, world)
-        if hasattr(self._meta_source, "column_names"):  # one Arrow read for the batch, then rows for the collator
-            columns = self._meta_source[indices]
-            features = [dict(zip(columns, values)) for values in zip(*columns.values())]
-        else:
-            features = [self._meta_source[i] for i in indices]
+        features = self._meta_rows(self._meta_sampler.indices(m, rank, world))
         return self._prepare_inputs(self._meta_collator(features))
 
     # ---- provenance ---------------------------------------------------------------------------------------------
@@ -312,7 +317,7 @@ class MLRSTrainer(Trainer):
         provenance.update({
             "mode": "meta-training" if self.meta_training else "transfer",
             "task": self.args.run_name or os.path.basename(os.path.normpath(self.args.output_dir)),
-            "model": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
+            "model": _model_name(model),
             "model_class": type(model).__name__,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "optimizer": type(optimizer).__name__ if optimizer is not None else str(self.args.optim),
@@ -372,6 +377,12 @@ def _as_mlrs_args(positional: tuple, kwargs: dict) -> tuple[tuple, dict, MLRSTra
     else:
         kwargs["args"] = training_args
     return tuple(args), kwargs, training_args
+
+
+def _model_name(model) -> str:
+    """The model's Hub id for provenance; a local folder is named by its last parts, not this machine's full path."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return os.path.join(*Path(name).parts[-2:]) if os.path.isabs(name) else name
 
 
 def _require_lr_linear(optimizer_cls: type, defaults: dict, args: MLRSTrainingArguments) -> None:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def test_meta_train_recipe(tmp_path, task):
     assert saved["task"] == task
     schedule = MLRSNet.from_pretrained(tmp_path / "schedule")
     assert schedule.provenance["task"] == f"{task}/tiny" and schedule.provenance["steps"] == 2
+    assert not os.path.isabs(schedule.provenance["model"])  # no path of this machine in a shareable card
     assert (tmp_path / "schedule" / "lr_curve.png").stat().st_size > 1000
 
 
