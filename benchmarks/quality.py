@@ -54,6 +54,18 @@ def split_validation(task):
     return task.train.select(train_idx), task.train.select(val_idx)
 
 
+# Learned-scale arms: "mlrs_learned:<variant>" started from `lr`; each variant is a set of MLRSTrainingArguments.
+LEARNED_VARIANTS = {
+    "h1": dict(mlrs_meta_interval=1, mlrs_horizon=1),  # paper's one-step lookahead, every step
+    "h4": dict(mlrs_meta_interval=4, mlrs_horizon=4),
+    "h8": dict(mlrs_meta_interval=8, mlrs_horizon=8),
+    "s1h4": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_scale_lr=0.2),
+    "s1h4c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_scale_lr=0.2,
+                  mlrs_cooldown_fraction=0.2),
+    "h1c": dict(mlrs_meta_interval=1, mlrs_horizon=1, mlrs_cooldown_fraction=0.2),
+}
+
+
 def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_source=None) -> dict:
     """Train one arm on one task with one seed; returns its validation curve and final metrics."""
     from prodigyopt import Prodigy
@@ -84,6 +96,18 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
     if arm == "mlrs_meta":
         args = MLRSTrainingArguments(**common, mlrs_meta_interval=2, mlrs_meta_lr=1e-2)
         trainer = MLRSTrainer(model=task.model, args=args, **data)
+    elif arm.startswith(("mlrs_learned", "mlrs_scale")):  # learned gamma: meta-trained net, or a flat frozen net
+        variant = dict(LEARNED_VARIANTS[arm.split(":")[1]])
+        common["lr_scheduler_type"] = "constant"
+        args = MLRSTrainingArguments(**common, mlrs_gamma="learned", mlrs_meta_lr=1e-2, **variant)
+        flat = None
+        if arm.startswith("mlrs_scale"):  # A_t = sigmoid(bias) whatever the loss: only the scale is learned
+            from hf_mlrs import MLRSNet
+
+            flat = MLRSNet(output_bias_init=8.0)
+            for p in flat.stages[0].head.parameters():
+                p.data.zero_() if p.dim() > 1 else p.data.fill_(8.0)
+        trainer = MLRSTrainer(model=task.model, args=args, schedule=flat, **data)
     elif arm.startswith("mlrs_transfer"):
         net = MLRSNet.from_pretrained(schedule_source) if isinstance(schedule_source, str) else schedule_source
         trainer = Trainer(model=task.model, args=TrainingArguments(**common), callbacks=[MLRSCallback(net)], **data)
@@ -102,7 +126,8 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
             "val_accuracy": curve[-1][1], "val_loss": [e["eval_loss"] for e in history if "eval_loss" in e][-1],
             "test_accuracy": test["test_accuracy"], "test_loss": test["test_loss"], "val_curve": curve,
             "lrs": [[e["step"], e["learning_rate"]] for e in history if "learning_rate" in e],
-            "losses": [[e["step"], e["loss"]] for e in history if "loss" in e]}
+            "losses": [[e["step"], e["loss"]] for e in history if "loss" in e],
+            "gammas": [[e["step"], e["mlrs/gamma"]] for e in history if "mlrs/gamma" in e]}
 
 
 def run_task(task_name: str, options, log) -> list[dict]:

@@ -28,8 +28,25 @@ class MLRSTrainingArguments(TrainingArguments):
     > The schedule (both modes)
 
     mlrs_gamma (`str` or `float`, *optional*):
-        The lr scale gamma: lr = gamma * A_t with A_t in (0, 1). A number, `"auto"` (the paper's heuristic from the
-        initial loss and the number of labels; SGD only), or unset to use `learning_rate`.
+        The lr scale gamma: lr = gamma * A_t with A_t in (0, 1). `"learned"` (log(gamma) adapted online from the
+        held-out hypergradient, starting at `learning_rate * mlrs_scale_init`), a number, `"auto"` (the paper's
+        heuristic from the initial loss and the number of labels; SGD only), or unset to use `learning_rate`.
+    mlrs_scale_lr (`float`, *optional*, defaults to `0.1`):
+        With a learned gamma: the Adam step on log(gamma); one meta-update changes gamma by about exp(mlrs_scale_lr)
+        at most (hard clip: a factor 1.65).
+    mlrs_scale_init (`float`, *optional*, defaults to `1.0`):
+        With a learned gamma: where it starts, relative to `learning_rate`.
+    mlrs_scale_min, mlrs_scale_max (`float`, *optional*, defaults to `1e-8`, `10.0`):
+        With a learned gamma: hard bounds on it.
+    mlrs_horizon (`int`, *optional*, defaults to `1`):
+        Optimizer steps per meta-update window: the meta loss is measured after the window and its gradient taken
+        along the window's whole displacement (1: the paper's exact one-step lookahead; longer horizons counter
+        the short-horizon bias towards small lrs). At most the meta interval.
+    mlrs_cooldown_fraction (`float`, *optional*, defaults to `0.0`):
+        Share of training, at the end, over which the lr decays linearly towards 0 (as warmup-stable-decay does);
+        no meta-update happens in it.
+    mlrs_settle_interval (`int`, *optional*):
+        With a learned gamma: the meta interval used until gamma has settled; `mlrs_meta_interval` after.
     mlrs_min_lr, mlrs_max_lr (`float`, *optional*):
         Bounds on the lr.
     mlrs_stage_by (`str`, *optional*, defaults to `"progress"`):
@@ -68,6 +85,21 @@ class MLRSTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "LR scale gamma (lr = gamma * net output in (0,1)): a number, 'auto' (paper heuristic, "
                   "SGD only), or unset to use learning_rate."},
+    )
+    mlrs_scale_lr: float = field(default=0.1, metadata={"help": "Learned gamma: Adam step size on log(gamma)."})
+    mlrs_scale_init: float = field(
+        default=1.0, metadata={"help": "Learned gamma: its start, relative to learning_rate."}
+    )
+    mlrs_scale_min: float = field(default=1e-8, metadata={"help": "Learned gamma: lower bound."})
+    mlrs_scale_max: float = field(default=10.0, metadata={"help": "Learned gamma: upper bound."})
+    mlrs_horizon: int = field(
+        default=1, metadata={"help": "Steps per meta-update window (1: the paper's one-step lookahead)."}
+    )
+    mlrs_cooldown_fraction: float = field(
+        default=0.0, metadata={"help": "Share of training, at the end, over which the lr decays linearly to 0."}
+    )
+    mlrs_settle_interval: int | None = field(
+        default=None, metadata={"help": "Learned gamma: meta interval until gamma settles (then mlrs_meta_interval)."}
     )
     mlrs_min_lr: float | None = field(default=None, metadata={"help": "Lower bound on the lr."})
     mlrs_max_lr: float | None = field(default=None, metadata={"help": "Upper bound on the lr."})
@@ -115,25 +147,32 @@ class MLRSTrainingArguments(TrainingArguments):
 
     @property
     def mlrs_gamma_value(self) -> float | str:
-        """gamma as the scheduler takes it: a float, or "auto"."""
+        """gamma as the scheduler takes it: a float, "auto" or "learned"."""
         if self.mlrs_gamma is None:
             return float(self.learning_rate)
-        return "auto" if self.mlrs_gamma == "auto" else float(self.mlrs_gamma)
+        return self.mlrs_gamma if self.mlrs_gamma in ("auto", "learned") else float(self.mlrs_gamma)
 
     def _validate_mlrs(self) -> None:
         def fail(name: str, problem: str, fix: str) -> None:
             raise ValueError(f"MLRSTrainingArguments.{name}: {problem}. {fix}")
 
-        if self.mlrs_gamma is not None and self.mlrs_gamma != "auto":
+        if self.mlrs_gamma is not None and self.mlrs_gamma not in ("auto", "learned"):
             try:
                 gamma = float(self.mlrs_gamma)
             except (TypeError, ValueError):
                 gamma = float("nan")
             if not (math.isfinite(gamma) and gamma > 0):
-                fail("mlrs_gamma", f"{self.mlrs_gamma!r} is not a positive number or 'auto'",
-                     "Use the largest lr you want (e.g. your usual peak lr), 'auto', or leave it unset.")
-        elif self.mlrs_gamma is None and not self.learning_rate > 0:
-            fail("learning_rate", f"{self.learning_rate} cannot serve as gamma", "Set a positive learning_rate.")
+                fail("mlrs_gamma", f"{self.mlrs_gamma!r} is not a positive number, 'learned' or 'auto'",
+                     "Use 'learned', the largest lr you want (e.g. your usual peak lr), 'auto', or leave it unset.")
+        elif self.mlrs_gamma != "auto" and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            fail("learning_rate", f"{self.learning_rate} cannot serve as gamma (or its start)",
+                 "Set a positive learning_rate.")
+        if not (0 < self.mlrs_scale_min < self.mlrs_scale_max and math.isfinite(self.mlrs_scale_max)):
+            fail("mlrs_scale_min", f"bounds ({self.mlrs_scale_min}, {self.mlrs_scale_max}) are not 0 < min < max < inf",
+                 "Use e.g. mlrs_scale_min=1e-8, mlrs_scale_max=10.")
+        if not (self.mlrs_scale_lr > 0 and self.mlrs_scale_init > 0):
+            fail("mlrs_scale_lr", f"mlrs_scale_lr={self.mlrs_scale_lr}, mlrs_scale_init={self.mlrs_scale_init} must "
+                 "be positive", "Defaults: 0.1 and 1.0.")
         for name in ("mlrs_min_lr", "mlrs_max_lr"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -168,3 +207,10 @@ class MLRSTrainingArguments(TrainingArguments):
             reason = NONLINEAR_OPTIM_NAMES.get(optim, "layer-wise optimizers step inside backward")
             fail("optim", f"{self.optim!r} cannot be driven by MLR-SNet: {reason}",
                  "Use an optimizer whose step is linear in lr, e.g. optim='adamw_torch' or 'sgd'.")
+        if not 0.0 <= self.mlrs_cooldown_fraction < 1.0:
+            fail("mlrs_cooldown_fraction", f"{self.mlrs_cooldown_fraction} is outside [0, 1)", "Use e.g. 0.2 or 0.")
+        if not 1 <= self.mlrs_horizon <= self.mlrs_meta_interval:
+            fail("mlrs_horizon", f"{self.mlrs_horizon} is not between 1 and mlrs_meta_interval",
+                 "A window cannot be longer than the steps between two meta-updates.")
+        if self.mlrs_settle_interval is not None and self.mlrs_settle_interval < 1:
+            fail("mlrs_settle_interval", f"{self.mlrs_settle_interval} < 1", "Use 1 (every step) or unset.")

@@ -22,10 +22,15 @@ from __future__ import annotations
 import torch
 
 from .modeling import MLRSNet
+from .scale import LearnedScale
 
 
 class MetaLearner:
-    """Meta-trains the live (last) stage of an MLRSNet from hypergradients of a held-out loss.
+    """Meta-trains the live (last) stage of an MLRSNet, and/or a learned lr scale, from hypergradients.
+
+    Meta-updates come at the end of *windows* of `horizon` optimizer steps: the window's first step keeps w_start
+    (the one buffer), its last step (the due step) measures the held-out loss at w_end and the dot product
+    <g_meta(w_end), w_end - w_start>. With `horizon=1` that is the paper's exact one-step lookahead.
 
     Args:
         schedule (`MLRSNet`): the net; its last stage is trained, earlier stages receive snapshots.
@@ -33,6 +38,12 @@ class MetaLearner:
         interval (`int`): a meta-update every `interval` optimizer steps (paper: t_val = 300).
         meta_lr, weight_decay (`float`): Adam on theta (paper: 1e-3, 1e-4).
         max_steps (`int`): length of the run, used to place the stage snapshots.
+        horizon (`int`, defaults to `1`): steps per window (<= every interval in use).
+        train_net (`bool`, defaults to `True`): False keeps the net frozen (transfer with a learned scale).
+        scale (`LearnedScale`, *optional*): the learned lr scale, updated from the same dot product.
+        settle_interval (`int`, *optional*): with a learned scale, the interval used until the scale has settled
+            (see `LearnedScale.settled`); `interval` after that. A window is never longer than its interval.
+        stop_step (`int`, *optional*): no meta-update from this (0-based) step on, e.g. during a final cooldown.
     """
 
     def __init__(
@@ -44,19 +55,58 @@ class MetaLearner:
         meta_lr: float,
         weight_decay: float,
         max_steps: int,
+        horizon: int = 1,
+        train_net: bool = True,
+        scale: LearnedScale | None = None,
+        settle_interval: int | None = None,
+        stop_step: int | None = None,
     ):
+        if not 1 <= horizon <= interval:
+            raise ValueError(f"MetaLearner: horizon={horizon} must be between 1 and the meta interval ({interval}).")
         self.schedule = schedule
         self.params = list(params)
         self.interval = interval
+        self.settle_interval = settle_interval
+        self.horizon = horizon
         self.max_steps = max_steps
-        self.meta_optimizer = torch.optim.Adam(schedule.stages[-1].parameters(), lr=meta_lr, weight_decay=weight_decay)
-        self.delta: list[torch.Tensor] | None = None  # the one extra parameter-sized buffer: w_old, then delta
+        self.train_net = train_net
+        self.scale = scale
+        self.meta_optimizer = (torch.optim.Adam(schedule.stages[-1].parameters(), lr=meta_lr,
+                                                weight_decay=weight_decay) if train_net else None)
+        self.delta: list[torch.Tensor] | None = None  # the one extra parameter-sized buffer: w_start, then delta
+        self.window_lrs: list[torch.Tensor] = []  # alpha_j of the window's earlier steps, with graphs to theta
+        self.stop_step = stop_step if stop_step is not None else max_steps
+        self.next_due = self.current_interval() - 1  # 0-based step of the next meta-update
+        self.window_length = min(horizon, self.current_interval())  # steps of the window ending at next_due
+        self.first_due = self.next_due + 1  # 1-based step of the first meta-update: the first snapshot
+        self.num_meta_steps = 0  # due steps so far (meta batch index), skipped ones included
         self.num_updates = 0
         self.num_skipped = 0
 
+    def current_interval(self) -> int:
+        if self.scale is not None and self.settle_interval and not self.scale.settled:
+            return self.settle_interval
+        return self.interval
+
     def is_due(self, step: int) -> bool:
-        """Whether optimizer step `step` (0-based) carries a meta-update: every `interval`-th step, as the paper."""
-        return (step + 1) % self.interval == 0
+        """Whether optimizer step `step` (0-based) ends a window and carries a meta-update."""
+        return step == self.next_due < self.stop_step
+
+    def window_starts(self, step: int) -> bool:
+        return step == self.next_due - self.window_length + 1 and self.next_due < self.stop_step
+
+    def in_window(self, step: int) -> bool:
+        return self.next_due - self.window_length < step <= self.next_due < self.stop_step
+
+    def advance(self) -> int:
+        """After a due step (updated or skipped): the index of its meta batch; schedules the next window."""
+        index = self.num_meta_steps
+        self.num_meta_steps += 1
+        self.window_lrs = []
+        interval = self.current_interval()
+        self.next_due += interval
+        self.window_length = min(self.horizon, interval)
+        return index
 
     # ---- around the real optimizer step ------------------------------------------------------------------------
 
@@ -84,11 +134,18 @@ class MetaLearner:
                 total += torch.dot(g.reshape(-1), d.reshape(-1)).to(torch.float64)
         return total
 
-    def update_schedule(self, lr: torch.Tensor, hypergrad: float) -> None:
-        """One Adam step on theta along dL_meta/dtheta = hypergrad * dalpha/dtheta."""
+    def update_schedule(self, lr: torch.Tensor, dot: float) -> None:
+        """One Adam step on theta from the window's dot product <g_meta, Delta>.
+
+        horizon 1: dL/dtheta = dL/dalpha * dalpha/dtheta with dL/dalpha = dot / alpha (exact, paper).
+        horizon k: the window is treated as taken with a shared scale c, dL/dlog(c) = dot, shared equally among
+        its steps: dL/dtheta = sum_j (dot / k) * dlog(alpha_j)/dtheta (first-order in the steps' directions).
+        """
+        lrs = [x for x in self.window_lrs + [lr] if x.requires_grad]  # a clamped lr has no gradient
         self.meta_optimizer.zero_grad(set_to_none=True)
-        if lr.requires_grad:  # a clamped lr has no gradient: the meta step then only applies weight decay
-            lr.backward(torch.tensor(hypergrad, dtype=lr.dtype))
+        share = len(self.window_lrs) + 1
+        for x in lrs:
+            x.backward(torch.tensor(dot / share / float(x.detach()), dtype=x.dtype))
         self.meta_optimizer.step()
         self.num_updates += 1
 
@@ -107,7 +164,7 @@ class MetaLearner:
         k / (n - 1) of training; the last stage is the live net itself, i.e. the net at the end.
         """
         n = self.schedule.num_stages
-        steps = [min(self.interval, self.max_steps)]
+        steps = [min(self.first_due, self.max_steps)]
         steps += [max(1, round(k / (n - 1) * self.max_steps)) for k in range(1, n - 1)]
         return steps[: n - 1]
 
@@ -127,14 +184,18 @@ class MetaLearner:
     # ---- checkpointing ------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {
-            "meta_optimizer": self.meta_optimizer.state_dict(),
-            "num_updates": self.num_updates,
-            "num_skipped": self.num_skipped,
-        }
+        state = {"next_due": self.next_due, "window_length": self.window_length,
+                 "num_meta_steps": self.num_meta_steps, "num_updates": self.num_updates,
+                 "num_skipped": self.num_skipped}
+        if self.meta_optimizer is not None:
+            state["meta_optimizer"] = self.meta_optimizer.state_dict()
+        return state  # the scale's state rides in the scheduler's run state
 
     def load_state_dict(self, state: dict) -> None:
-        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        if self.meta_optimizer is not None:
+            self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.next_due, self.num_meta_steps = state["next_due"], state["num_meta_steps"]
+        self.window_length = state["window_length"]
         self.num_updates = state["num_updates"]
         self.num_skipped = state["num_skipped"]
 

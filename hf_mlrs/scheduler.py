@@ -23,6 +23,7 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from .modeling import MLRSNet, State
+from .scale import LearnedScale
 
 
 STAGE_MODES = ("progress", "loss", "fixed")
@@ -48,8 +49,10 @@ class MLRSScheduler(LRScheduler):
     Args:
         optimizer (`torch.optim.Optimizer`): the optimizer whose param-group lrs are set.
         schedule (`MLRSNet`): the schedule network (frozen here; meta-training updates it from outside).
-        gamma (`float` or `"auto"`): the lr scale gamma (paper symbol): lr = gamma * A_t. `"auto"` uses the paper's
-            heuristic from the first loss and `num_labels`, recomputed at each stage switch (SGD only).
+        gamma (`float`, `"auto"`, `"learned"` or `LearnedScale`): the lr scale gamma (paper symbol): lr = gamma * A_t.
+            `"auto"` uses the paper's heuristic from the first loss and `num_labels`, recomputed at each stage switch
+            (SGD only). `"learned"` (or a `LearnedScale`) lets MLRSTrainer / MLRSCallback adapt log(gamma) from the
+            held-out hypergradient; `"learned"` starts from the optimizer's lr.
         num_training_steps (`int`, *optional*): the run's length; needed for `stage_by="progress"` with >1 stage.
         stage_by (`str`, defaults to `"progress"`): `"progress"` applies stage k over the fraction of training given
             by `schedule.stage_starts`; `"loss"` (horizon-free) moves to stage k once the smoothed normalised loss
@@ -57,6 +60,8 @@ class MLRSScheduler(LRScheduler):
         stage (`int`, defaults to `-1`): the stage used when `stage_by="fixed"`.
         min_lr, max_lr (`float`, *optional*): bounds on the lr.
         warmup_steps (`int`, defaults to `0`): linear warmup multiplying the net's lr over the first steps.
+        cooldown_steps (`int`, defaults to `0`): linear decay multiplying the net's lr over the last steps, to
+            1 / (cooldown_steps + 1) at the final step (needs `num_training_steps`).
         num_labels (`int`, *optional*): number of classes (or vocabulary size); needed by `"log_num_labels"`
             normalisation and by `gamma="auto"`.
     """
@@ -65,7 +70,7 @@ class MLRSScheduler(LRScheduler):
         self,
         optimizer: torch.optim.Optimizer,
         schedule: MLRSNet,
-        gamma: float | str,
+        gamma: float | str | LearnedScale,
         *,
         num_training_steps: int | None = None,
         stage_by: str = "progress",
@@ -73,6 +78,7 @@ class MLRSScheduler(LRScheduler):
         min_lr: float | None = None,
         max_lr: float | None = None,
         warmup_steps: int = 0,
+        cooldown_steps: int = 0,
         num_labels: int | None = None,
     ):
         if stage_by not in STAGE_MODES:
@@ -91,8 +97,13 @@ class MLRSScheduler(LRScheduler):
             raise ValueError("MLRSScheduler: gamma='auto' needs num_labels (the paper's C).")
         if schedule.input_normalization == "log_num_labels" and not (num_labels and num_labels >= 2):
             raise ValueError("MLRSScheduler: input_normalization='log_num_labels' needs num_labels >= 2.")
-        if gamma != "auto" and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-            raise ValueError(f"MLRSScheduler: gamma must be a positive number or 'auto', got {gamma!r}.")
+        if gamma == "learned":
+            gamma = LearnedScale(max(group["lr"] for group in optimizer.param_groups))
+        self.scale = gamma if isinstance(gamma, LearnedScale) else None
+        if self.scale is not None:
+            gamma = "learned"
+        elif gamma != "auto" and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"MLRSScheduler: gamma must be a positive number, 'auto' or 'learned', got {gamma!r}.")
         self.schedule = schedule
         self.gamma_rule = gamma
         self.num_training_steps = num_training_steps
@@ -101,13 +112,19 @@ class MLRSScheduler(LRScheduler):
         self.min_lr = min_lr
         self.max_lr = max_lr
         self.warmup_steps = warmup_steps
+        if cooldown_steps and not num_training_steps:
+            raise ValueError("MLRSScheduler: cooldown_steps needs num_training_steps (the cooldown ends the run).")
+        self.cooldown_steps = cooldown_steps
         self.num_labels = num_labels
         self.meta_learner = None  # set by MLRSTrainer while meta-training: its state rides in our state_dict
         # Per-run state: everything below is in state_dict() for exact resume.
         self.hidden: State = schedule.init_state("cpu")
         self.num_observed = 0
         self.stage = self.fixed_stage if stage_by == "fixed" else 0
-        self.gamma = float("nan") if gamma == "auto" else float(gamma)
+        if gamma == "auto":
+            self.gamma = float("nan")  # set from the first loss
+        else:
+            self.gamma = self.scale.gamma if self.scale is not None else float(gamma)
         self.initial_loss: float | None = None
         self.loss_ema: float | None = None
         self.recent_losses: deque[float] = deque(maxlen=RECENT_LOSSES)
@@ -164,11 +181,16 @@ class MLRSScheduler(LRScheduler):
         return torch.tensor([[x]], dtype=torch.float32)
 
     def compute_lr(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """alpha_t = clamp(warmup * gamma * A(x_t; h_{t-1}, theta)) for the current stage, differentiable in theta."""
+        """alpha_t = clamp(warmup * cooldown * gamma * A(x_t; h_{t-1}, theta)) for the current stage, differentiable
+        in theta."""
+        if self.scale is not None:
+            self.gamma = self.scale.gamma
         output, state = self.schedule(x, self.hidden, stage=self.stage)
         self._computed_output = float(output.detach())
         warmup = min(1.0, self.num_observed / self.warmup_steps) if self.warmup_steps > 0 else 1.0
-        lr = (warmup * self.gamma) * output.reshape(())
+        remaining = (self.num_training_steps or 0) - self.num_observed + 1  # this step included
+        cooldown = remaining / (self.cooldown_steps + 1) if 0 < remaining <= self.cooldown_steps else 1.0
+        lr = (warmup * cooldown * self.gamma) * output.reshape(())
         if self.min_lr is not None or self.max_lr is not None:
             lr = lr.clamp(min=self.min_lr, max=self.max_lr)
         return lr, state
@@ -259,6 +281,7 @@ class MLRSScheduler(LRScheduler):
             "recent_losses": list(self.recent_losses),
             "lrs": self.get_last_lr(),
             "nonfinite_skips": self.nonfinite_skips,
+            "scale": self.scale.state_dict() if self.scale is not None else None,
         }
 
     def load_run_state(self, state: dict) -> None:
@@ -273,6 +296,11 @@ class MLRSScheduler(LRScheduler):
         self.loss_ema = state["loss_ema"]
         self.recent_losses = deque(state["recent_losses"], maxlen=RECENT_LOSSES)
         self.nonfinite_skips = state["nonfinite_skips"]
+        if self.scale is not None:
+            if state.get("scale") is None:
+                raise ValueError("MLRSScheduler: this checkpoint was written with a fixed gamma, and the run being "
+                                 "resumed learns it (gamma='learned'). Resume with the gamma it was started with.")
+            self.scale.load_state_dict(state["scale"])
         for group, lr in zip(self.optimizer.param_groups, state["lrs"]):
             group["lr"] = lr
         self._last_lr = self.get_last_lr()

@@ -35,6 +35,7 @@ from .integration import (
     num_labels_of,
 )
 from .modeling import MLRSNet
+from .scale import LearnedScale
 from .scheduler import MLRSScheduler
 
 
@@ -78,6 +79,8 @@ class MLRSTrainer(Trainer):
     def __init__(self, *positional, meta_dataset=None, schedule: MLRSNet | None = None, **kwargs):
         positional, kwargs, args = _as_mlrs_args(positional, kwargs)
         self.meta_training = schedule is None
+        # Held-out data and the lookahead are needed to train the net or to learn the lr scale (or both).
+        self.meta_learning = self.meta_training or args.mlrs_gamma == "learned"
         optimizer, scheduler = kwargs.get("optimizers", (None, None))
         if scheduler is not None:
             raise ValueError(
@@ -88,24 +91,27 @@ class MLRSTrainer(Trainer):
             _require_lr_linear(type(optimizer), optimizer.defaults, args)
         elif kwargs.get("optimizer_cls_and_kwargs") is not None:
             _require_lr_linear(*kwargs["optimizer_cls_and_kwargs"], args)
-        if self.meta_training and meta_dataset is None and args.mlrs_meta_fraction == 0:
+        if self.meta_learning and meta_dataset is None and args.mlrs_meta_fraction == 0:
             raise ValueError(
-                "MLRSTrainingArguments.mlrs_meta_fraction is 0 and no meta_dataset was given, so meta-training has "
-                "no held-out data. Pass meta_dataset=... or set mlrs_meta_fraction (e.g. 0.1); to apply a learned "
-                "schedule instead, pass schedule=MLRSNet.from_pretrained(...)."
+                "MLRSTrainingArguments.mlrs_meta_fraction is 0 and no meta_dataset was given, so meta-training (or a "
+                "learned gamma) has no held-out data. Pass meta_dataset=... or set mlrs_meta_fraction (e.g. 0.1); to "
+                "apply a learned schedule at a fixed gamma, pass schedule=MLRSNet.from_pretrained(...) and a number "
+                "as mlrs_gamma."
             )
         super().__init__(*positional, **kwargs)
         # Why: the schedule must read the real mean loss, not one multiplied by accumulation steps x processes.
         fix_loss_scaling(self)
-        if self.meta_training:
+        if self.meta_learning:
             problem = META_TRAIN_UNSUPPORTED.get(self.accelerator.distributed_type)
             if problem:
                 raise ValueError(
-                    f"MLRSTrainer cannot meta-train under {self.accelerator.distributed_type.value}: {problem}. "
-                    "Meta-train with DDP (recipes/accelerate_configs/multi_gpu.yaml) or one process, then apply "
-                    "the learned schedule frozen (schedule=... or MLRSCallback), which works under any mode."
+                    f"MLRSTrainer cannot meta-train under {self.accelerator.distributed_type.value} (nor learn gamma "
+                    f"there): {problem}. Meta-train with DDP (recipes/accelerate_configs/multi_gpu.yaml) or one process, "
+                    "then apply the learned schedule frozen at a fixed gamma (schedule=... or MLRSCallback), which "
+                    "works under any mode."
                 )
             self._setup_meta_set(meta_dataset)
+        if self.meta_training:
             schedule = MLRSNet(
                 hidden_size=self.args.mlrs_hidden_size,
                 output_bias_init=self.args.mlrs_output_bias_init,
@@ -127,18 +133,26 @@ class MLRSTrainer(Trainer):
             optimizer = optimizer if optimizer is not None else self.optimizer
             base = getattr(optimizer, "optimizer", optimizer)  # under AcceleratedOptimizer
             _require_lr_linear(type(base), base.defaults, self.args)  # whichever way the optimizer was made
+            gamma = self.args.mlrs_gamma_value
+            if gamma == "learned":
+                gamma = LearnedScale(
+                    self.args.learning_rate * self.args.mlrs_scale_init,
+                    lr=self.args.mlrs_scale_lr,
+                    bounds=(self.args.mlrs_scale_min, self.args.mlrs_scale_max),
+                )
             self.lr_scheduler = MLRSScheduler(
                 optimizer,
                 self.schedule,
-                gamma=self.args.mlrs_gamma_value,
+                gamma=gamma,
                 num_training_steps=num_training_steps,
                 stage_by="fixed" if self.meta_training else self.args.mlrs_stage_by,
                 min_lr=self.args.mlrs_min_lr,
                 max_lr=self.args.mlrs_max_lr,
                 warmup_steps=self.args.get_warmup_steps(num_training_steps),
+                cooldown_steps=math.floor(self.args.mlrs_cooldown_fraction * num_training_steps),
                 num_labels=num_labels_of(self.accelerator.unwrap_model(self.model)),
             )
-            if self.meta_training:
+            if self.meta_learning:
                 self.lr_scheduler.meta_learner = MetaLearner(
                     self.schedule,
                     [p for group in optimizer.param_groups for p in group["params"]],
@@ -146,6 +160,11 @@ class MLRSTrainer(Trainer):
                     meta_lr=self.args.mlrs_meta_lr,
                     weight_decay=self.args.mlrs_meta_weight_decay,
                     max_steps=num_training_steps,
+                    horizon=self.args.mlrs_horizon,
+                    train_net=self.meta_training,
+                    scale=self.lr_scheduler.scale,
+                    settle_interval=self.args.mlrs_settle_interval,
+                    stop_step=num_training_steps - self.lr_scheduler.cooldown_steps,
                 )
             self._created_lr_scheduler = True
         return self.lr_scheduler
@@ -171,6 +190,8 @@ class MLRSTrainer(Trainer):
             if scheduler.meta_learner is not None:
                 logs["mlrs/meta_updates"] = scheduler.meta_learner.num_updates
                 logs["mlrs/meta_skips"] = scheduler.meta_learner.num_skipped
+            if scheduler.scale is not None:
+                logs["mlrs/scale_updates"] = scheduler.scale.num_updates
         super().log(logs, start_time)
 
     # Why: a saved model (and every checkpoint) should carry the schedule that trained it, loadable on its own.
@@ -184,10 +205,15 @@ class MLRSTrainer(Trainer):
     # ---- the two halves of one MLR-SNet step --------------------------------------------------------------------
 
     def _mlrs_before_step(self) -> None:
-        """Set alpha_t from the loss of step t; keep w_old if a meta-update is due."""
+        """Set alpha_t from the loss of step t; keep w_start at a window's first step; prepare a due meta-update."""
         scheduler, learner = self.lr_scheduler, self.lr_scheduler.meta_learner
         loss = self._loss_meter.pop(self.accelerator)
-        if learner is None or not learner.is_due(self.state.global_step):
+        step = self.state.global_step
+        if learner is not None and learner.window_starts(step):
+            learner.remember_weights()
+        due = learner is not None and learner.is_due(step)
+        track = learner is not None and learner.train_net and learner.in_window(step)  # alpha_t needs a graph
+        if not (due or track):
             skips = scheduler.nonfinite_skips
             scheduler.observe(loss)
             if scheduler.nonfinite_skips > skips:
@@ -197,18 +223,26 @@ class MLRSTrainer(Trainer):
         if x is None:
             scheduler.hold_lr()
             self._on_nonfinite("training loss")
+            if due:
+                learner.advance()
             return
-        lr, state = scheduler.compute_lr(x)  # with a graph to theta
+        with torch.set_grad_enabled(track):
+            lr, state = scheduler.compute_lr(x)
         alpha = float(lr.detach())
         if not (math.isfinite(alpha) and alpha > 0):
             scheduler.apply_lr(lr.detach(), state)
+            if due:
+                learner.advance()
+            return
+        if not due:  # an earlier step of a longer window: its alpha_j shares the window's hypergradient
+            learner.window_lrs.append(lr)
+            scheduler.apply_lr(lr.detach(), state)
             return
         scheduler.set_lr(alpha)
-        learner.remember_weights()
         self._pending_meta = (x, lr, state)
 
     def _mlrs_after_step(self) -> None:
-        """The meta-update, then the step rescaled to the updated net's lr (the paper's order, exactly)."""
+        """The meta-update, then (horizon 1) the step rescaled to the updated lr: the paper's order, exactly."""
         if self._pending_meta is None:
             return
         x, lr, state = self._pending_meta
@@ -216,28 +250,35 @@ class MLRSTrainer(Trainer):
         scheduler, learner = self.lr_scheduler, self.lr_scheduler.meta_learner
         if self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step was taken to learn from
             scheduler.apply_lr(lr.detach(), state)
+            learner.advance()
             return
         alpha = float(lr.detach())
         learner.weights_to_delta()
-        meta_loss, dot = self._meta_loss_and_dot(learner)
+        meta_loss, dot = self._meta_loss_and_dot(learner, learner.num_meta_steps)
         stats = torch.stack([meta_loss, dot]).to(self.accelerator.device)
         if self.accelerator.num_processes > 1:
             stats = self.accelerator.reduce(stats, reduction="mean")  # two scalars: the only extra communication
-        meta_loss, hypergrad = float(stats[0]), float(stats[1]) / alpha
-        if math.isfinite(meta_loss) and math.isfinite(hypergrad):
-            learner.update_schedule(lr, hypergrad)
+        meta_loss, dot = float(stats[0]), float(stats[1])
+        if math.isfinite(meta_loss) and math.isfinite(dot):
+            if learner.scale is not None:
+                learner.scale.update(dot)  # dL/dlog(gamma) = <g_meta, Delta>
+            if learner.train_net:
+                learner.update_schedule(lr, dot)
             with torch.no_grad():
-                lr, state = scheduler.compute_lr(x)  # alpha'_t: same input and h_{t-1}, updated theta
+                lr, state = scheduler.compute_lr(x)  # alpha'_t: same input and h_{t-1}, updated theta and gamma
             self._log_window["meta_loss"].append(meta_loss)
-            self._log_window["hypergrad"].append(hypergrad)
+            self._log_window["hypergrad"].append(dot / alpha)
         else:
             learner.num_skipped += 1
-            self._on_nonfinite(f"meta loss ({meta_loss}) or hypergradient ({hypergrad})")
+            self._on_nonfinite(f"meta loss ({meta_loss}) or hypergradient ({dot / alpha})")
             lr = lr.detach()
-        new_alpha = scheduler.apply_lr(lr, state)
-        learner.rescale(new_alpha / alpha)
+        if learner.window_length == 1:
+            learner.rescale(scheduler.apply_lr(lr, state) / alpha)
+        else:  # delta spans the window: the last step stands as taken; the updated lr applies from the next step
+            scheduler.apply_lr(alpha, state)
+        learner.advance()
 
-    def _meta_loss_and_dot(self, learner: MetaLearner) -> tuple[torch.Tensor, torch.Tensor]:
+    def _meta_loss_and_dot(self, learner: MetaLearner, meta_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Meta loss at w' on this rank's meta batch, and the local <g_meta, delta>.
 
         Runs on the unwrapped model with autograd.grad: no DDP hook fires, so gradients are not all-reduced.
@@ -247,7 +288,6 @@ class MLRSTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         for p in learner.params:
             p.grad = None
-        meta_step = (self.state.global_step + 1) // learner.interval - 1
         inputs = self._meta_batch(meta_step)
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
         with self.compute_loss_context_manager():
@@ -323,8 +363,9 @@ class MLRSTrainer(Trainer):
             "optimizer": type(optimizer).__name__ if optimizer is not None else str(self.args.optim),
             "steps": self.state.global_step,
             "max_steps": self.state.max_steps,
-            "gamma_rule": "auto" if self.args.mlrs_gamma == "auto" else "explicit",
+            "gamma_rule": self.args.mlrs_gamma if self.args.mlrs_gamma in ("auto", "learned") else "explicit",
             "gamma": scheduler.gamma if scheduler else None,
+            "gamma_trajectory": _relative_gamma_trajectory(self.state),
             "input_normalization": self.schedule.input_normalization,
             "meta_interval": self.args.mlrs_meta_interval,
             "meta_updates": scheduler.meta_learner.num_updates if scheduler and scheduler.meta_learner else 0,
@@ -359,7 +400,7 @@ class _MLRSHooks(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         scheduler = self.trainer.lr_scheduler
-        if scheduler.meta_learner is not None:
+        if scheduler.meta_learner is not None and scheduler.meta_learner.train_net:
             scheduler.meta_learner.record_stages(state.global_step, scheduler.loss_ema)
 
 
@@ -377,6 +418,17 @@ def _as_mlrs_args(positional: tuple, kwargs: dict) -> tuple[tuple, dict, MLRSTra
     else:
         kwargs["args"] = training_args
     return tuple(args), kwargs, training_args
+
+
+def _relative_gamma_trajectory(state, points: int = 50) -> list[list[float]]:
+    """[training progress, gamma / first gamma] from the logs: a scale learned on one model is not a scale for
+    another, but its course (how far it moved, when it settled) is worth keeping with the schedule."""
+    logged = [(e["step"], e["mlrs/gamma"]) for e in state.log_history if "mlrs/gamma" in e]
+    if not logged or not state.max_steps:
+        return []
+    every = max(1, len(logged) // points)
+    picked = logged[::every] + ([logged[-1]] if (len(logged) - 1) % every else [])
+    return [[round(step / state.max_steps, 4), gamma / logged[0][1]] for step, gamma in picked]
 
 
 def _model_name(model) -> str:

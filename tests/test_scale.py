@@ -1,0 +1,220 @@
+"""The learned lr scale (mlrs_gamma="learned"): its hypergradient, its bounds, exact resume, and its use in training."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_mlrs import MLRSNet, MLRSTrainer
+from hf_mlrs.scale import LearnedScale
+from tests.test_hypergrad import OPTIMIZERS, PendingStep
+from tests.test_trainer import AppliedLrProbe, logged_lrs
+from tests.testing_utils import constant_stages, tiny_args, tiny_bert, tiny_dataset
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum_wd", "adamw"])
+def test_log_gamma_hypergradient_matches_central_finite_differences(name):
+    """dL_meta/dlog(gamma) = <g_meta, delta>: the exact hypergradient of the scale, at no extra cost."""
+    pending = PendingStep(OPTIMIZERS[name])
+    net_output = 0.61  # A_t: alpha = gamma * A_t is the optimizer's lr
+    log_gamma, eps = math.log(pending.lr / net_output), 1e-5
+
+    def meta_loss(s):
+        return pending.meta_loss_after(math.exp(s) * net_output)
+
+    finite_difference = (meta_loss(log_gamma + eps) - meta_loss(log_gamma - eps)) / (2 * eps)
+    learner = pending.take_with_learner(math.exp(log_gamma) * net_output)
+    fast = learner.local_dot(torch.autograd.grad(pending.meta_loss(), learner.params)).item()
+    assert abs(finite_difference) > 1e-4  # a real slope
+    assert abs(fast - finite_difference) <= 1e-5 * abs(finite_difference)
+
+
+finite_or_not = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-1e30, 1e30))
+
+
+@settings(max_examples=200, deadline=None)
+@given(grads=st.lists(finite_or_not, max_size=60), start=st.floats(-12, 3), lr=st.floats(1e-3, 5.0),
+       max_step=st.floats(1e-3, 2.0))
+def test_scale_never_leaves_its_bounds_and_moves_by_at_most_max_step(grads, start, lr, max_step):
+    low, high = 1e-6, 1e-1
+    scale = LearnedScale(10**start, lr=lr, bounds=(low, high), max_step=max_step)
+    assert math.log(low) <= scale.log_gamma <= math.log(high)
+    for g in grads:
+        before = scale.log_gamma
+        scale.update(g)
+        assert math.log(low) <= scale.log_gamma <= math.log(high)
+        assert abs(scale.log_gamma - before) <= max_step + 1e-12
+        assert math.isfinite(scale.gamma) and scale.gamma > 0
+    assert scale.num_updates + scale.num_skipped == len(grads)
+
+
+def test_scale_follows_the_sign_of_a_consistent_hypergradient():
+    grows, shrinks = LearnedScale(1e-4, lr=0.1), LearnedScale(1e-4, lr=0.1)
+    for _ in range(20):
+        grows.update(-3.0)  # dL/dlog(gamma) < 0: a larger lr lowers the held-out loss
+        shrinks.update(+1e-9)  # the size of the hypergradient does not matter, its sign does
+    assert grows.gamma == pytest.approx(1e-4 * math.exp(2.0), rel=1e-6)  # 20 steps of 0.1 in log
+    assert shrinks.gamma == pytest.approx(1e-4 * math.exp(-2.0), rel=1e-6)
+    assert not grows.settled and not shrinks.settled
+
+
+def learned_args(output_dir, **overrides):
+    values = dict(max_steps=16, mlrs_gamma="learned", mlrs_meta_interval=1, mlrs_scale_lr=0.3, logging_steps=1)
+    values.update(overrides)
+    return tiny_args(output_dir, **values)
+
+
+def gammas(trainer):
+    return [e["mlrs/gamma"] for e in trainer.state.log_history if "mlrs/gamma" in e]
+
+
+class LeastSquares(torch.nn.Module):
+    """A linear model with a mean-squared loss: full-batch, the one-step hypergradient has no noise at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 1)
+
+    def forward(self, x, labels):
+        return {"loss": torch.nn.functional.mse_loss(self.linear(x).squeeze(-1), labels)}
+
+
+def least_squares_data(n=64):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return Dataset.from_dict({"x": x.tolist(), "labels": (x @ torch.randn(8, generator=g)).tolist()})
+
+
+@pytest.mark.parametrize("start, direction", [(1e-6, "up"), (50.0, "down")])
+def test_learned_scale_moves_away_from_a_bad_start(tmp_path, start, direction):
+    """SGD from 1e-6 (nothing learns) grows; from 50 (beyond 2 / curvature: the loss explodes) shrinks."""
+    data = least_squares_data()
+    args = learned_args(tmp_path, learning_rate=start, optim="sgd", per_device_train_batch_size=64, max_steps=30,
+                        max_grad_norm=0.0)
+    trainer = MLRSTrainer(model=LeastSquares(), args=args, train_dataset=data, meta_dataset=data,
+                          schedule=constant_stages(8.0))
+    trainer.train()
+    values = gammas(trainer)
+    assert len(values) == 30 and all(1e-8 <= g <= 10 for g in values)
+    changes = [b / a for a, b in zip(values, values[1:])]
+    if direction == "up":  # every update in the right direction, by the clipped factor once Adam is warm
+        assert all(c > 1 for c in changes) and values[-1] > 100 * start
+    else:
+        assert all(c < 1 for c in changes[:5]) and values[-1] < start / 20
+
+
+def test_logged_lr_is_applied_with_a_learned_scale(tmp_path, dataset):
+    probe = AppliedLrProbe()
+    trainer = MLRSTrainer(model=tiny_bert(), args=learned_args(tmp_path, optim="sgd", learning_rate=0.05),
+                          train_dataset=dataset, callbacks=[probe])
+    trainer.train()
+    lrs = logged_lrs(trainer)
+    torch.testing.assert_close(torch.tensor(probe.applied), torch.tensor(lrs), rtol=2e-3, atol=0)
+    assert max(lrs) / min(lrs) > 1.5  # the scale moved, so the comparison says something
+
+
+def test_transfer_with_a_learned_scale_keeps_the_net_frozen(tmp_path):
+    schedule = constant_stages(0.0, -1.0)  # A = 0.5, then 0.27: the shape is the net's, the scale is learned
+    frozen = [p.detach().clone() for p in schedule.parameters()]
+    data = least_squares_data()
+    args = learned_args(tmp_path, learning_rate=1e-4, optim="sgd", per_device_train_batch_size=64, max_steps=30)
+    trainer = MLRSTrainer(model=LeastSquares(), args=args, train_dataset=data, meta_dataset=data, schedule=schedule)
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(frozen, trainer.schedule.parameters()))
+    values = gammas(trainer)
+    assert values[-1] > 10 * values[0]
+    outputs = [e["mlrs/net_output"] for e in trainer.state.log_history if "mlrs/net_output" in e]
+    assert outputs[0] == pytest.approx(0.5, abs=1e-3) and outputs[-1] == pytest.approx(0.2689, abs=1e-3)
+
+
+def test_horizon_windows_thin_out_once_the_scale_settles(tmp_path, dataset):
+    args = learned_args(tmp_path, max_steps=40, learning_rate=1e-3, mlrs_settle_interval=1, mlrs_meta_interval=4,
+                        mlrs_horizon=4)
+    trainer = MLRSTrainer(model=tiny_bert(), args=args, train_dataset=dataset)
+    trainer.train()
+    learner = trainer.lr_scheduler.meta_learner
+    assert learner.num_meta_steps < 40  # fewer meta steps than optimizer steps ...
+    assert learner.scale.num_updates == learner.num_meta_steps  # ... each of which updated the scale
+
+
+# ---- exact resume -----------------------------------------------------------------------------------------------
+
+
+def build(output_dir: str, max_steps: int = 12) -> MLRSTrainer:
+    """Meta-trains the net and learns the scale, with dropout (RNG state) and checkpoints every 4 steps."""
+    torch.set_num_threads(1)
+    args = learned_args(output_dir, max_steps=max_steps, save_strategy="steps", save_steps=4,
+                        per_device_train_batch_size=8, mlrs_meta_interval=2, mlrs_horizon=2, mlrs_meta_lr=1e-2)
+    return MLRSTrainer(model=tiny_bert(dropout=0.1), args=args, train_dataset=tiny_dataset(n=120))
+
+
+def outcome(trainer):
+    return (logged_lrs(trainer), gammas(trainer), [p.detach().clone() for p in trainer.schedule.parameters()],
+            [p.detach().clone() for p in trainer.model.parameters()])
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from transformers import TrainerCallback
+from tests.test_scale import build
+
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 6:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+trainer = build({out!r})
+trainer.add_callback(Kill())
+trainer.train()
+"""
+
+
+def test_sigkill_then_resume_is_bitwise_exact_with_a_learned_scale(tmp_path):
+    full = build(str(tmp_path / "full"))
+    full.train()
+    expected = outcome(full)
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), out=str(run_dir))], env=env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    resumed = build(str(run_dir))
+    resumed.train(resume_from_checkpoint=str(run_dir / "checkpoint-4"))
+    lrs, values, net, model = outcome(resumed)
+    assert lrs == expected[0] and values == expected[1] and len(set(values)) > 3
+    assert all(torch.equal(a, b) for a, b in zip(net, expected[2]))
+    assert all(torch.equal(a, b) for a, b in zip(model, expected[3]))
+
+
+def test_resuming_a_fixed_gamma_checkpoint_with_a_learned_scale_is_refused(tmp_path, dataset):
+    args = tiny_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=4)
+    MLRSTrainer(model=tiny_bert(), args=args, train_dataset=dataset).train()
+    trainer = MLRSTrainer(model=tiny_bert(), args=learned_args(tmp_path, max_steps=6), train_dataset=dataset)
+    with pytest.raises(ValueError, match="fixed gamma.*learns it"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+def test_saved_schedule_records_the_relative_scale_trajectory(tmp_path, dataset):
+    trainer = MLRSTrainer(model=tiny_bert(), args=learned_args(tmp_path, learning_rate=1e-5), train_dataset=dataset)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    saved = MLRSNet.from_pretrained(tmp_path / "final" / "mlrs_schedule")
+    trajectory = saved.provenance["gamma_trajectory"]
+    assert trajectory[0][1] == 1.0 and len(trajectory) > 5
+    assert all(0.0 <= progress <= 1.0 for progress, _ in trajectory)
+    assert trajectory[-1] == [1.0, pytest.approx(gammas(trainer)[-1] / gammas(trainer)[0], rel=1e-9)]
+    assert saved.provenance["gamma_rule"] == "learned"
+    assert "gamma_trajectory" in (tmp_path / "final" / "mlrs_schedule" / "README.md").read_text()
