@@ -227,3 +227,5 @@ def test_shipped_schedules_load_offline_by_short_name():
         assert net.provenance["command"].startswith("accelerate launch recipes/meta_train.py")
         card = (pretrained.path(name) / "README.md").read_text()
         assert "library_name: hf_mlrs" in card and net.provenance["command"] in card
+        assert f'from_pretrained("{name}")' in card and "github.com" not in card
+        assert not any(os.path.isabs(str(v)) for v in net.provenance.values())  # e.g. the model: a name, no path
