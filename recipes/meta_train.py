@@ -35,7 +35,7 @@ from hf_mlrs import MLRSTrainingArguments
 
 @dataclass
 class ScriptArguments:
-    task: str = field(default="bbc", metadata={"help": "bbc, digits or fashion (see hf_mlrs/tasks.py)."})
+    task: str = field(default="bbc", metadata={"help": "bbc, digits or fashion (see recipes/tasks.py)."})
     model: str = field(default="minilm-L2", metadata={"help": "minilm-L2/-L6 (bbc), resnet-small/-large, or tiny."})
     max_train_examples: int | None = field(default=None, metadata={"help": "Subsample the training set."})
     max_eval_examples: int | None = field(default=None, metadata={"help": "Subsample the test set."})
@@ -66,8 +66,8 @@ def shareable(arg: str) -> str:
 
 def main(script_args: ScriptArguments, training_args: MLRSTrainingArguments) -> dict:
     from hf_mlrs import MLRSTrainer
-    from hf_mlrs.metrics import accuracy_metric
-    from hf_mlrs.tasks import load_task
+
+    from tasks import accuracy_metric, load_task  # recipes/tasks.py: data and models of the recipes
 
     print(f"Loading task {script_args.task} with model {script_args.model} ...", flush=True)
     task = load_task(script_args.task, script_args.model, seed=training_args.seed, max_length=script_args.max_length,

@@ -1,10 +1,14 @@
-"""The package layout: hf_mlrs's modules import each other one way (no cycle), and the core needs no transformers."""
+"""The package layout: hf_mlrs's modules import each other one way (no cycle), the core needs no transformers, and
+the package needs nothing beyond its install_requires (what only the recipes need lives in recipes/)."""
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 
-PACKAGE = Path(__file__).resolve().parents[1] / "hf_mlrs"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "hf_mlrs"
 
 
 def module_name(path: Path) -> str:
@@ -74,3 +78,12 @@ def test_the_core_needs_no_transformers():
     graph = import_graph()
     for module in ("hf_mlrs.modeling", "hf_mlrs.scheduler", "hf_mlrs.hub", "hf_mlrs.card", "hf_mlrs.pretrained"):
         assert "transformers" not in graph[module]["external"], module
+
+
+def test_the_package_imports_only_what_it_requires():
+    setup = (ROOT / "setup.py").read_text()
+    requires = re.search(r"install_requires=\[(.*?)\]", setup, flags=re.S).group(1)
+    allowed = {re.match(r"[\w-]+", r).group(0).replace("-", "_") for r in re.findall(r'"([^"]+)"', requires)}
+    for module, deps in import_graph().items():
+        extra = deps["external"] - allowed - sys.stdlib_module_names
+        assert not extra, f"{module} imports {sorted(extra)}, which `pip install hf_mlrs` does not install"
