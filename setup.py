@@ -13,7 +13,7 @@ from setuptools import find_packages, setup
 VERSION = re.search(r'__version__ = "([^"]+)"', Path("hf_mlrs/__init__.py").read_text()).group(1)
 
 extras = {}
-# What the recipes and benchmarks need beyond the core.
+# What the recipes and benchmarks (and recipes/tasks.py, their data and models) need beyond the core.
 extras["recipes"] = [
     "evaluate>=0.4",
     "scikit-learn",
@@ -34,7 +34,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["hf_mlrs", "hf_mlrs.*"]),
-    package_data={"hf_mlrs": ["pretrained/*/*", "metrics/*.py"]},
+    package_data={"hf_mlrs": ["pretrained/*/*"]},
     python_requires=">=3.11",
     install_requires=[
         "torch>=2.4",

@@ -1,6 +1,6 @@
 """Schedule quality: MLR-SNet against the schedules users would pick instead, on three offline tasks.
 
-Tasks (see hf_mlrs/tasks.py); each has train / validation (15% of train, stratified; lrs are chosen on it) / test:
+Tasks (see recipes/tasks.py); each has train / validation (15% of train, stratified; lrs are chosen on it) / test:
   bbc      fine-tuning 2-layer MiniLM on BBC News (text), first 32 tokens (title and lead), one epoch
   digits   a small ResNet from scratch on scikit-learn digits (images)
   fashion  a small ResNet from scratch on 5,000 Fashion-MNIST images (images; Debian dataset-fashion-mnist)
@@ -29,8 +29,12 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # recipes/tasks.py: tasks and metric
 
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +51,7 @@ TASKS = {  # model, data sizes, training length, lr grid, and the shipped schedu
 
 
 def split_validation(task):
-    from hf_mlrs.tasks import stratified_split
+    from tasks import stratified_split
 
     labels = task.train.with_format(None)["labels"]
     train_idx, val_idx = stratified_split(labels, test_fraction=0.15, seed=0)
@@ -72,8 +76,8 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
     from transformers import Trainer, TrainingArguments, set_seed
 
     from hf_mlrs import MLRSCallback, MLRSNet, MLRSTrainer, MLRSTrainingArguments
-    from hf_mlrs.metrics import accuracy_metric
-    from hf_mlrs.tasks import load_task
+
+    from tasks import accuracy_metric, load_task
 
     spec = TASKS[task_name]
     set_seed(seed)

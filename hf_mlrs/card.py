@@ -1,4 +1,9 @@
-"""Model card and lr plot of a saved schedule: what it is, how it was learned, what lr it produces."""
+"""Model card and lr plot of a saved schedule: what it is, how it was learned, what lr it produces.
+
+The functions take an `MLRSNet` but this module does not import `modeling.py` (which imports it). A card links only
+to what exists: the paper. It never records a path of this machine: the usage snippet names the Hub repo the card
+is pushed to, and provenance names a local model by its name (see `MLRSTrainer.provenance`).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,9 @@ from pathlib import Path
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 
-from .modeling import PAPER_URL, REPO_URL, MLRSNet
 
-
+PAPER_URL = "https://arxiv.org/abs/2007.14546"
+CARD_NAME = "README.md"
 PLOT_NAME = "lr_curve.png"
 CITATION = """@article{shu2022mlrsnet,
   title   = {MLR-SNet: Transferable LR Schedules for Heterogeneous Tasks},
@@ -20,14 +25,14 @@ CITATION = """@article{shu2022mlrsnet,
 }"""
 
 
-def reference_loss_trace(net: MLRSNet, steps: int = 300) -> list[float]:
+def reference_loss_trace(net, steps: int = 300) -> list[float]:
     """A smooth, decaying loss in the net's input units: 1 -> 0.05 normalised, or ln(10) -> 0.01 raw."""
     start, end = (2.3, 0.01) if net.input_normalization == "raw" else (1.0, 0.05)
     return [start * (end / start) ** (t / (steps - 1)) for t in range(steps)]
 
 
 @torch.no_grad()
-def stage_outputs(net: MLRSNet, losses: list[float]) -> list[list[float]]:
+def stage_outputs(net, losses: list[float]) -> list[list[float]]:
     """A_t of every stage along `losses` (already normalised), each from the zero state with the state carried."""
     curves = []
     for stage in range(net.num_stages):
@@ -39,7 +44,7 @@ def stage_outputs(net: MLRSNet, losses: list[float]) -> list[list[float]]:
     return curves
 
 
-def plot_schedule(net: MLRSNet, path: str | Path, losses: list[float] | None = None) -> Path:
+def plot_schedule(net, path: str | Path, losses: list[float] | None = None) -> Path:
     """Save a PNG: the lr/gamma each stage produces along a loss trace, and the lr learned at meta-training."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -68,7 +73,7 @@ def plot_schedule(net: MLRSNet, path: str | Path, losses: list[float] | None = N
     return path
 
 
-def render_card(net: MLRSNet, repo_id: str | None = None) -> ModelCard:
+def render_card(net, repo_id: str | None = None) -> ModelCard:
     """The model card: YAML metadata, usage, provenance, stages and citation."""
     provenance = {k: v for k, v in net.provenance.items() if k != "lr_history"}
     data = ModelCardData(
@@ -87,7 +92,7 @@ def render_card(net: MLRSNet, repo_id: str | None = None) -> ModelCard:
 
 # MLR-SNet learning-rate schedule{': ' + str(provenance['task']) if provenance.get('task') else ''}
 
-A learning-rate schedule learned by [MLR-SNet]({PAPER_URL}) (Shu et al., TPAMI 2022) with [hf_mlrs]({REPO_URL}):
+A learning-rate schedule learned by [MLR-SNet]({PAPER_URL}) (Shu et al., TPAMI 2022) with hf_mlrs:
 a small LSTM that reads the training loss each step and outputs the learning rate `gamma * A_t`, `A_t` in (0, 1).
 
 ![learned lr]({PLOT_NAME})
@@ -126,6 +131,7 @@ Input normalisation: `{net.input_normalization}`; hidden size {net.hidden_size}.
     return ModelCard(content)
 
 
-def write_card_and_plot(net: MLRSNet, folder: Path, repo_id: str | None = None) -> None:
+def write_card_and_plot(net, folder: Path, repo_id: str | None = None) -> None:
+    """Write the model card and the lr plot of `net` (an `MLRSNet`) into `folder`."""
     plot_schedule(net, folder / PLOT_NAME)
-    render_card(net, repo_id).save(folder / "README.md")
+    render_card(net, repo_id).save(folder / CARD_NAME)

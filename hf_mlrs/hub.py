@@ -2,6 +2,9 @@
 
 Every loader builds a fresh net and returns it only once every file has been read and checked, so a bad file
 never leaves a half-loaded schedule behind; every error names the file or repository and what to do.
+
+This module does not import `modeling.py` (which imports it): loaders receive the class to build, `cls`, and read
+the config keys it accepts from `cls.CONFIG_KEYS`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import pretrained
-from .modeling import CONFIG_KEYS
 
 
 WEIGHTS_NAME = "model.safetensors"
@@ -69,7 +71,8 @@ def resolve_files(name_or_path: str | Path, **hub_kwargs) -> tuple[Path, Path, s
     return files[0], files[1], f"Hub repo '{source}'"
 
 
-def read_config(path: Path, where: str) -> dict:
+def read_config(path: Path, where: str, keys: tuple[str, ...]) -> dict:
+    """The constructor arguments in config.json: exactly `keys`, once the hf_mlrs version is dropped."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -77,15 +80,15 @@ def read_config(path: Path, where: str) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{CONFIG_NAME} of {where} is not a JSON object.")
     config.pop(VERSION_KEY, None)
-    missing = sorted(set(CONFIG_KEYS) - set(config))
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    missing = sorted(set(keys) - set(config))
+    unknown = sorted(set(config) - set(keys))
     if missing or unknown:
         raise ValueError(
             f"{CONFIG_NAME} of {where} does not describe an MLRSNet: "
             + (f"missing keys {missing}" if missing else "")
             + ("; " if missing and unknown else "")
             + (f"unknown keys {unknown}" if unknown else "")
-            + f". Expected exactly {sorted(CONFIG_KEYS)} (plus {VERSION_KEY}); it may come from another library "
+            + f". Expected exactly {sorted(keys)} (plus {VERSION_KEY}); it may come from another library "
             "or a newer hf_mlrs."
         )
     return config
@@ -94,7 +97,7 @@ def read_config(path: Path, where: str) -> dict:
 def load_schedule(cls, name_or_path: str | Path, **hub_kwargs):
     """Build an MLRSNet from a folder, shipped name or Hub repo, strictly: every tensor present, nothing extra."""
     config_path, weights_path, where = resolve_files(name_or_path, **hub_kwargs)
-    config = read_config(config_path, where)
+    config = read_config(config_path, where, cls.CONFIG_KEYS)
     try:
         net = cls(**config)
     except (TypeError, ValueError) as err:

@@ -9,7 +9,9 @@ Shu, Zhu, Zhao, Xu, Meng, "MLR-SNet: Transferable LR Schedules for Heterogeneous
     h_t   = sigmoid(o) * tanh(c_t)
     A_t   = sigmoid(W h_t + b)                  in (0, 1); the learning rate is gamma * A_t
 
-11,776 parameters at hidden size 50. This module imports only torch and huggingface_hub.
+11,776 parameters at hidden size 50. Nothing here needs transformers: the net works in any torch loop. Reading and
+writing files is delegated to `hub.py` (loading, pushing) and `card.py` (model card, lr plot), which never import
+this module, so the dependency runs one way: modeling -> hub, card.
 
 A saved schedule may carry several *stages*: snapshots of the net taken during meta-training, applied over
 consecutive parts of a new run (the paper's epoch-1/100/200 nets over the first, middle and last third).
@@ -29,11 +31,11 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from .card import PAPER_URL, write_card_and_plot
+from .hub import CONFIG_NAME, VERSION_KEY, load_official, load_schedule, push_schedule
+
 
 INPUT_NORMALIZATIONS = ("raw", "log_num_labels", "initial_loss")
-PAPER_URL = "https://arxiv.org/abs/2007.14546"
-REPO_URL = "https://github.com/hf-mlrs/hf_mlrs"
-CONFIG_KEYS = ("hidden_size", "output_bias_init", "input_normalization", "stage_starts", "provenance")
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -69,7 +71,6 @@ class MLRSNet(
     PyTorchModelHubMixin,
     library_name="hf_mlrs",
     tags=["hf_mlrs", "mlr-snet", "learning-rate-schedule", "meta-learning"],
-    repo_url=REPO_URL,
     paper_url=PAPER_URL,
     license="apache-2.0",
 ):
@@ -90,6 +91,9 @@ class MLRSNet(
             How the schedule was meta-trained (task, model, optimizer, steps, gamma rule, metrics); shown in the model
             card and by `hf-mlrs info`.
     """
+
+    # The constructor arguments, exactly what config.json holds (plus the hf_mlrs version); loading checks them.
+    CONFIG_KEYS = ("hidden_size", "output_bias_init", "input_normalization", "stage_starts", "provenance")
 
     def __init__(
         self,
@@ -119,7 +123,7 @@ class MLRSNet(
 
     def config(self) -> dict:
         """The JSON-able constructor arguments: what `config.json` holds."""
-        return {key: getattr(self, key) for key in CONFIG_KEYS}
+        return {key: getattr(self, key) for key in self.CONFIG_KEYS}
 
     def init_state(self, device: torch.device | str | None = None) -> State:
         """The zero recurrent state (h_0, c_0) the paper starts from."""
@@ -152,18 +156,14 @@ class MLRSNet(
         failure (disk full, provenance that is not JSON) never leaves a half-written file or damages one saved
         before. With `push_to_hub=True` the schedule is then pushed to `repo_id` (default: the folder's name).
         """
-        from .hub import VERSION_KEY
-
         save_directory = Path(save_directory)
         save_directory.parent.mkdir(parents=True, exist_ok=True)
         config = {**(self.config() if config is None else config), VERSION_KEY: _version()}
         json.dumps(config)  # fail before touching anything if provenance is not JSON-able
         with tempfile.TemporaryDirectory(dir=save_directory.parent, prefix=f".{save_directory.name}.") as tmp:
             self._save_pretrained(Path(tmp))  # model.safetensors, from PyTorchModelHubMixin
-            (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+            (Path(tmp) / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
             if write_card:
-                from .card import write_card_and_plot  # matplotlib: imported only when a card is written
-
                 write_card_and_plot(self, Path(tmp), repo_id)
             save_directory.mkdir(exist_ok=True)
             for name in os.listdir(tmp):
@@ -174,16 +174,12 @@ class MLRSNet(
 
     def push_to_hub(self, repo_id: str, *, config: dict | None = None, **kwargs) -> str:
         """Push weights, config, model card and lr plot to `repo_id` on the Hub (one commit)."""
-        from .hub import push_schedule
-
         return push_schedule(self, repo_id, config=self.config() if config is None else config, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> MLRSNet:
         """Load a schedule from a local folder, a Hub repo id, or a schedule shipped with hf_mlrs (see
         `hf_mlrs.pretrained`). Loading is strict: a missing, unexpected or mis-shaped tensor is an error."""
-        from .hub import load_schedule
-
         return load_schedule(cls, pretrained_model_name_or_path, **kwargs)
 
     @classmethod
@@ -193,8 +189,6 @@ class MLRSNet(
         One path gives a one-stage net; several paths (e.g. the epoch 1, 100 and 200 files) give one stage each,
         applied over equal parts of training as the official meta-test does. The official nets read the raw loss.
         """
-        from .hub import load_official
-
         return load_official(cls, path)
 
 

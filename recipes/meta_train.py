@@ -22,6 +22,7 @@ With --push_to_hub the learned schedule (not the model) is pushed to --hub_model
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from hf_mlrs import MLRSTrainingArguments
 
 @dataclass
 class ScriptArguments:
-    task: str = field(default="bbc", metadata={"help": "bbc, digits or fashion (see hf_mlrs/tasks.py)."})
+    task: str = field(default="bbc", metadata={"help": "bbc, digits or fashion (see recipes/tasks.py)."})
     model: str = field(default="minilm-L2", metadata={"help": "minilm-L2/-L6 (bbc), resnet-small/-large, or tiny."})
     max_train_examples: int | None = field(default=None, metadata={"help": "Subsample the training set."})
     max_eval_examples: int | None = field(default=None, metadata={"help": "Subsample the test set."})
@@ -51,10 +52,22 @@ RECIPE_DEFAULTS = dict(
 )
 
 
+def shareable(arg: str) -> str:
+    """A command-line argument as provenance records it: an absolute path becomes relative to the working directory
+    (or, outside it, its last part), so a pushed card never shows this machine's file system."""
+    if arg.startswith("--") and "=" in arg:
+        flag, value = arg.split("=", 1)
+        return f"{flag}={shareable(value)}"
+    if not os.path.isabs(arg):
+        return arg
+    relative = os.path.relpath(arg)
+    return Path(arg).name if relative.startswith("..") else relative
+
+
 def main(script_args: ScriptArguments, training_args: MLRSTrainingArguments) -> dict:
     from hf_mlrs import MLRSTrainer
-    from hf_mlrs.metrics import accuracy_metric
-    from hf_mlrs.tasks import load_task
+
+    from tasks import accuracy_metric, load_task  # recipes/tasks.py: data and models of the recipes
 
     print(f"Loading task {script_args.task} with model {script_args.model} ...", flush=True)
     task = load_task(script_args.task, script_args.model, seed=training_args.seed, max_length=script_args.max_length,
@@ -71,7 +84,7 @@ def main(script_args: ScriptArguments, training_args: MLRSTrainingArguments) -> 
                "task": script_args.task, "model": script_args.model}
     if trainer.is_world_process_zero():
         out = Path(training_args.output_dir)
-        command = "accelerate launch recipes/meta_train.py " + " ".join(sys.argv[1:])
+        command = "accelerate launch recipes/meta_train.py " + " ".join(map(shareable, sys.argv[1:]))
         trainer.schedule.provenance = {**trainer.provenance(), "task": f"{script_args.task}/{script_args.model}",
                                        "command": command.strip(), "final_metrics": metrics}
         trainer.schedule.save_pretrained(out / "schedule")  # MLRS: weights, config, model card, lr plot

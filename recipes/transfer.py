@@ -33,7 +33,7 @@ from transformers import HfArgumentParser, TrainingArguments
 class ScriptArguments:
     schedule: str = field(default="minilm2-bbc", metadata={"help": "Folder, shipped name or Hub id of a schedule."})
     task: str = field(default="bbc", metadata={"help": "bbc, digits or fashion."})
-    model: str = field(default="minilm-L6", metadata={"help": "Target model (see hf_mlrs/tasks.py), or tiny."})
+    model: str = field(default="minilm-L6", metadata={"help": "Target model (see recipes/tasks.py), or tiny."})
     baseline: str = field(default="linear", metadata={"help": "lr_scheduler_type of the comparison arm."})
     stage_by: str = field(default="progress", metadata={"help": "progress, or loss (horizon-free)."})
     max_train_examples: int | None = field(default=None, metadata={"help": "Subsample the training set."})
@@ -53,8 +53,8 @@ def run_arm(arm: str, script_args: ScriptArguments, training_args: TrainingArgum
     from transformers import Trainer, set_seed
 
     from hf_mlrs import MLRSCallback
-    from hf_mlrs.metrics import accuracy_metric
-    from hf_mlrs.tasks import load_task
+
+    from tasks import accuracy_metric, load_task  # recipes/tasks.py: data and models of the recipes
 
     set_seed(training_args.seed)  # the same model initialisation and data order in both arms
     task = load_task(script_args.task, script_args.model, seed=training_args.seed, max_length=script_args.max_length,

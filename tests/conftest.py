@@ -1,6 +1,8 @@
-"""Test session settings: offline Hub, one thread (2-core machines), fixtures."""
+"""Test session settings: offline Hub, one thread (2-core machines), recipes/ importable, fixtures."""
 
 import os
+import sys
+from pathlib import Path
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +16,8 @@ from tests.testing_utils import tiny_bert, tiny_dataset  # noqa: E402
 
 
 torch.set_num_threads(1)
+# The recipes' data and models (recipes/tasks.py) are not part of hf_mlrs: import them as the recipes do.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
 
 @pytest.fixture

