@@ -47,26 +47,39 @@ TASKS = {  # model, data sizes, training length, lr grid, and the shipped schedu
                    grid=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2], transfer_from="minilm2-bbc"),
     "fashion": dict(model="resnet-small", max_train=5000, max_test=2000, max_length=0, epochs=2, batch=64,
                     grid=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2], transfer_from="resnet-small-digits"),
+    # causal LM, scored by validation loss (nats per byte), lower is better
+    "lm": dict(model="gpt2-small", max_train=6400, max_test=1000, max_length=0, epochs=1, batch=16,
+               grid=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2], transfer_from=None, metric="loss"),
 }
+LEARNED_LRS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]  # starting lrs of the learned-scale arms (AdamW): 4 decades
+
+
+def by_loss(task_name: str) -> bool:
+    return TASKS[task_name].get("metric") == "loss"
+
+
+def score(run: dict) -> float:
+    """Higher is better: validation accuracy, or minus the validation loss for the LM task."""
+    return -run["val_loss"] if by_loss(run["task"]) else run["val_accuracy"]
 
 
 def split_validation(task):
     from tasks import stratified_split
 
-    labels = task.train.with_format(None)["labels"]
+    labels = task.train.with_format(None)["labels"] if task.name != "lm" else [0] * len(task.train)
     train_idx, val_idx = stratified_split(labels, test_fraction=0.15, seed=0)
     return task.train.select(train_idx), task.train.select(val_idx)
 
 
 # Learned-scale arms: "mlrs_learned:<variant>" started from `lr`; each variant is a set of MLRSTrainingArguments.
 LEARNED_VARIANTS = {
-    "h1": dict(mlrs_meta_interval=1, mlrs_horizon=1),  # paper's one-step lookahead, every step
-    "h4": dict(mlrs_meta_interval=4, mlrs_horizon=4),
-    "h8": dict(mlrs_meta_interval=8, mlrs_horizon=8),
-    "s1h4": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_scale_lr=0.2),
-    "s1h4c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_scale_lr=0.2,
-                  mlrs_cooldown_fraction=0.2),
-    "h1c": dict(mlrs_meta_interval=1, mlrs_horizon=1, mlrs_cooldown_fraction=0.2),
+    # growth from a start relative to the model, meta-updates every step until the scale settles, then every 4th
+    "g1c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2),
+    "g4c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_cooldown_fraction=0.2),
+    "g1": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1),
+    # without the relative start and growth: symmetric updates from the given lr (negative result, see RESULTS.md)
+    "h1": dict(mlrs_meta_interval=1, mlrs_horizon=1, mlrs_scale_start_update=None, mlrs_scale_growth=0.0),
+    "h4": dict(mlrs_meta_interval=4, mlrs_horizon=4, mlrs_scale_start_update=None, mlrs_scale_growth=0.0),
 }
 
 
@@ -96,12 +109,13 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
                   optim="schedule_free_adamw" if arm == "schedule_free" else "adamw_torch",
                   dataloader_pin_memory=False)
     data = dict(train_dataset=train, eval_dataset=val, data_collator=task.data_collator,
-                processing_class=task.processing_class, compute_metrics=accuracy_metric())
+                processing_class=task.processing_class,
+                compute_metrics=None if by_loss(task_name) else accuracy_metric())
     if arm == "mlrs_meta":
         args = MLRSTrainingArguments(**common, mlrs_meta_interval=2, mlrs_meta_lr=1e-2)
         trainer = MLRSTrainer(model=task.model, args=args, **data)
     elif arm.startswith(("mlrs_learned", "mlrs_scale")):  # learned gamma: meta-trained net, or a flat frozen net
-        variant = dict(LEARNED_VARIANTS[arm.split(":")[1]])
+        variant = dict(LEARNED_VARIANTS[arm.split(":")[1].split("@")[0]])
         common["lr_scheduler_type"] = "constant"
         args = MLRSTrainingArguments(**common, mlrs_gamma="learned", mlrs_meta_lr=1e-2, **variant)
         flat = None
@@ -124,17 +138,19 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
     trainer.train()
     seconds = time.perf_counter() - started
     history = trainer.state.log_history
-    curve = [(e["step"], e["eval_accuracy"]) for e in history if "eval_accuracy" in e]
+    key = "eval_loss" if by_loss(task_name) else "eval_accuracy"
+    curve = [(e["step"], e[key]) for e in history if key in e]
     test = trainer.evaluate(task.test, metric_key_prefix="test")
     return {"task": task_name, "arm": arm, "lr": lr, "seed": seed, "steps": steps, "seconds": seconds,
-            "val_accuracy": curve[-1][1], "val_loss": [e["eval_loss"] for e in history if "eval_loss" in e][-1],
-            "test_accuracy": test["test_accuracy"], "test_loss": test["test_loss"], "val_curve": curve,
+            "val_accuracy": None if by_loss(task_name) else curve[-1][1],
+            "val_loss": [e["eval_loss"] for e in history if "eval_loss" in e][-1],
+            "test_accuracy": test.get("test_accuracy"), "test_loss": test["test_loss"], "val_curve": curve,
             "lrs": [[e["step"], e["learning_rate"]] for e in history if "learning_rate" in e],
             "losses": [[e["step"], e["loss"]] for e in history if "loss" in e],
             "gammas": [[e["step"], e["mlrs/gamma"]] for e in history if "mlrs/gamma" in e]}
 
 
-def run_task(task_name: str, options, log) -> list[dict]:
+def run_task(task_name: str, options, log, earlier: list[dict]) -> list[dict]:
     spec = TASKS[task_name]
     grid = spec["grid"][:2] if options.smoke else spec["grid"]
     seeds = list(range(options.seeds))
@@ -148,8 +164,9 @@ def run_task(task_name: str, options, log) -> list[dict]:
     def record(arm, lr, seed, **kw):
         runs.append(run_one(task_name, arm, lr, seed, options, **kw))
         r = runs[-1]
-        log(f"{task_name:8s} {arm:28s} lr={lr:<8.2g} seed={seed} val_acc={r['val_accuracy']:.4f} "
-            f"test_acc={r['test_accuracy']:.4f} ({r['seconds']:.1f}s)")
+        log(f"{task_name:8s} {arm:28s} lr={lr:<8.2g} seed={seed} val_acc={r['val_accuracy']} "
+            f"val_loss={r['val_loss']:.4f} test_acc={r['test_accuracy']} test_loss={r['test_loss']:.4f} "
+            f"({r['seconds']:.1f}s)")
 
     arms = options.arms.split(",")
     for schedule in SCHEDULES:
@@ -161,11 +178,18 @@ def run_task(task_name: str, options, log) -> list[dict]:
         if "tuned" in arms:
             for lr in grid:  # the grid on seed 0; the best validation accuracy wins
                 record(f"grid:{schedule}", lr, 0)
-            best = max((r for r in runs if r["arm"] == f"grid:{schedule}"), key=lambda r: r["val_accuracy"])
+            best = max((r for r in runs if r["arm"] == f"grid:{schedule}"), key=score)
             tuned_lr[schedule] = best["lr"]
             runs.append({**best, "arm": f"tuned:{schedule}"})
             for seed in seeds[1:]:
                 record(f"tuned:{schedule}", best["lr"], seed)
+    if "sweep" in arms:  # constant and cosine at the learned arms' starting lrs (seed 0), for the spread
+        done = {(r["arm"].split(":")[1], r["lr"]) for r in runs + earlier if r["arm"].startswith(("grid:", "sweep:"))
+                and r["seed"] == 0}
+        for schedule in ("constant", "cosine"):
+            for lr in LEARNED_LRS[:2] if options.smoke else LEARNED_LRS:
+                if (schedule, lr) not in done:
+                    record(f"sweep:{schedule}", lr, 0)
     for seed in seeds:
         if "schedule_free" in arms:
             record("schedule_free", 2.5e-3, seed)
@@ -173,7 +197,11 @@ def run_task(task_name: str, options, log) -> list[dict]:
             record("prodigy", 1.0, seed)
         if "mlrs_meta" in arms:
             record("mlrs_meta", DEFAULT_LR, seed)
-        if "mlrs_transfer" in arms:
+        for arm in arms:
+            if arm.startswith(("mlrs_learned:", "mlrs_scale:")):
+                for lr in LEARNED_LRS[:2] if options.smoke else LEARNED_LRS:
+                    record(f"{arm}@{lr:g}", lr, seed)
+        if "mlrs_transfer" in arms and source is not None:
             record("mlrs_transfer", DEFAULT_LR, seed, schedule_source=source)
             if "linear" in tuned_lr:
                 record("mlrs_transfer_tuned", tuned_lr["linear"], seed, schedule_source=source)
@@ -181,32 +209,61 @@ def run_task(task_name: str, options, log) -> list[dict]:
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Per task and arm: mean/std of the metrics, and steps to the target (AlgoPerf: best tuned arm's accuracy)."""
+    """Per task and arm: mean/std of the metrics, and steps to the target (AlgoPerf: the best tuned arm's mean final
+    validation score: accuracy, or loss for the LM task)."""
     summary = {}
     for task in sorted({r["task"] for r in runs}):
-        rows = [r for r in runs if r["task"] == task and not r["arm"].startswith("grid:")]
+        sign = -1.0 if by_loss(task) else 1.0
+        rows = [r for r in runs if r["task"] == task and not r["arm"].startswith(("grid:", "sweep:"))]
         by_arm = {}
         for r in rows:
             by_arm.setdefault(r["arm"], []).append(r)
-        tuned = [statistics.fmean(x["val_accuracy"] for x in rs) for arm, rs in by_arm.items()
-                 if arm.startswith("tuned:")]
-        means = [statistics.fmean(x["val_accuracy"] for x in rs) for rs in by_arm.values()]
-        target = max(tuned) if tuned else max(means)
+        tuned = [statistics.fmean(score(x) for x in rs) for arm, rs in by_arm.items() if arm.startswith("tuned:")]
+        target = max(tuned) if tuned else max(statistics.fmean(score(x) for x in rs) for rs in by_arm.values())
         table = {}
         for arm, rs in by_arm.items():
             def stat(key, rs=rs):
                 values = [x[key] for x in rs]
+                if any(v is None for v in values):
+                    return None
                 return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
 
-            reach = [next((s for s, acc in x["val_curve"] if acc >= target - 1e-12), None) for x in rs]
+            reach = [next((s for s, v in x["val_curve"] if sign * v >= target - 1e-12), None) for x in rs]
             hits = [s for s in reach if s is not None]
-            table[arm] = {"lr": rs[0]["lr"], "seeds": len(rs), "val_accuracy": stat("val_accuracy"),
-                          "val_loss": stat("val_loss"), "test_accuracy": stat("test_accuracy"),
-                          "test_loss": stat("test_loss"),
+            table[arm] = {"lr": rs[0]["lr"], "seeds": len(rs), "score": statistics.fmean(score(x) for x in rs),
+                          "val_accuracy": stat("val_accuracy"), "val_loss": stat("val_loss"),
+                          "test_accuracy": stat("test_accuracy"), "test_loss": stat("test_loss"),
                           "steps_to_target": statistics.median(hits) if len(hits) * 2 > len(rs) else None,
                           "reached_target": f"{len(hits)}/{len(rs)}", "steps": rs[0]["steps"]}
-        summary[task] = {"target_val_accuracy": target, "arms": table}
+        summary[task] = {"metric": "loss" if by_loss(task) else "accuracy", "target": sign * target, "arms": table,
+                         "learned": learned_scale_table(task, runs, target)}
     return summary
+
+
+def learned_scale_table(task: str, runs: list[dict], best_tuned: float) -> dict:
+    """Per learned-scale variant (and, for comparison, constant and cosine at the same starting lrs, seed 0): the
+    mean score at each starting lr, the worst, the spread, and the worst gap to the best tuned arm (in points for
+    accuracy, in % of the loss for the LM task)."""
+    by_variant: dict[str, dict[float, list[float]]] = {}
+    for r in runs:
+        if r["task"] != task:
+            continue
+        if r["arm"].startswith(("mlrs_learned:", "mlrs_scale:")):
+            name = r["arm"].split("@")[0]
+        elif r["arm"].startswith(("sweep:", "grid:")) and r["arm"].split(":")[1] in ("constant", "cosine") \
+                and r["lr"] in LEARNED_LRS:
+            name = "fixed lr: " + r["arm"].split(":")[1]
+        else:
+            continue
+        by_variant.setdefault(name, {}).setdefault(r["lr"], []).append(score(r))
+    table = {}
+    for name, per_lr in by_variant.items():
+        means = {lr: statistics.fmean(v) for lr, v in sorted(per_lr.items())}
+        worst = min(means.values())
+        gap = (best_tuned - worst) * (100.0 if not by_loss(task) else 100.0 / -best_tuned)
+        table[name] = {"per_lr": means, "seeds": min(len(v) for v in per_lr.values()), "worst": worst,
+                       "spread": max(means.values()) - worst, "worst_gap": gap}
+    return table
 
 
 def performance_profile(summary: dict) -> dict[str, list[float]]:
@@ -224,14 +281,26 @@ def performance_profile(summary: dict) -> dict[str, list[float]]:
 def render(summary: dict, ratios: dict, path_png: Path | None) -> str:
     lines = []
     for task, result in summary.items():
-        lines += [f"\n### {task} (target validation accuracy {result['target_val_accuracy']:.4f})\n",
+        lines += [f"\n### {task} (target validation {result['metric']} {result['target']:.4f})\n",
                   "| arm | peak lr | val acc | val loss | test acc | test loss | steps to target | reached |",
                   "|---|---|---|---|---|---|---|---|"]
-        for arm, a in sorted(result["arms"].items(), key=lambda kv: -kv[1]["val_accuracy"][0]):
-            fmt = lambda v, d=4: f"{v[0]:.{d}f} ± {v[1]:.{d}f}"  # noqa: E731
+        for arm, a in sorted(result["arms"].items(), key=lambda kv: -kv[1]["score"]):
+            fmt = lambda v, d=4: "-" if v is None else f"{v[0]:.{d}f} ± {v[1]:.{d}f}"  # noqa: E731
             steps = f"{a['steps_to_target']:.0f} / {a['steps']}" if a["steps_to_target"] else f"- / {a['steps']}"
             lines.append(f"| {arm} | {a['lr']:.2g} | {fmt(a['val_accuracy'])} | {fmt(a['val_loss'])} | "
                          f"{fmt(a['test_accuracy'])} | {fmt(a['test_loss'])} | {steps} | {a['reached_target']} |")
+    for task, result in summary.items():
+        if result["learned"]:
+            unit = "% of the loss" if result["metric"] == "loss" else "accuracy points"
+            lines += [f"\n### {task}: learned scale by starting lr (validation {result['metric']}; worst gap to the "
+                      f"best tuned arm in {unit})\n",
+                      "| arm | " + " | ".join(f"start {lr:g}" for lr in LEARNED_LRS) + " | spread | worst gap | seeds |",
+                      "|---" * (len(LEARNED_LRS) + 4) + "|"]
+            for name, row in sorted(result["learned"].items()):
+                sign = -1.0 if result["metric"] == "loss" else 1.0
+                cells = [f"{sign * row['per_lr'][lr]:.4f}" if lr in row["per_lr"] else "-" for lr in LEARNED_LRS]
+                lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['spread']:.4f} | {row['worst_gap']:.2f} | "
+                             f"{row['seeds']} |")
     lines += ["\n### Performance profile (fraction of tasks on which an arm reaches the target within tau x the "
               "fastest arm's steps)\n", "| arm | tau=1 | tau=1.5 | tau=2 | tau=4 |", "|---|---|---|---|---|"]
     for arm, rs in sorted(ratios.items()):
@@ -288,6 +357,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--smoke", action="store_true", help="tiny models, 2 steps, 1 seed, 2 grid values")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--reuse", help="a results JSON whose runs of other arms are kept instead of rerun "
+                        "(e.g. the tuned baselines of an earlier run)")
     options = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if options.smoke:
@@ -296,6 +367,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"quality_{options.device}{'_smoke' if options.smoke else ''}"
     runs = []
+    if options.reuse:  # keep earlier runs of the tasks asked for, unless this invocation reruns their arm family
+        fresh = [a.split(":")[0] for a in options.arms.split(",")]
+        for r in json.loads(Path(options.reuse).read_text())["runs"]:
+            family = "tuned" if r["arm"].startswith("grid:") else r["arm"].split(":")[0].split("@")[0]
+            if r["task"] in options.tasks.split(",") and family not in fresh:
+                runs.append(r)
     with open(stem.with_suffix(".log"), "w") as log_file:
         def log(line):
             print(line, flush=True)
@@ -303,7 +380,7 @@ def main(argv=None):
             log_file.flush()
 
         for task in options.tasks.split(","):
-            runs += run_task(task, options, log)
+            runs += run_task(task, options, log, [r for r in runs if r["task"] == task])
             stem.with_suffix(".json").write_text(json.dumps({"runs": runs}))  # keep partial results
     summary = summarize(runs)
     ratios = performance_profile(summary)

@@ -29,13 +29,18 @@ class MLRSTrainingArguments(TrainingArguments):
 
     mlrs_gamma (`str` or `float`, *optional*):
         The lr scale gamma: lr = gamma * A_t with A_t in (0, 1). `"learned"` (log(gamma) adapted online from the
-        held-out hypergradient, starting at `learning_rate * mlrs_scale_init`), a number, `"auto"` (the paper's
+        held-out hypergradient, see the `mlrs_scale_*` fields), a number, `"auto"` (the paper's
         heuristic from the initial loss and the number of labels; SGD only), or unset to use `learning_rate`.
     mlrs_scale_lr (`float`, *optional*, defaults to `0.1`):
         With a learned gamma: the Adam step on log(gamma); one meta-update changes gamma by about exp(mlrs_scale_lr)
         at most (hard clip: a factor 1.65).
-    mlrs_scale_init (`float`, *optional*, defaults to `1.0`):
-        With a learned gamma: where it starts, relative to `learning_rate`.
+    mlrs_scale_start_update (`float`, *optional*, defaults to `1e-4`):
+        With a learned gamma: where it starts, relative to the model rather than to `learning_rate`: the first step
+        is rescaled (exactly) so that it moves the weights by this fraction of their norm, and gamma with it. Gentle
+        enough for a pretrained model whatever `learning_rate` says; unset it (`None`) to start at `learning_rate`.
+    mlrs_scale_growth (`float`, *optional*, defaults to `0.2`):
+        With a learned gamma: its growth per meta-update (a factor exp(0.2) = 1.22) until the held-out
+        hypergradient, averaged, says that a larger lr hurts; 0 disables the growth phase.
     mlrs_scale_min, mlrs_scale_max (`float`, *optional*, defaults to `1e-8`, `10.0`):
         With a learned gamma: hard bounds on it.
     mlrs_horizon (`int`, *optional*, defaults to `1`):
@@ -87,8 +92,13 @@ class MLRSTrainingArguments(TrainingArguments):
                   "SGD only), or unset to use learning_rate."},
     )
     mlrs_scale_lr: float = field(default=0.1, metadata={"help": "Learned gamma: Adam step size on log(gamma)."})
-    mlrs_scale_init: float = field(
-        default=1.0, metadata={"help": "Learned gamma: its start, relative to learning_rate."}
+    mlrs_scale_start_update: float | None = field(
+        default=1e-4, metadata={"help": "Learned gamma: the first step moves the weights by this share of their norm "
+                                "(None: start at learning_rate)."}
+    )
+    mlrs_scale_growth: float = field(
+        default=0.2, metadata={"help": "Learned gamma: growth of log(gamma) per meta-update until the hypergradient "
+                               "says stop (0: none)."}
     )
     mlrs_scale_min: float = field(default=1e-8, metadata={"help": "Learned gamma: lower bound."})
     mlrs_scale_max: float = field(default=10.0, metadata={"help": "Learned gamma: upper bound."})
@@ -170,9 +180,13 @@ class MLRSTrainingArguments(TrainingArguments):
         if not (0 < self.mlrs_scale_min < self.mlrs_scale_max and math.isfinite(self.mlrs_scale_max)):
             fail("mlrs_scale_min", f"bounds ({self.mlrs_scale_min}, {self.mlrs_scale_max}) are not 0 < min < max < inf",
                  "Use e.g. mlrs_scale_min=1e-8, mlrs_scale_max=10.")
-        if not (self.mlrs_scale_lr > 0 and self.mlrs_scale_init > 0):
-            fail("mlrs_scale_lr", f"mlrs_scale_lr={self.mlrs_scale_lr}, mlrs_scale_init={self.mlrs_scale_init} must "
-                 "be positive", "Defaults: 0.1 and 1.0.")
+        if not self.mlrs_scale_lr > 0:
+            fail("mlrs_scale_lr", f"{self.mlrs_scale_lr} is not positive", "Default: 0.1.")
+        if self.mlrs_scale_start_update is not None and not 0 < self.mlrs_scale_start_update < 1:
+            fail("mlrs_scale_start_update", f"{self.mlrs_scale_start_update} is not in (0, 1)",
+                 "Default: 1e-4 (the first step moves the weights by 0.01% of their norm); None starts at learning_rate.")
+        if not self.mlrs_scale_growth >= 0:
+            fail("mlrs_scale_growth", f"{self.mlrs_scale_growth} < 0", "Default: 0.2; 0 disables growth.")
         for name in ("mlrs_min_lr", "mlrs_max_lr"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):

