@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,14 +21,20 @@ def launch_two_processes(script: Path, *script_args: str, timeout: int = 300) ->
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_processes_keep_identical_lrs_nets_and_models(tmp_path):
+@pytest.mark.parametrize("gamma", ["fixed", "learned"])
+def test_two_processes_keep_identical_lrs_nets_and_models(tmp_path, gamma):
     out = tmp_path / "verdict.json"
-    result = launch_two_processes(ROOT / "tests" / "scripts" / "ddp_worker.py", str(out))
+    result = launch_two_processes(ROOT / "tests" / "scripts" / "ddp_worker.py", str(out), gamma)
     assert result.returncode == 0, result.stderr[-3000:]
     verdict = json.loads(out.read_text())
     assert verdict["world_size"] == 2
     assert verdict["identical"], verdict
-    assert len(verdict["lrs"]) == 14 and verdict["meta_updates"] == 7
+    assert len(verdict["lrs"]) == 14
+    if gamma == "fixed":
+        assert verdict["meta_updates"] == 7
+    else:  # the learned scale: the same on both ranks (in "identical"), calibrated, then grown or tracked
+        assert verdict["scale"]["calibrated"] and verdict["scale"]["num_updates"] >= 4
+        assert len(set(verdict["gammas"])) > 3
     assert verdict["lr_range"][1] > verdict["lr_range"][0]  # the lr moved, so identical lrs mean something
     # Meta steps (every 2nd) cost no extra gradient all-reduce: only the scalars of the hypergradient travel.
     per_step = verdict["allreduces_per_step"]

@@ -46,13 +46,14 @@ class CountAllReduces(TrainerCallback):
         self.calls = 0
 
 
-def main(out_path):
+def main(out_path, gamma):
     torch.set_num_threads(1)
     dataset = tiny_dataset(n=203)  # 203 - 20 held out: the last batch of each epoch is uneven across 2 ranks
+    learned = dict(mlrs_gamma="learned", mlrs_settle_interval=1, mlrs_horizon=2) if gamma == "learned" else {}
     trainer = MLRSTrainer(
         model=tiny_bert(),
         args=tiny_args(os.path.dirname(out_path) + "/ddp", max_steps=14, per_device_train_batch_size=8,
-                       gradient_accumulation_steps=2, mlrs_meta_interval=2, mlrs_meta_lr=1e-2, seed=7),
+                       gradient_accumulation_steps=2, mlrs_meta_interval=2, mlrs_meta_lr=1e-2, seed=7, **learned),
         train_dataset=dataset,
     )
     counter = CountAllReduces(trainer)
@@ -65,6 +66,8 @@ def main(out_path):
         "net": digest(trainer.schedule.state_dict().values()),
         "model": digest(trainer.model.parameters()),
         "meta_updates": trainer.lr_scheduler.meta_learner.num_updates,
+        "gammas": [e["mlrs/gamma"] for e in trainer.state.log_history if "mlrs/gamma" in e],
+        "scale": trainer.lr_scheduler.run_state()["scale"],
         "allreduces_per_step": counter.per_step,
     }
     everyone = [None] * dist.get_world_size()
@@ -84,4 +87,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "fixed")
