@@ -206,7 +206,7 @@ def compare(result, expected) -> str | None:
 def summary(campaigns) -> dict:
     kills = [k for c in campaigns for k in c.kills]
     return {"kills": len(kills), "mid_save_kills": sum(m.startswith("save") for _, m, _ in kills),
-            "kills_before_first_checkpoint": sum(r == 0 for _, _, r in kills),
+            "kills_of_runs_started_from_scratch": sum(r == 0 for _, _, r in kills),
             "resumed_runs": sum(c.sequences for c in campaigns), "exact": sum(c.exact for c in campaigns),
             "problems": [p for c in campaigns for p in c.problems],
             "moments": [f"{mode} {m} (resumed from step {r})" for mode, m, r in kills]}
