@@ -93,6 +93,17 @@ def test_checkpoints_without_hf_mlrs_are_checked_by_their_files(finished_runs, t
     assert last_complete_checkpoint(tmp_path / "never-created") is None  # a restart script's first start
 
 
+def test_a_sharded_save_without_hf_mlrs_needs_its_metadata(tmp_path):
+    """FSDP writes each rank's shard, then .metadata once all are written (torch.distributed.checkpoint)."""
+    folder = tmp_path / "checkpoint-3"
+    (folder / "pytorch_model_fsdp_0").mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    (folder / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"shard")
+    assert checkpoint_problem(folder) == "pytorch_model_fsdp_0/.metadata is missing (a sharded save cut short)"
+    (folder / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"index")
+    assert checkpoint_problem(folder) is None
+
+
 def test_resume_true_needs_a_complete_checkpoint(finished_runs, tmp_path):
     run = copy_run(finished_runs, "meta", tmp_path)
     for step in (4, 8, 12):
