@@ -18,3 +18,6 @@ python benchmarks/quality.py
 
 # Cost per step (two model sizes, every arm in its own process).
 python benchmarks/overhead.py --repeats 2
+
+# Kill anywhere: SIGKILL at random moments (also inside a checkpoint save, also with 2 processes), resume, compare.
+HF_MLRS_FULL_KILL_TEST=1 OMP_NUM_THREADS=1 python -m pytest tests/test_crash_safe_resume.py -k kill_anywhere -s

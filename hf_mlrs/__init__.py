@@ -3,10 +3,19 @@
 __version__ = "0.1.0"
 
 from .callback import MLRSCallback  # noqa: E402
+from .checkpoints import last_complete_checkpoint  # noqa: E402
 from .config import MLRSTrainingArguments  # noqa: E402
 from .modeling import MLRSNet  # noqa: E402
 from .scheduler import MLRSScheduler  # noqa: E402
 from .trainer import MLRSTrainer  # noqa: E402
 
 
-__all__ = ["MLRSCallback", "MLRSNet", "MLRSScheduler", "MLRSTrainer", "MLRSTrainingArguments", "__version__"]
+__all__ = [
+    "MLRSCallback",
+    "MLRSNet",
+    "MLRSScheduler",
+    "MLRSTrainer",
+    "MLRSTrainingArguments",
+    "last_complete_checkpoint",
+    "__version__",
+]

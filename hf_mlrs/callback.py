@@ -12,7 +12,15 @@ import inspect
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .integration import StepLossMeter, check_all_processes_joined, fix_loss_scaling, num_labels_of
+from .checkpoints import nothing_left_to_train, save_checkpoint_safely
+from .integration import (
+    StepLossMeter,
+    check_all_processes_joined,
+    fix_loss_scaling,
+    num_labels_of,
+    tap_method,
+    untap_method,
+)
 from .modeling import MLRSNet
 from .scheduler import MLRSScheduler
 
@@ -28,6 +36,10 @@ class MLRSCallback(TrainerCallback):
     `compute_loss` work; the loss is averaged over processes, so every rank sets the same lr. Its state (the net's
     recurrent state, stage, gamma) is saved in every checkpoint's `trainer_state.json` and restored on resume.
     The Trainer's own `lr_scheduler_type` is overridden.
+
+    It also makes the Trainer's checkpoints crash-safe: each save ends with a completion marker (written after every
+    process has finished writing), so `hf_mlrs.last_complete_checkpoint(output_dir)` skips a save cut short by a kill;
+    and a run resumed from its final checkpoint trains no extra step.
 
     Args:
         schedule (`MLRSNet`): the learned schedule, e.g. `MLRSNet.from_pretrained("minilm-bbc")`.
@@ -78,6 +90,7 @@ class MLRSCallback(TrainerCallback):
         self.loss_meter = StepLossMeter()
         self.applied_lr: float | None = None
         self.fingerprint: str | None = None  # of the schedule, saved with the state: resume with the same one
+        self.finished = False  # resumed from a checkpoint at max_steps: nothing to train
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         trainer = _calling_trainer()
@@ -88,6 +101,11 @@ class MLRSCallback(TrainerCallback):
         fix_loss_scaling(trainer)
         self.loss_meter = StepLossMeter()  # nothing left over from an interrupted train()
         _tap_training_step(trainer, self.loss_meter)
+        tap_method(trainer, "_save_checkpoint", lambda save: _safe_save(trainer, save))
+        self.finished = nothing_left_to_train(state)
+        if self.finished:  # resumed from the final checkpoint: the Trainer would train one step more
+            tap_method(trainer, "get_batch_samples", lambda _: _no_batches)
+            control.should_training_stop = True
         self.scheduler = MLRSScheduler(
             kwargs["optimizer"],
             self.schedule,
@@ -123,8 +141,13 @@ class MLRSCallback(TrainerCallback):
         self.scheduler.set_lr(self.applied_lr)
         state.stateful_callbacks[STATE_KEY] = {**self.scheduler.run_state(), "schedule_fingerprint": self.fingerprint}
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.finished:  # the epoch that was not trained must not save, evaluate or log either
+            control.should_save = control.should_evaluate = control.should_log = False
+
     def on_train_end(self, args, state, control, **kwargs):
-        _untap_training_step(self.trainer)
+        for name in ("training_step", "_save_checkpoint", "get_batch_samples"):
+            untap_method(self.trainer, name)
 
 
 def _calling_trainer() -> Trainer:
@@ -141,26 +164,27 @@ def _calling_trainer() -> Trainer:
 
 def _tap_training_step(trainer: Trainer, meter: StepLossMeter) -> None:
     """Wrap this trainer's training_step (instance only) so each step's loss reaches the meter."""
-    _untap_training_step(trainer)  # a tap left by a train() that raised would count every loss twice
-    original = trainer.training_step
 
-    def training_step(*args, **kwargs):
-        loss = original(*args, **kwargs)
-        meter.add(loss)
-        return loss
+    def wrap(original):
+        def training_step(*args, **kwargs):
+            loss = original(*args, **kwargs)
+            meter.add(loss)
+            return loss
 
-    training_step.mlrs_original = original
-    trainer.training_step = training_step
+        return training_step
+
+    tap_method(trainer, "training_step", wrap)
 
 
-def _untap_training_step(trainer: Trainer | None) -> None:
-    tap = vars(trainer).get("training_step") if trainer is not None else None
-    if tap is not None and hasattr(tap, "mlrs_original"):
-        original = tap.mlrs_original
-        if getattr(original, "__func__", None) is type(trainer).training_step:
-            del trainer.training_step  # back to the class's method
-        else:
-            trainer.training_step = original  # someone else's wrapper, kept
+def _safe_save(trainer: Trainer, save):
+    def _save_checkpoint(model, trial):
+        save_checkpoint_safely(trainer, save, model, trial)
+
+    return _save_checkpoint
+
+
+def _no_batches(epoch_iterator, num_batches, device):
+    return [], None
 
 
 def _report_lr(lr_scheduler, lrs: list[float]) -> None:

@@ -20,10 +20,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast_object_list
 from transformers import Trainer, TrainerCallback
 
 from . import __version__
+from .checkpoints import checkpoint_problem, checkpoint_to_resume, nothing_left_to_train, save_checkpoint_safely
 from .config import MLRSTrainingArguments
 from .data import MetaBatchSampler, split_meta_set
 from .hypergrad import MetaLearner, lr_linearity_problem
@@ -62,7 +63,9 @@ class MLRSTrainer(Trainer):
 
     After `train()`, `trainer.schedule` is the learned [`MLRSNet`]; `save_model()` and every checkpoint also write
     it to `<dir>/mlrs_schedule/`, and its full state (net, meta-optimizer, recurrent state) is in `scheduler.pt`,
-    so `resume_from_checkpoint` continues exactly.
+    so `resume_from_checkpoint` continues exactly. Checkpoints are crash-safe: `resume_from_checkpoint=True` takes the
+    newest complete one, skipping (with a warning, deleting nothing) a save cut short by a kill, and a run resumed
+    from its final checkpoint trains no extra step.
 
     Example:
 
@@ -124,9 +127,32 @@ class MLRSTrainer(Trainer):
         self._pending_meta = None
         self._pending_calibration = None
         self._log_window = {"meta_loss": [], "hypergrad": []}
+        self._nothing_to_train = False  # resumed from a checkpoint at max_steps
         self.add_callback(_MLRSHooks(self))
 
     # ---- overrides (each minimal) -------------------------------------------------------------------------------
+
+    # Why: the Trainer's True takes the newest folder even when a kill cut its save short (and then crashes).
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self._checkpoint_to_resume()
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem:
+                warnings.warn(f"MLRSTrainer: resuming from {resume_from_checkpoint}, which is incomplete: {problem}. "
+                              "hf_mlrs.last_complete_checkpoint(output_dir) finds the newest complete checkpoint.",
+                              UserWarning, stacklevel=2)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    # Why: a save cut short must be recognisable as such (a marker written last), and rotation must wait for it.
+    def _save_checkpoint(self, model, trial):
+        save_checkpoint_safely(self, super()._save_checkpoint, model, trial)
+
+    # Why: resumed at max_steps, the Trainer's loop would still take one step; no batch, no step.
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self._nothing_to_train:
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     # Why: the schedule replaces the Trainer's scheduler, and get_last_lr() of ours reports the lr really applied.
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
@@ -338,6 +364,20 @@ class MLRSTrainer(Trainer):
                 buffer.copy_(saved)
         return meta_loss.detach().to(torch.float64), learner.local_dot(grads)
 
+    def _checkpoint_to_resume(self) -> str:
+        """The newest complete checkpoint, chosen by the main process so that every rank resumes from the same one."""
+        choice = [None]
+        if self.accelerator.is_main_process:
+            try:
+                choice = [checkpoint_to_resume(self.args.output_dir)]
+            except ValueError as error:
+                choice = [error]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(choice)
+        if isinstance(choice[0], Exception):
+            raise choice[0]
+        return choice[0]
+
     def _on_nonfinite(self, what: str) -> None:
         warnings.warn(f"MLRSTrainer: non-finite {what} at step {self.state.global_step}; the lr and the schedule "
                       "net were left unchanged.", RuntimeWarning, stacklevel=2)
@@ -432,6 +472,13 @@ class _MLRSHooks(TrainerCallback):
         check_all_processes_joined(self.trainer)
         # Every rank must start from the same net: identical nets + identical inputs = identical lrs.
         broadcast_from_main(self.trainer.schedule, self.trainer.accelerator)
+        self.trainer._nothing_to_train = nothing_left_to_train(state)
+        if self.trainer._nothing_to_train:
+            control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.trainer._nothing_to_train:  # the epoch that was not trained must not save, evaluate or log either
+            control.should_save = control.should_evaluate = control.should_log = False
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._mlrs_before_step()
