@@ -77,6 +77,13 @@ LEARNED_VARIANTS = {
     "g1c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2),
     "g4c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_cooldown_fraction=0.2),
     "g1": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1),
+    "g1c3": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2,
+                 mlrs_scale_growth_stop=0.3),
+    # relative start, no growth phase: symmetric updates (lr 0.2) every step until settled, then every 4th
+    "r1c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2,
+                mlrs_scale_growth=0.0, mlrs_scale_lr=0.2),
+    "h1c": dict(mlrs_meta_interval=1, mlrs_horizon=1, mlrs_scale_start_update=None, mlrs_scale_growth=0.0,
+                mlrs_cooldown_fraction=0.2),
     # without the relative start and growth: symmetric updates from the given lr (negative result, see RESULTS.md)
     "h1": dict(mlrs_meta_interval=1, mlrs_horizon=1, mlrs_scale_start_update=None, mlrs_scale_growth=0.0),
     "h4": dict(mlrs_meta_interval=4, mlrs_horizon=4, mlrs_scale_start_update=None, mlrs_scale_growth=0.0),
@@ -294,7 +301,8 @@ def render(summary: dict, ratios: dict, path_png: Path | None) -> str:
             unit = "% of the loss" if result["metric"] == "loss" else "accuracy points"
             lines += [f"\n### {task}: learned scale by starting lr (validation {result['metric']}; worst gap to the "
                       f"best tuned arm in {unit})\n",
-                      "| arm | " + " | ".join(f"start {lr:g}" for lr in LEARNED_LRS) + " | spread | worst gap | seeds |",
+                      "| arm | " + " | ".join(f"start {lr:g}" for lr in LEARNED_LRS)
+                      + " | spread | worst gap | seeds |",
                       "|---" * (len(LEARNED_LRS) + 4) + "|"]
             for name, row in sorted(result["learned"].items()):
                 sign = -1.0 if result["metric"] == "loss" else 1.0

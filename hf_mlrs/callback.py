@@ -146,6 +146,8 @@ class MLRSCallback(TrainerCallback):
             control.should_save = control.should_evaluate = control.should_log = False
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.scheduler is not None and state.is_world_process_zero:
+            self.scheduler.warn_if_at_ceiling()
         for name in ("training_step", "_save_checkpoint", "get_batch_samples"):
             untap_method(self.trainer, name)
 

@@ -47,6 +47,9 @@ class MLRSTrainingArguments(TrainingArguments):
         Optimizer steps per meta-update window: the meta loss is measured after the window and its gradient taken
         along the window's whole displacement (1: the paper's exact one-step lookahead; longer horizons counter
         the short-horizon bias towards small lrs). At most the meta interval.
+    mlrs_scale_growth_stop (`float`, *optional*, defaults to `0.0`):
+        With a learned gamma: growth stops once Adam's normalised first moment of dL/dlog(gamma), m / sqrt(v) in
+        [-1, 1], exceeds this (0: as soon as the averaged hypergradient says a larger lr hurts).
     mlrs_cooldown_fraction (`float`, *optional*, defaults to `0.0`):
         Share of training, at the end, over which the lr decays linearly towards 0 (as warmup-stable-decay does);
         no meta-update happens in it.
@@ -104,6 +107,10 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_max: float = field(default=10.0, metadata={"help": "Learned gamma: upper bound."})
     mlrs_horizon: int = field(
         default=1, metadata={"help": "Steps per meta-update window (1: the paper's one-step lookahead)."}
+    )
+    mlrs_scale_growth_stop: float = field(
+        default=0.0, metadata={"help": "Learned gamma: the averaged, normalised hypergradient (in [-1, 1]) above "
+                               "which growth stops."}
     )
     mlrs_cooldown_fraction: float = field(
         default=0.0, metadata={"help": "Share of training, at the end, over which the lr decays linearly to 0."}
@@ -178,13 +185,15 @@ class MLRSTrainingArguments(TrainingArguments):
             fail("learning_rate", f"{self.learning_rate} cannot serve as gamma (or its start)",
                  "Set a positive learning_rate.")
         if not (0 < self.mlrs_scale_min < self.mlrs_scale_max and math.isfinite(self.mlrs_scale_max)):
-            fail("mlrs_scale_min", f"bounds ({self.mlrs_scale_min}, {self.mlrs_scale_max}) are not 0 < min < max < inf",
+            fail("mlrs_scale_min",
+                 f"bounds ({self.mlrs_scale_min}, {self.mlrs_scale_max}) are not 0 < min < max < inf",
                  "Use e.g. mlrs_scale_min=1e-8, mlrs_scale_max=10.")
         if not self.mlrs_scale_lr > 0:
             fail("mlrs_scale_lr", f"{self.mlrs_scale_lr} is not positive", "Default: 0.1.")
         if self.mlrs_scale_start_update is not None and not 0 < self.mlrs_scale_start_update < 1:
             fail("mlrs_scale_start_update", f"{self.mlrs_scale_start_update} is not in (0, 1)",
-                 "Default: 1e-4 (the first step moves the weights by 0.01% of their norm); None starts at learning_rate.")
+                 "Default: 1e-4 (the first step moves the weights by 0.01% of their norm); None starts at "
+                 "learning_rate.")
         if not self.mlrs_scale_growth >= 0:
             fail("mlrs_scale_growth", f"{self.mlrs_scale_growth} < 0", "Default: 0.2; 0 disables growth.")
         for name in ("mlrs_min_lr", "mlrs_max_lr"):

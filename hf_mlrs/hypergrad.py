@@ -76,6 +76,7 @@ class MetaLearner:
         self.meta_optimizer = (torch.optim.Adam(schedule.stages[-1].parameters(), lr=meta_lr,
                                                 weight_decay=weight_decay) if train_net else None)
         self.delta: list[torch.Tensor] | None = None  # the one extra parameter-sized buffer: w_start, then delta
+        self.window_open = False  # whether delta holds w_start of the current window (not after a resume)
         self.window_lrs: list[torch.Tensor] = []  # alpha_j of the window's earlier steps, with graphs to theta
         self.stop_step = stop_step if stop_step is not None else max_steps
         self.next_due = self.current_interval() - 1  # 0-based step of the next meta-update
@@ -118,6 +119,11 @@ class MetaLearner:
         if self.delta is None:
             self.delta = [torch.empty_like(p) for p in self.params]
         torch._foreach_copy_(self.delta, self.params)
+        self.window_open = True
+
+    def close_window(self) -> None:
+        """The buffer's content is spent: the next meta-update needs a new remember_weights()."""
+        self.window_open = False
 
     @torch.no_grad()
     def weights_to_delta(self) -> None:

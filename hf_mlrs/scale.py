@@ -22,6 +22,10 @@ from __future__ import annotations
 import math
 
 
+STATE_KEYS = ("log_gamma", "initial_log_gamma", "m", "v", "t", "num_updates", "num_skipped", "settled", "growing",
+              "calibrated")
+
+
 class LearnedScale:
     """gamma = exp(s), grown from a conservative start, then updated by a clipped Adam step along dL_meta/ds.
 
@@ -133,7 +137,7 @@ class LearnedScale:
 
     def state_dict(self) -> dict:
         return {key: getattr(self, key) for key in
-                ("log_gamma", "initial_log_gamma", "m", "v", "t", "num_updates", "num_skipped", "settled", "growing", "calibrated")}
+                STATE_KEYS}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():

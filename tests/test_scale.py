@@ -1,4 +1,4 @@
-"""The learned lr scale (mlrs_gamma="learned"): its hypergradient, its bounds, exact resume, and its use in training."""
+"""The learned lr scale (mlrs_gamma="learned"): its hypergradient, bounds, exact resume, and its use in training."""
 
 import math
 import os
