@@ -21,7 +21,11 @@ from .integration import (
     tap_method,
     untap_method,
 )
+from .config import MLRSTrainingArguments
+from .hypergrad import MetaLearner
+from .metastep import MetaStep
 from .modeling import MLRSNet
+from .scale import LearnedScale
 from .scheduler import MLRSScheduler
 
 
@@ -43,8 +47,16 @@ class MLRSCallback(TrainerCallback):
 
     Args:
         schedule (`MLRSNet`): the learned schedule, e.g. `MLRSNet.from_pretrained("minilm-bbc")`.
-        gamma (`float` or `"auto"`, *optional*): the lr scale gamma (lr = gamma * A_t, A_t in (0, 1)); defaults to the
-            Trainer's `learning_rate`. `"auto"` uses the paper's heuristic (SGD on classification only).
+        gamma (`float`, `"learned"` or `"auto"`, *optional*): the lr scale gamma (lr = gamma * A_t, A_t in (0, 1));
+            defaults to the Trainer's `learning_rate`. `"learned"` learns it from `meta_dataset` while the net stays
+            frozen (a schedule carries a shape, not a scale for a new model): it starts relative to the model, grows
+            until the held-out hypergradient says stop, then tracks it; a meta step (one forward/backward of a meta
+            batch) every step while it settles, every `meta_interval` steps after. `"auto"` uses the paper's
+            heuristic (SGD on classification only).
+        meta_dataset (`Dataset`, *optional*): held-out data for `gamma="learned"`, never trained on.
+        meta_interval (`int`, *optional*, defaults to `4`): with `gamma="learned"`, a meta step every this many
+            optimizer steps once the scale has settled.
+        meta_batch_size (`int`, *optional*): defaults to the Trainer's `per_device_train_batch_size`.
         stage_by (`str`, *optional*, defaults to `"progress"`): `"progress"` switches stages by the fraction of
             `max_steps` done; `"loss"` (horizon-free) by the smoothed training loss.
         min_lr, max_lr (`float`, *optional*): bounds on the lr.
@@ -70,12 +82,20 @@ class MLRSCallback(TrainerCallback):
         max_lr: float | None = None,
         warmup_steps: int | None = None,
         on_nonfinite: str = "skip",
+        meta_dataset=None,
+        meta_interval: int = 4,
+        meta_batch_size: int | None = None,
     ):
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"MLRSCallback: on_nonfinite={on_nonfinite!r} is not 'skip' or 'stop'.")
         if not isinstance(schedule, MLRSNet):
             raise TypeError(f"MLRSCallback needs an MLRSNet, got {type(schedule).__name__}; load one with "
                             "MLRSNet.from_pretrained(...).")
+        if gamma == "learned" and meta_dataset is None:
+            raise ValueError("MLRSCallback: gamma='learned' learns the lr scale from held-out data: pass "
+                             "meta_dataset=... (examples the Trainer does not train on), or a number as gamma.")
+        if meta_interval < 1:
+            raise ValueError(f"MLRSCallback: meta_interval={meta_interval} < 1.")
         # user-provided hyperparameters
         self.schedule = schedule.cpu().eval().requires_grad_(False)
         self.gamma = gamma
@@ -84,11 +104,15 @@ class MLRSCallback(TrainerCallback):
         self.max_lr = max_lr
         self.warmup_steps = warmup_steps
         self.on_nonfinite = on_nonfinite
+        self.meta_dataset = meta_dataset
+        self.meta_interval = meta_interval
+        self.meta_batch_size = meta_batch_size
         # internal state, (re)built at every train()
         self.trainer: Trainer | None = None
         self.scheduler: MLRSScheduler | None = None
+        self.meta_step: MetaStep | None = None  # with gamma="learned"
         self.loss_meter = StepLossMeter()
-        self.applied_lr: float | None = None
+        self.applied_lrs: list[float] = []
         self.fingerprint: str | None = None  # of the schedule, saved with the state: resume with the same one
         self.finished = False  # resumed from a checkpoint at max_steps: nothing to train
 
@@ -106,10 +130,17 @@ class MLRSCallback(TrainerCallback):
         if self.finished:  # resumed from the final checkpoint: the Trainer would train one step more
             tap_method(trainer, "get_batch_samples", lambda _: _no_batches)
             control.should_training_stop = True
+        gamma = self.gamma if self.gamma is not None else args.learning_rate
+        if gamma == "learned":
+            defaults = MLRSTrainingArguments  # one source for the scale's settings
+            gamma = LearnedScale(args.learning_rate, lr=defaults.mlrs_scale_lr, growth=defaults.mlrs_scale_growth,
+                                 growth_stop=defaults.mlrs_scale_growth_stop,
+                                 start_update=defaults.mlrs_scale_start_update,
+                                 bounds=(defaults.mlrs_scale_min, defaults.mlrs_scale_max))
         self.scheduler = MLRSScheduler(
             kwargs["optimizer"],
             self.schedule,
-            gamma=self.gamma if self.gamma is not None else args.learning_rate,
+            gamma=gamma,
             num_training_steps=state.max_steps,
             stage_by=self.stage_by,
             min_lr=self.min_lr,
@@ -117,6 +148,27 @@ class MLRSCallback(TrainerCallback):
             warmup_steps=args.get_warmup_steps(state.max_steps) if self.warmup_steps is None else self.warmup_steps,
             num_labels=num_labels_of(trainer.accelerator.unwrap_model(trainer.model)),
         )
+        self.meta_step = None
+        if self.scheduler.scale is not None:
+            optimizer = kwargs["optimizer"]
+            self.scheduler.meta_learner = MetaLearner(
+                self.schedule, [p for group in optimizer.param_groups for p in group["params"]],
+                interval=self.meta_interval, meta_lr=0.0, weight_decay=0.0, max_steps=state.max_steps,
+                train_net=False, scale=self.scheduler.scale, settle_interval=1)
+            self.meta_step = MetaStep(trainer, self.scheduler, self.on_nonfinite)
+            self.meta_step.set_meta_data(self.meta_dataset, self.meta_batch_size or args.per_device_train_batch_size,
+                                         args.seed)
+            meta_step = self.meta_step
+
+            def with_scale_logs(log):  # the Trainer's log() is the only way into its log_history
+                def tapped(logs, *rest, **kw):
+                    if "loss" in logs:
+                        logs.update(meta_step.pop_logs())
+                    return log(logs, *rest, **kw)
+
+                return tapped
+
+            tap_method(trainer, "log", with_scale_logs)
         self.fingerprint = _fingerprint(self.schedule)
         saved = state.stateful_callbacks.get(STATE_KEY)
         if state.global_step > 0 and saved:  # resuming: continue the recurrent state where it was saved
@@ -126,20 +178,37 @@ class MLRSCallback(TrainerCallback):
                     "passed now. Resume with the same MLRSNet, or start a new run."
                 )
             self.scheduler.load_run_state(saved)
+            if self.meta_step is not None:
+                self.scheduler.meta_learner.load_state_dict(saved["meta_learner"])
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # Gradients are final here and the step comes next: the paper's order, lr_t from loss_t.
-        skips = self.scheduler.nonfinite_skips
-        self.applied_lr = self.scheduler.observe(self.loss_meter.pop(self.trainer.accelerator))
+        loss = self.loss_meter.pop(self.trainer.accelerator)
+        if self.meta_step is not None:
+            self.meta_step.before_step(loss)
+        else:
+            skips = self.scheduler.nonfinite_skips
+            self.scheduler.observe(loss)
+            if self.scheduler.nonfinite_skips > skips and self.on_nonfinite == "stop":
+                control.should_training_stop = True
         _report_lr(kwargs.get("lr_scheduler"), self.scheduler.get_last_lr())
-        if self.scheduler.nonfinite_skips > skips and self.on_nonfinite == "stop":
-            control.should_training_stop = True
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # With a learned scale: the meta step, which may rescale the step just taken; the Trainer reads the lr next.
+        if self.meta_step is not None:
+            self.meta_step.after_step()
+            _report_lr(kwargs.get("lr_scheduler"), self.scheduler.get_last_lr())
+        self.applied_lrs = self.scheduler.get_last_lr()
 
     def on_step_end(self, args, state, control, **kwargs):
         # The Trainer's own scheduler.step() has just rewritten the param groups: put the applied lr back, and
         # leave our state where the next checkpoint's trainer_state.json will pick it up.
-        self.scheduler.set_lr(self.applied_lr)
-        state.stateful_callbacks[STATE_KEY] = {**self.scheduler.run_state(), "schedule_fingerprint": self.fingerprint}
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.applied_lrs):
+            group["lr"] = lr
+        saved = {**self.scheduler.run_state(), "schedule_fingerprint": self.fingerprint}
+        if self.meta_step is not None:
+            saved["meta_learner"] = self.scheduler.meta_learner.state_dict()
+        state.stateful_callbacks[STATE_KEY] = saved
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.finished:  # the epoch that was not trained must not save, evaluate or log either
@@ -148,7 +217,7 @@ class MLRSCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.scheduler is not None and state.is_world_process_zero:
             self.scheduler.warn_if_at_ceiling()
-        for name in ("training_step", "_save_checkpoint", "get_batch_samples"):
+        for name in ("training_step", "_save_checkpoint", "get_batch_samples", "log"):
             untap_method(self.trainer, name)
 
 

@@ -259,3 +259,41 @@ def test_saved_schedule_records_the_relative_scale_trajectory(tmp_path, dataset)
     assert trajectory[-1] == [1.0, pytest.approx(gammas(trainer)[-1] / gammas(trainer)[0], rel=1e-9)]
     assert saved.provenance["gamma_rule"] == "learned"
     assert "gamma_trajectory" in (tmp_path / "final" / "mlrs_schedule" / "README.md").read_text()
+
+
+def test_callback_learns_only_the_scale_of_a_frozen_schedule_and_resumes_exactly(tmp_path):
+    """Plain Trainer + MLRSCallback(gamma="learned", meta_dataset=...): the net stays frozen, gamma is learned and
+    logged, the lr logged is the lr applied, and a resumed run continues bitwise."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_mlrs import MLRSCallback
+
+    data = least_squares_data()
+
+    def run(output_dir, max_steps=12, resume=None):
+        schedule = constant_stages(0.0, -1.0)
+        args = TrainingArguments(str(output_dir), max_steps=max_steps, per_device_train_batch_size=16,
+                                 learning_rate=1e-3, optim="sgd", logging_steps=1, report_to="none", use_cpu=True,
+                                 save_strategy="steps", save_steps=4, disable_tqdm=True, seed=0)
+        probe = AppliedLrProbe()
+        callback = MLRSCallback(schedule, gamma="learned", meta_dataset=data, meta_interval=2)
+        trainer = Trainer(model=LeastSquares(), args=args, train_dataset=data, callbacks=[probe, callback])
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, callback, probe, schedule
+
+    trainer, callback, probe, schedule = run(tmp_path / "full")
+    assert all(torch.equal(a, b) for a, b in zip(schedule.parameters(), constant_stages(0.0, -1.0).parameters()))
+    values = gammas(trainer)
+    assert len(values) == 12 and len(set(values)) > 5 and callback.scheduler.scale.calibrated
+    torch.testing.assert_close(torch.tensor(probe.applied), torch.tensor(logged_lrs(trainer)), rtol=2e-3, atol=0)
+
+    resumed, *_ = run(tmp_path / "full", resume=str(tmp_path / "full" / "checkpoint-4"))
+    assert logged_lrs(resumed)[-8:] == logged_lrs(trainer)[-8:] and gammas(resumed)[-8:] == values[-8:]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), trainer.model.parameters()))
+
+
+def test_callback_learned_scale_needs_a_meta_dataset():
+    from hf_mlrs import MLRSCallback
+
+    with pytest.raises(ValueError, match="meta_dataset"):
+        MLRSCallback(constant_stages(0.0), gamma="learned")
