@@ -7,6 +7,9 @@ Arms (same model, data, batch size, AdamW; the meta batch is as large as the tra
   meta_10    MLRSTrainer meta-training, a meta-update every 10 steps
   paper_1    the paper-style meta-update (copy the model, virtual step, autograd through it) every step
   paper_10   the same every 10 steps
+  learned    MLRSTrainer meta-training with the learned lr scale (the recommended settings: a meta step every
+             step until the scale settles, every 4th after, none in the final cooldown); its cost is reported over
+             the whole run, warm-up steps included, since its meta steps are denser at the start
 Each arm runs in a fresh process, because peak memory (RSS on CPU) is a per-process high-water mark; arms are
 interleaved over repeats and the fastest repeat of each is kept. Whole-step times on a shared host are noisy, so the
 time spent inside hf_mlrs's own per-step code (the callback's hooks, the trainer's before/after-step halves: the lr
@@ -32,7 +35,7 @@ from pathlib import Path
 
 
 HERE = Path(__file__).resolve().parent
-ARMS = ["plain", "transfer", "meta_1", "meta_10", "paper_1", "paper_10"]
+ARMS = ["plain", "transfer", "meta_1", "meta_10", "paper_1", "paper_10", "learned"]
 SIZES = {  # BERT encoders; vocabulary kept small so the transformer body dominates the parameter count
     "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=1024),
     "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
@@ -104,10 +107,14 @@ def worker(arm: str, size: str, steps: int, warmup: int, batch: int, seq: int, d
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=train, callbacks=callbacks)
     else:
         cls = paper_style_trainer_class() if arm.startswith("paper") else MLRSTrainer
-        args = MLRSTrainingArguments(**common, mlrs_meta_interval=int(arm.split("_")[1]), mlrs_meta_batch_size=batch)
+        if arm == "learned":
+            settings = dict(mlrs_gamma="learned")  # the library defaults for a learned scale
+        else:
+            settings = dict(mlrs_meta_interval=int(arm.split("_")[1]))
+        args = MLRSTrainingArguments(**common, **settings, mlrs_meta_batch_size=batch)
         trainer = cls(model=model, args=args, train_dataset=train, meta_dataset=meta, callbacks=[clock])
-        timed(trainer, "_mlrs_before_step")
-        timed(trainer, "_mlrs_after_step")
+        timed(cls.meta_step_class, "before_step")
+        timed(cls.meta_step_class, "after_step")
     trainer.train()
     times = [b - a for a, b in zip(clock.stamps[warmup:], clock.stamps[warmup + 1:])]
     # A step time robust to passing noise from the host: the median over windows of 10 steps (one meta cycle at
@@ -117,8 +124,9 @@ def worker(arm: str, size: str, steps: int, warmup: int, batch: int, seq: int, d
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     added = (clock.hooks[-1] - clock.hooks[warmup]) / len(times)
+    whole_added = clock.hooks[-1] / len(clock.stamps)  # every step, warm-up included
     return {"arm": arm, "size": size, "step_s": statistics.median(windows), "mean_step_s": statistics.fmean(times),
-            "added_s": added,
+            "added_s": added, "whole_added_s": whole_added,
             "peak_bytes": peak, "param_bytes": param_bytes, "num_params": sum(p.numel() for p in model.parameters())}
 
 

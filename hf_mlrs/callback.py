@@ -13,6 +13,8 @@ import inspect
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .checkpoints import nothing_left_to_train, save_checkpoint_safely
+from .config import MLRSTrainingArguments
+from .hypergrad import MetaLearner
 from .integration import (
     StepLossMeter,
     check_all_processes_joined,
@@ -21,8 +23,6 @@ from .integration import (
     tap_method,
     untap_method,
 )
-from .config import MLRSTrainingArguments
-from .hypergrad import MetaLearner
 from .metastep import MetaStep
 from .modeling import MLRSNet
 from .scale import LearnedScale

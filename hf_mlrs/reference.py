@@ -128,27 +128,27 @@ def paper_style_trainer_class():
 
     Imported lazily (transformers) so that `reference_meta_train` stays a pure PyTorch oracle.
     """
+    from .metastep import MetaStep
     from .trainer import MLRSTrainer
 
-    class PaperStyleMLRSTrainer(MLRSTrainer):
+    class PaperStyleMetaStep(MetaStep):
         """Before a due step: copy the model, take the virtual step w' = w - alpha(theta) d in the graph, evaluate the
         meta loss on the copy at w', backpropagate into theta, then step with the updated net's lr."""
 
-        def _mlrs_before_step(self) -> None:
-            scheduler, learner = self.lr_scheduler, self.lr_scheduler.meta_learner
-            loss = self._loss_meter.pop(self.accelerator)
-            if not learner.is_due(self.state.global_step):
+        def before_step(self, loss: float) -> None:
+            trainer, scheduler, learner = self.trainer, self.scheduler, self.scheduler.meta_learner
+            if not learner.is_due(trainer.state.global_step):
                 scheduler.observe(loss)
                 return
             x = scheduler.prepare_input(loss)
             alpha, _ = scheduler.compute_lr(x)
-            model = self.accelerator.unwrap_model(self.model)
-            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
             copy_of_model = copy.deepcopy(model)
             by_id = {id(p): name for name, p in model.named_parameters()}
             virtual = {by_id[id(p)]: p.detach() + optimizer_direction(optimizer, p, p.grad.detach(), alpha)
                        for p in learner.params}
-            inputs = self._meta_batch((self.state.global_step + 1) // learner.interval - 1)
+            inputs = self.meta_batch(learner.advance())
             meta_loss = functional_call(copy_of_model, virtual, (), inputs).loss
             learner.meta_optimizer.zero_grad()
             meta_loss.backward()
@@ -158,7 +158,10 @@ def paper_style_trainer_class():
                 lr, state = scheduler.compute_lr(x)
             scheduler.apply_lr(lr, state)
 
-        def _mlrs_after_step(self) -> None:
+        def after_step(self) -> None:
             pass
+
+    class PaperStyleMLRSTrainer(MLRSTrainer):
+        meta_step_class = PaperStyleMetaStep
 
     return PaperStyleMLRSTrainer

@@ -79,6 +79,7 @@ class MLRSTrainer(Trainer):
     """
 
     _tag_names = ["hf_mlrs", "mlr-snet"]
+    meta_step_class = MetaStep  # the two halves of an MLR-SNet step (reference.py swaps in the paper-style one)
 
     def __init__(self, *positional, meta_dataset=None, schedule: MLRSNet | None = None, **kwargs):
         positional, kwargs, args = _as_mlrs_args(positional, kwargs)
@@ -196,7 +197,7 @@ class MLRSTrainer(Trainer):
                     settle_interval=self.args.mlrs_settle_interval,
                     stop_step=num_training_steps - self.lr_scheduler.cooldown_steps,
                 )
-            self._meta_step = MetaStep(self, self.lr_scheduler, self.args.mlrs_on_nonfinite)
+            self._meta_step = self.meta_step_class(self, self.lr_scheduler, self.args.mlrs_on_nonfinite)
             if self.meta_learning:
                 self._meta_step.set_meta_data(self.meta_dataset, self._meta_batch_size, self.args.seed)
             self._created_lr_scheduler = True
