@@ -86,6 +86,8 @@ LEARNED_VARIANTS = {
                 mlrs_scale_growth=0.0, mlrs_scale_lr=0.2, mlrs_scale_start_update=1e-3),
     "g3c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2,
                 mlrs_scale_start_update=1e-3),
+    "g3c10": dict(mlrs_settle_interval=1, mlrs_meta_interval=10, mlrs_horizon=1, mlrs_cooldown_fraction=0.2,
+                  mlrs_scale_start_update=1e-3),
     "h1c": dict(mlrs_meta_interval=1, mlrs_horizon=1, mlrs_scale_start_update=None, mlrs_scale_growth=0.0,
                 mlrs_cooldown_fraction=0.2),
     # without the relative start and growth: symmetric updates from the given lr (negative result, see RESULTS.md)

@@ -63,3 +63,15 @@ def test_digits_task_trains_shapes():
     batch = task.train[:4]
     out = task.model(pixel_values=batch["pixel_values"], labels=batch["labels"])
     assert out.logits.shape == (4, 10) and out.loss.ndim == 0 and len(task.test) == 20
+
+
+def test_lm_task_splits_articles_and_predicts_bytes():
+    task = tasks.load_task("lm", "tiny", max_train=64, max_test=16)
+    assert task.num_labels == 256 and len(task.train) == 64 and len(task.test) == 16
+    batch = task.train[:4]
+    assert tuple(batch["input_ids"].shape) == (4, tasks.LM_BLOCK) and int(batch["input_ids"].max()) < 256
+    out = task.model(input_ids=batch["input_ids"], labels=batch["labels"])
+    assert out.logits.shape == (4, tasks.LM_BLOCK, 256) and abs(out.loss.item() - np.log(256)) < 0.5
+    train, test = tasks._bbc_bytes(0)
+    blocks = {bytes(row) for row in np.asarray(test["input_ids"][:200], dtype=np.uint8)}
+    assert not blocks & {bytes(row) for row in np.asarray(train["input_ids"], dtype=np.uint8)}  # by article
