@@ -73,6 +73,7 @@ def split_validation(task):
 
 # Learned-scale arms: "mlrs_learned:<variant>" started from `lr`; each variant is a set of MLRSTrainingArguments.
 LEARNED_VARIANTS = {
+    "default": {},  # the library's defaults for mlrs_gamma="learned": what a user gets
     # growth from a start relative to the model, meta-updates every step until the scale settles, then every 4th
     "g1c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2),
     "g4c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_cooldown_fraction=0.2),
@@ -88,6 +89,12 @@ LEARNED_VARIANTS = {
                 mlrs_scale_start_update=1e-3),
     "g3c10": dict(mlrs_settle_interval=1, mlrs_meta_interval=10, mlrs_horizon=1, mlrs_cooldown_fraction=0.2,
                   mlrs_scale_start_update=1e-3),
+    "g3f": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2,
+                mlrs_scale_start_update=1e-3, mlrs_scale_growth_stop=None),
+    "g3e": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2,
+                mlrs_scale_start_update=1e-3, mlrs_meta_eval_mode=True),
+    "g3h4": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_cooldown_fraction=0.2,
+                 mlrs_scale_start_update=1e-3),
     "h1c": dict(mlrs_meta_interval=1, mlrs_horizon=1, mlrs_scale_start_update=None, mlrs_scale_growth=0.0,
                 mlrs_cooldown_fraction=0.2),
     # without the relative start and growth: symmetric updates from the given lr (negative result, see RESULTS.md)
@@ -381,11 +388,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"quality_{options.device}{'_smoke' if options.smoke else ''}"
     runs = []
-    if options.reuse:  # keep earlier runs of the tasks asked for, unless this invocation reruns their arm family
+    if options.reuse:  # keep earlier runs, except those of the arm families this invocation runs on its tasks
         fresh = [a.split(":")[0] for a in options.arms.split(",")]
         for r in json.loads(Path(options.reuse).read_text())["runs"]:
             family = "tuned" if r["arm"].startswith("grid:") else r["arm"].split(":")[0].split("@")[0]
-            if r["task"] in options.tasks.split(",") and family not in fresh:
+            if r["task"] not in options.tasks.split(",") or family not in fresh:
                 runs.append(r)
     with open(stem.with_suffix(".log"), "w") as log_file:
         def log(line):

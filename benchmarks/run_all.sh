@@ -16,6 +16,14 @@ $launch recipes/transfer.py --schedule resnet-small-digits --task digits --model
 # Schedule quality against tuned built-in schedules, Schedule-Free and Prodigy (3 tasks x 3 seeds).
 python benchmarks/quality.py
 
+# The learned lr scale (issue: no lr to tune): MLRSTrainer with mlrs_gamma="learned" at the library defaults, started
+# from five lrs over four decades x 3 seeds, with constant/cosine at the same lrs; the baselines of bbc, digits and
+# fashion are those of the run above (--reuse), the causal-LM task runs every arm.
+python benchmarks/quality.py --tasks bbc,digits,fashion --arms sweep,mlrs_learned:default \
+  --reuse benchmarks/results/quality_cpu.json
+python benchmarks/quality.py --tasks lm --arms tuned,sweep,schedule_free,prodigy,mlrs_learned:default \
+  --reuse benchmarks/results/quality_cpu.json
+
 # Cost per step (two model sizes, every arm in its own process).
 python benchmarks/overhead.py --repeats 2
 

@@ -34,10 +34,11 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_lr (`float`, *optional*, defaults to `0.1`):
         With a learned gamma: the Adam step on log(gamma); one meta-update changes gamma by about exp(mlrs_scale_lr)
         at most (hard clip: a factor 1.65).
-    mlrs_scale_start_update (`float`, *optional*, defaults to `1e-4`):
+    mlrs_scale_start_update (`float`, *optional*, defaults to `1e-3`):
         With a learned gamma: where it starts, relative to the model rather than to `learning_rate`: the first step
-        is rescaled (exactly) so that it moves the weights by this fraction of their norm, and gamma with it. Gentle
-        enough for a pretrained model whatever `learning_rate` says; unset it (`None`) to start at `learning_rate`.
+        is rescaled (exactly) so that it moves the weights by this fraction of their norm, and gamma with it. Below
+        the lr that wrecks a pretrained model whatever `learning_rate` says (2-layer MiniLM collapses near 5e-3 of
+        its norm per step), yet where the held-out signal is measurable; `None` starts at `learning_rate`.
     mlrs_scale_growth (`float`, *optional*, defaults to `0.2`):
         With a learned gamma: its growth per meta-update (a factor exp(0.2) = 1.22) until the held-out
         hypergradient, averaged, says that a larger lr hurts; 0 disables the growth phase.
@@ -50,11 +51,13 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_growth_stop (`float`, *optional*, defaults to `0.0`):
         With a learned gamma: growth stops once Adam's normalised first moment of dL/dlog(gamma), m / sqrt(v) in
         [-1, 1], exceeds this (0: as soon as the averaged hypergradient says a larger lr hurts).
-    mlrs_cooldown_fraction (`float`, *optional*, defaults to `0.0`):
+    mlrs_cooldown_fraction (`float`, *optional*):
         Share of training, at the end, over which the lr decays linearly towards 0 (as warmup-stable-decay does);
-        no meta-update happens in it.
-    mlrs_settle_interval (`int`, *optional*):
-        With a learned gamma: the meta interval used until gamma has settled; `mlrs_meta_interval` after.
+        no meta-update happens in it. Defaults to 0.2 with a learned gamma (a one-step lookahead does not anneal by
+        itself in runs of a few hundred steps), 0 otherwise.
+    mlrs_settle_interval (`int`, *optional*, defaults to `1`):
+        With a learned gamma: the meta interval used until gamma has settled (its growth has stopped);
+        `mlrs_meta_interval` after. `None`: `mlrs_meta_interval` throughout.
     mlrs_min_lr, mlrs_max_lr (`float`, *optional*):
         Bounds on the lr.
     mlrs_stage_by (`str`, *optional*, defaults to `"progress"`):
@@ -66,8 +69,9 @@ class MLRSTrainingArguments(TrainingArguments):
 
     > Meta-training (when MLRSTrainer gets no `schedule`)
 
-    mlrs_meta_interval (`int`, *optional*, defaults to `10`):
-        A meta-update every this many optimizer steps (paper: 300 iterations of a 200-epoch run).
+    mlrs_meta_interval (`int`, *optional*):
+        A meta-update every this many optimizer steps (paper: 300 iterations of a 200-epoch run). Defaults to 4
+        with a learned gamma (after it settles), 10 otherwise.
     mlrs_meta_lr, mlrs_meta_weight_decay (`float`, *optional*, defaults to `1e-3`, `1e-4`):
         Adam on the net's parameters (paper values, for runs of tens of thousands of steps). Runs of a few hundred
         steps learn little at these settings: the recipes use `mlrs_meta_interval=2` and `mlrs_meta_lr=1e-2`.
@@ -96,7 +100,7 @@ class MLRSTrainingArguments(TrainingArguments):
     )
     mlrs_scale_lr: float = field(default=0.1, metadata={"help": "Learned gamma: Adam step size on log(gamma)."})
     mlrs_scale_start_update: float | None = field(
-        default=1e-4, metadata={"help": "Learned gamma: the first step moves the weights by this share of their norm "
+        default=1e-3, metadata={"help": "Learned gamma: the first step moves the weights by this share of their norm "
                                 "(None: start at learning_rate)."}
     )
     mlrs_scale_growth: float = field(
@@ -108,15 +112,19 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_horizon: int = field(
         default=1, metadata={"help": "Steps per meta-update window (1: the paper's one-step lookahead)."}
     )
-    mlrs_scale_growth_stop: float = field(
+    mlrs_scale_growth_stop: float | None = field(
         default=0.0, metadata={"help": "Learned gamma: the averaged, normalised hypergradient (in [-1, 1]) above "
                                "which growth stops."}
     )
-    mlrs_cooldown_fraction: float = field(
-        default=0.0, metadata={"help": "Share of training, at the end, over which the lr decays linearly to 0."}
+    mlrs_meta_eval_mode: bool = field(
+        default=False, metadata={"help": "Measure the meta loss in eval mode (running statistics, no dropout)."}
+    )
+    mlrs_cooldown_fraction: float | None = field(
+        default=None, metadata={"help": "Share of training, at the end, over which the lr decays linearly to 0 "
+                                "(default: 0.2 with a learned gamma, else 0)."}
     )
     mlrs_settle_interval: int | None = field(
-        default=None, metadata={"help": "Learned gamma: meta interval until gamma settles (then mlrs_meta_interval)."}
+        default=1, metadata={"help": "Learned gamma: meta interval until gamma settles (then mlrs_meta_interval)."}
     )
     mlrs_min_lr: float | None = field(default=None, metadata={"help": "Lower bound on the lr."})
     mlrs_max_lr: float | None = field(default=None, metadata={"help": "Upper bound on the lr."})
@@ -128,7 +136,10 @@ class MLRSTrainingArguments(TrainingArguments):
         default="skip",
         metadata={"help": "On NaN/inf loss, meta loss or hypergradient: 'skip' (keep lr and net) or 'stop' training."},
     )
-    mlrs_meta_interval: int = field(default=10, metadata={"help": "Meta-update every N optimizer steps."})
+    mlrs_meta_interval: int | None = field(
+        default=None, metadata={"help": "Meta-update every N optimizer steps (default: 4 with a learned gamma, else "
+                                "10, the paper's)."}
+    )
     mlrs_meta_lr: float = field(default=1e-3, metadata={"help": "Adam lr of the schedule net (paper: 1e-3)."})
     mlrs_meta_weight_decay: float = field(
         default=1e-4, metadata={"help": "Adam weight decay of the schedule net (paper: 1e-4)."}
@@ -172,6 +183,12 @@ class MLRSTrainingArguments(TrainingArguments):
     def _validate_mlrs(self) -> None:
         def fail(name: str, problem: str, fix: str) -> None:
             raise ValueError(f"MLRSTrainingArguments.{name}: {problem}. {fix}")
+
+        learned = self.mlrs_gamma == "learned"  # defaults measured for a learned scale (benchmarks/RESULTS.md)
+        if self.mlrs_meta_interval is None:
+            self.mlrs_meta_interval = 4 if learned else 10
+        if self.mlrs_cooldown_fraction is None:
+            self.mlrs_cooldown_fraction = 0.2 if learned else 0.0
 
         if self.mlrs_gamma is not None and self.mlrs_gamma not in ("auto", "learned"):
             try:

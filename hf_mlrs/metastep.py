@@ -32,8 +32,9 @@ class MetaStep:
         on_nonfinite (`str`): "skip" (warn, keep lr and net) or "stop" (also stop training).
     """
 
-    def __init__(self, trainer, scheduler: MLRSScheduler, on_nonfinite: str = "skip"):
+    def __init__(self, trainer, scheduler: MLRSScheduler, on_nonfinite: str = "skip", eval_mode: bool = False):
         self.trainer = trainer
+        self.eval_mode = eval_mode
         self.scheduler = scheduler
         self.on_nonfinite = on_nonfinite
         self.log_window: dict[str, list[float]] = {"meta_loss": [], "hypergrad": []}
@@ -207,9 +208,15 @@ class MetaStep:
             p.grad = None
         inputs = self.meta_batch(meta_step)
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        with trainer.compute_loss_context_manager():
-            meta_loss = trainer.compute_loss(model, inputs)
-        grads = torch.autograd.grad(meta_loss, learner.params, allow_unused=True)
+        was_training = model.training
+        if self.eval_mode:  # the held-out loss as evaluation sees it: running statistics, no dropout
+            model.eval()
+        try:
+            with trainer.compute_loss_context_manager():
+                meta_loss = trainer.compute_loss(model, inputs)
+            grads = torch.autograd.grad(meta_loss, learner.params, allow_unused=True)
+        finally:
+            model.train(was_training)
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)

@@ -47,7 +47,7 @@ class LearnedScale:
         betas (`tuple[float, float]`): Adam's moment decays.
         growth (`float`, defaults to `0.0`): the growth of s per update in the growth phase (0: no growth phase).
         growth_stop (`float`, defaults to `0.0`): the m / sqrt(v) above which the growth phase ends (0: as soon as
-            the averaged hypergradient turns positive, after at least 3 updates).
+            the averaged hypergradient turns positive, after at least 3 updates); None: at the first positive one.
         start_update (`float`, *optional*): a start relative to the model, not to the user's lr: after the first
             step, gamma is reset so that this step moved the weights by `start_update` x their norm (the step is
             linear in the lr, so it is rescaled exactly). Whatever lr the user gave, the run then continues the same.
@@ -65,7 +65,7 @@ class LearnedScale:
         settle_after: int = 10,
         settle_threshold: float = 0.5,
         growth: float = 0.0,
-        growth_stop: float = 0.0,
+        growth_stop: float | None = 0.0,
         start_update: float | None = None,
     ):
         low, high = (float(b) for b in bounds)
@@ -88,7 +88,7 @@ class LearnedScale:
         # about 0.23 for pure noise at beta1 0.9, near 1 while the scale is still far from where the signal wants it).
         self.settle_after, self.settle_threshold = settle_after, settle_threshold
         self.settled = False
-        self.growth, self.growth_stop = float(growth), float(growth_stop)
+        self.growth, self.growth_stop = float(growth), growth_stop
         self.growing = self.growth > 0
         self.start_update = start_update
         self.calibrated = start_update is None
@@ -113,7 +113,8 @@ class LearnedScale:
         self.v = beta2 * self.v + (1 - beta2) * g * g
         m_hat, v_hat = self.m / (1 - beta1**self.t), self.v / (1 - beta2**self.t)
         confidence = m_hat / (math.sqrt(v_hat) + self.eps)  # in [-1, 1]: +1 = every recent signal says "smaller"
-        if self.growing and self.t >= 3 and confidence > self.growth_stop:
+        overshoot = g > 0 if self.growth_stop is None else confidence > self.growth_stop
+        if self.growing and self.t >= 3 and overshoot:
             self.growing, self.settled = False, True  # the held-out loss says the lr is now large enough
         if self.growing:
             step = -self.growth

@@ -197,7 +197,8 @@ class MLRSTrainer(Trainer):
                     settle_interval=self.args.mlrs_settle_interval,
                     stop_step=num_training_steps - self.lr_scheduler.cooldown_steps,
                 )
-            self._meta_step = self.meta_step_class(self, self.lr_scheduler, self.args.mlrs_on_nonfinite)
+            self._meta_step = self.meta_step_class(self, self.lr_scheduler, self.args.mlrs_on_nonfinite,
+                                                   eval_mode=self.args.mlrs_meta_eval_mode)
             if self.meta_learning:
                 self._meta_step.set_meta_data(self.meta_dataset, self._meta_batch_size, self.args.seed)
             self._created_lr_scheduler = True

@@ -72,7 +72,7 @@ def test_scale_follows_the_sign_of_a_consistent_hypergradient():
 def learned_args(output_dir, **overrides):
     """A learned scale with symmetric updates from learning_rate (no relative start, no growth phase)."""
     values = dict(max_steps=16, mlrs_gamma="learned", mlrs_meta_interval=1, mlrs_scale_lr=0.3, logging_steps=1,
-                  mlrs_scale_start_update=None, mlrs_scale_growth=0.0)
+                  mlrs_scale_start_update=None, mlrs_scale_growth=0.0, mlrs_cooldown_fraction=0.0)
     values.update(overrides)
     return tiny_args(output_dir, **values)
 
