@@ -11,9 +11,12 @@ The default is the README's main job: BBC News topic classification (5 classes, 
 Images (scikit-learn digits; Fashion-MNIST needs `apt-get install dataset-fashion-mnist`), and several GPUs:
 
     accelerate launch --config_file recipes/accelerate_configs/cpu.yaml recipes/meta_train.py \
-        --task digits --model resnet-small --num_train_epochs 20 --learning_rate 3e-3 --output_dir outputs/digits
+        --task digits --model resnet-small --num_train_epochs 20 --output_dir outputs/digits
     accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/meta_train.py \
-        --task fashion --model resnet-small --learning_rate 3e-3 --output_dir outputs/fashion
+        --task fashion --model resnet-small --output_dir outputs/fashion
+
+The lr scale is learned (`mlrs_gamma="learned"`): no lr to pick. For the schedule of a fixed scale, as the shipped
+schedules were learned: `--mlrs_gamma 2e-4 --mlrs_meta_interval 2`.
 
 Writes to --output_dir: `schedule/` (weights, config, model card with provenance, lr plot) and `metrics.json`.
 With --push_to_hub the learned schedule (not the model) is pushed to --hub_model_id.
@@ -44,11 +47,12 @@ class ScriptArguments:
 
 # Defaults of this recipe that differ from MLRSTrainingArguments' (all overridable on the command line).
 RECIPE_DEFAULTS = dict(
-    output_dir="outputs/meta_train_bbc", num_train_epochs=2, learning_rate=2e-4, per_device_train_batch_size=16,
+    output_dir="outputs/meta_train_bbc", num_train_epochs=2, per_device_train_batch_size=16,
     per_device_eval_batch_size=64,
     use_cpu=not torch.cuda.is_available(),  # several CPU processes must join one DDP group, not run independently
     logging_steps=10, save_strategy="no", report_to="none", seed=0,
-    mlrs_meta_interval=2, mlrs_meta_lr=1e-2, mlrs_num_stages=3,
+    mlrs_gamma="learned",  # MLRS: no lr to pick (learning_rate is ignored); --mlrs_gamma 2e-4 for a fixed scale
+    mlrs_meta_lr=1e-2, mlrs_num_stages=3,
 )
 
 

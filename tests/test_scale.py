@@ -297,3 +297,17 @@ def test_callback_learned_scale_needs_a_meta_dataset():
 
     with pytest.raises(ValueError, match="meta_dataset"):
         MLRSCallback(constant_stages(0.0), gamma="learned")
+
+
+def test_cooldown_decays_linearly_and_stops_meta_updates(tmp_path):
+    data = least_squares_data()
+    args = learned_args(tmp_path, learning_rate=1e-3, optim="sgd", per_device_train_batch_size=64, max_steps=20,
+                        mlrs_cooldown_fraction=0.25)
+    trainer = MLRSTrainer(model=LeastSquares(), args=args, train_dataset=data, meta_dataset=data,
+                          schedule=constant_stages(8.0))
+    trainer.train()
+    values, lrs = gammas(trainer), logged_lrs(trainer)
+    assert len(set(values[:15])) == 15 and len(set(values[15:])) == 1  # no meta-update in the last 5 steps
+    output = torch.sigmoid(torch.tensor(8.0)).item()
+    expected = [values[-1] * output * k / 6 for k in (5, 4, 3, 2, 1)]
+    torch.testing.assert_close(torch.tensor(lrs[15:]), torch.tensor(expected), rtol=1e-6, atol=0)

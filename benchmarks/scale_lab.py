@@ -1,0 +1,39 @@
+"""One learned-scale run at a time, for exploring designs (the log of RESULTS.md section 3b).
+
+Runs `quality.run_one` for each arm x starting lr x seed and prints one line: validation/test accuracy, the learned
+gamma and the applied lr at seven points of the run. Arms are `mlrs_scale:<variant>` (a flat frozen net: only the
+scale is learned) or `mlrs_learned:<variant>` (the net is meta-trained too), variants from `LEARNED_VARIANTS` in
+quality.py. Appends every run's full record to benchmarks/results/scale_lab.jsonl.
+
+    python benchmarks/scale_lab.py bbc mlrs_scale:g3c,mlrs_learned:g3c 1e-3 0
+"""
+
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import quality  # noqa: E402
+
+
+def main(task: str, arms: str, lrs: str, seeds: str) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    options = types.SimpleNamespace(smoke=False, device="cpu")
+    with open(HERE / "results" / "scale_lab.jsonl", "a") as out:
+        for arm in arms.split(","):
+            for lr in (float(x) for x in lrs.split(",")):
+                for seed in (int(s) for s in seeds.split(",")):
+                    r = quality.run_one(task, arm, lr, seed, options)
+                    every = max(1, len(r["gammas"]) // 6)
+                    print(f"{task} {arm:24s} lr={lr:<8.2g} s={seed} val={r['val_accuracy']} test={r['test_accuracy']} "
+                          f"vloss={r['val_loss']:.4f} gamma: {[f'{g:.2e}' for _, g in r['gammas'][::every]]} "
+                          f"lrs: {[f'{x:.2e}' for _, x in r['lrs'][::every]]} ({r['seconds']:.0f}s)", flush=True)
+                    out.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
