@@ -193,11 +193,18 @@ def test_horizon_windows_thin_out_once_the_scale_settles(tmp_path, dataset):
 # ---- exact resume -----------------------------------------------------------------------------------------------
 
 
-def build(output_dir: str, max_steps: int = 12) -> MLRSTrainer:
-    """Meta-trains the net and learns the scale, with dropout (RNG state) and checkpoints every 4 steps."""
+def build(output_dir: str, max_steps: int = 12, variant: str = "windows") -> MLRSTrainer:
+    """Meta-trains the net and learns the scale, with dropout (RNG state) and checkpoints every 4 steps.
+
+    "windows": symmetric updates over 2-step windows; "defaults": the library's defaults for a learned scale
+    (calibrated start, growth, a meta step every step until settled, cooldown)."""
     torch.set_num_threads(1)
-    args = learned_args(output_dir, max_steps=max_steps, save_strategy="steps", save_steps=4,
-                        per_device_train_batch_size=8, mlrs_meta_interval=2, mlrs_horizon=2, mlrs_meta_lr=1e-2)
+    common = dict(max_steps=max_steps, save_strategy="steps", save_steps=4, per_device_train_batch_size=8,
+                  mlrs_meta_lr=1e-2)
+    if variant == "windows":
+        args = learned_args(output_dir, mlrs_meta_interval=2, mlrs_horizon=2, **common)
+    else:
+        args = tiny_args(output_dir, mlrs_gamma="learned", mlrs_meta_interval=None, **common)
     return MLRSTrainer(model=tiny_bert(dropout=0.1), args=args, train_dataset=tiny_dataset(n=120))
 
 
@@ -217,22 +224,24 @@ class Kill(TrainerCallback):
         if state.global_step == 6:
             os.kill(os.getpid(), signal.SIGKILL)
 
-trainer = build({out!r})
+trainer = build({out!r}, variant={variant!r})
 trainer.add_callback(Kill())
 trainer.train()
 """
 
 
-def test_sigkill_then_resume_is_bitwise_exact_with_a_learned_scale(tmp_path):
-    full = build(str(tmp_path / "full"))
+@pytest.mark.parametrize("variant", ["windows", "defaults"])
+def test_sigkill_then_resume_is_bitwise_exact_with_a_learned_scale(tmp_path, variant):
+    full = build(str(tmp_path / "full"), variant=variant)
     full.train()
     expected = outcome(full)
     run_dir = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), out=str(run_dir))], env=env,
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    script = KILL_SCRIPT.format(root=str(ROOT), out=str(run_dir), variant=variant)
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
-    resumed = build(str(run_dir))
+    resumed = build(str(run_dir), variant=variant)
     resumed.train(resume_from_checkpoint=str(run_dir / "checkpoint-4"))
     lrs, values, net, model = outcome(resumed)
     assert lrs == expected[0] and values == expected[1] and len(set(values)) > 3
