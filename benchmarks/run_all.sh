@@ -26,6 +26,9 @@ python benchmarks/quality.py --tasks lm --arms tuned,sweep,schedule_free,prodigy
 
 # Cost per step (two model sizes, every arm in its own process).
 python benchmarks/overhead.py --repeats 2
+# The learned scale's cost over a whole run of 155 steps (section 3b).
+python benchmarks/overhead.py --sizes small --arms plain,learned --steps 150 --repeats 2 \
+  --out benchmarks/results/overhead_learned
 
 # Kill anywhere: SIGKILL at random moments (also inside a checkpoint save, also with 2 processes), resume, compare.
 HF_MLRS_FULL_KILL_TEST=1 OMP_NUM_THREADS=1 python -m pytest tests/test_crash_safe_resume.py -k kill_anywhere -s
