@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every measured number in benchmarks/RESULTS.md, in the order it was produced (about an hour on 2 CPU cores).
+# Every measured number in benchmarks/RESULTS.md, in the order it was produced (about 2.5 hours on 2 CPU cores).
 # Run one at a time: two training jobs on 2 cores make every timing meaningless.
 set -euo pipefail
 cd "$(dirname "$0")/.."
