@@ -105,6 +105,7 @@ LEARNED_VARIANTS = {
 
 def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_source=None) -> dict:
     """Train one arm on one task with one seed; returns its validation curve and final metrics."""
+    import torch
     from prodigyopt import Prodigy
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -140,11 +141,8 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
         args = MLRSTrainingArguments(**common, mlrs_gamma="learned", mlrs_meta_lr=1e-2, **variant)
         flat = None
         if arm.startswith("mlrs_scale"):  # A_t = sigmoid(bias) whatever the loss: only the scale is learned
-            from hf_mlrs import MLRSNet
-
-            flat = MLRSNet(output_bias_init=8.0)
-            for p in flat.stages[0].head.parameters():
-                p.data.zero_() if p.dim() > 1 else p.data.fill_(8.0)
+            flat = MLRSNet(output_bias_init=8.0)  # the head's bias starts at 8; a zero weight ignores the loss
+            torch.nn.init.zeros_(flat.stages[0].head.weight)
         trainer = MLRSTrainer(model=task.model, args=args, schedule=flat, **data)
     elif arm.startswith("mlrs_transfer"):
         net = MLRSNet.from_pretrained(schedule_source) if isinstance(schedule_source, str) else schedule_source

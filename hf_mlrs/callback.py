@@ -13,7 +13,7 @@ import inspect
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .checkpoints import nothing_left_to_train, save_checkpoint_safely
-from .config import MLRSTrainingArguments
+from .config import learned_scale
 from .hypergrad import MetaLearner
 from .integration import (
     StepLossMeter,
@@ -25,7 +25,6 @@ from .integration import (
 )
 from .metastep import MetaStep
 from .modeling import MLRSNet
-from .scale import LearnedScale
 from .scheduler import MLRSScheduler
 
 
@@ -132,11 +131,7 @@ class MLRSCallback(TrainerCallback):
             control.should_training_stop = True
         gamma = self.gamma if self.gamma is not None else args.learning_rate
         if gamma == "learned":
-            defaults = MLRSTrainingArguments  # one source for the scale's settings
-            gamma = LearnedScale(args.learning_rate, lr=defaults.mlrs_scale_lr, growth=defaults.mlrs_scale_growth,
-                                 growth_stop=defaults.mlrs_scale_growth_stop,
-                                 start_update=defaults.mlrs_scale_start_update,
-                                 bounds=(defaults.mlrs_scale_min, defaults.mlrs_scale_max))
+            gamma = learned_scale(args.learning_rate)  # the MLRSTrainingArguments defaults
         self.scheduler = MLRSScheduler(
             kwargs["optimizer"],
             self.schedule,

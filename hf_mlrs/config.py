@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .modeling import INPUT_NORMALIZATIONS
+from .scale import LearnedScale
 
 
 # args.optim values whose optimizer is not linear in lr (see hypergrad.lr_linearity_problem for classes).
@@ -46,11 +47,14 @@ class MLRSTrainingArguments(TrainingArguments):
         With a learned gamma: hard bounds on it.
     mlrs_horizon (`int`, *optional*, defaults to `1`):
         Optimizer steps per meta-update window: the meta loss is measured after the window and its gradient taken
-        along the window's whole displacement (1: the paper's exact one-step lookahead; longer horizons counter
-        the short-horizon bias towards small lrs). At most the meta interval.
+        along the window's whole displacement (1: the paper's exact one-step lookahead; longer windows are
+        first-order in the steps' directions; on the benchmarks they did not help, RESULTS.md 3b). At most the meta
+        interval.
     mlrs_scale_growth_stop (`float`, *optional*, defaults to `0.0`):
         With a learned gamma: growth stops once Adam's normalised first moment of dL/dlog(gamma), m / sqrt(v) in
         [-1, 1], exceeds this (0: as soon as the averaged hypergradient says a larger lr hurts).
+    mlrs_meta_eval_mode (`bool`, *optional*, defaults to `False`):
+        Measure the meta loss in eval mode (BatchNorm running statistics, no dropout) instead of train mode.
     mlrs_cooldown_fraction (`float`, *optional*):
         Share of training, at the end, over which the lr decays linearly towards 0 (as warmup-stable-decay does);
         no meta-update happens in it. Defaults to 0.2 with a learned gamma (a one-step lookahead does not anneal by
@@ -95,8 +99,8 @@ class MLRSTrainingArguments(TrainingArguments):
 
     mlrs_gamma: str | None = field(
         default=None,
-        metadata={"help": "LR scale gamma (lr = gamma * net output in (0,1)): a number, 'auto' (paper heuristic, "
-                  "SGD only), or unset to use learning_rate."},
+        metadata={"help": "LR scale gamma (lr = gamma * net output in (0,1)): 'learned', a number, 'auto' (paper "
+                  "heuristic, SGD only), or unset to use learning_rate."},
     )
     mlrs_scale_lr: float = field(default=0.1, metadata={"help": "Learned gamma: Adam step size on log(gamma)."})
     mlrs_scale_start_update: float | None = field(
@@ -254,3 +258,17 @@ class MLRSTrainingArguments(TrainingArguments):
                  "A window cannot be longer than the steps between two meta-updates.")
         if self.mlrs_settle_interval is not None and self.mlrs_settle_interval < 1:
             fail("mlrs_settle_interval", f"{self.mlrs_settle_interval} < 1", "Use 1 (every step) or unset.")
+
+
+def learned_scale(init: float, settings: MLRSTrainingArguments | type[MLRSTrainingArguments] = MLRSTrainingArguments,
+                  ) -> LearnedScale:
+    """The LearnedScale of the `mlrs_scale_*` settings of `settings` (an instance, or the class for its defaults):
+    one place that maps the arguments onto the scale, for MLRSTrainer and MLRSCallback alike."""
+    return LearnedScale(
+        init,
+        lr=settings.mlrs_scale_lr,
+        bounds=(settings.mlrs_scale_min, settings.mlrs_scale_max),
+        growth=settings.mlrs_scale_growth,
+        growth_stop=settings.mlrs_scale_growth_stop,
+        start_update=settings.mlrs_scale_start_update,
+    )

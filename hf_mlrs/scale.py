@@ -137,8 +137,7 @@ class LearnedScale:
         return self.gamma
 
     def state_dict(self) -> dict:
-        return {key: getattr(self, key) for key in
-                STATE_KEYS}
+        return {key: getattr(self, key) for key in STATE_KEYS}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():

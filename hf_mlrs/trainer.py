@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 
 from . import __version__
 from .checkpoints import checkpoint_problem, checkpoint_to_resume, nothing_left_to_train, save_checkpoint_safely
-from .config import MLRSTrainingArguments
+from .config import MLRSTrainingArguments, learned_scale
 from .data import split_meta_set
 from .hypergrad import MetaLearner, lr_linearity_problem
 from .integration import (
@@ -37,7 +37,6 @@ from .integration import (
 )
 from .metastep import MetaStep
 from .modeling import MLRSNet
-from .scale import LearnedScale
 from .scheduler import MLRSScheduler
 
 
@@ -163,14 +162,7 @@ class MLRSTrainer(Trainer):
             _require_lr_linear(type(base), base.defaults, self.args)  # whichever way the optimizer was made
             gamma = self.args.mlrs_gamma_value
             if gamma == "learned":
-                gamma = LearnedScale(
-                    self.args.learning_rate,
-                    lr=self.args.mlrs_scale_lr,
-                    bounds=(self.args.mlrs_scale_min, self.args.mlrs_scale_max),
-                    growth=self.args.mlrs_scale_growth,
-                    growth_stop=self.args.mlrs_scale_growth_stop,
-                    start_update=self.args.mlrs_scale_start_update,
-                )
+                gamma = learned_scale(self.args.learning_rate, self.args)
             self.lr_scheduler = MLRSScheduler(
                 optimizer,
                 self.schedule,
