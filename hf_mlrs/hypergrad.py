@@ -15,6 +15,12 @@ After one Adam step on theta the net gives alpha' for the same input, and the st
 which is exactly the step the updated net would have taken: the paper's order (update the net, then step with it).
 Under data parallelism each rank forms its local <g_meta, delta> (delta is identical on every rank) and only that
 scalar and the meta loss are averaged: no second all-reduce of full gradients.
+
+Under FSDP2 (`fully_shard`, DTensor parameters) nothing needs a whole parameter: the dot product is a sum over
+parameter entries, and each rank holds the shard of w, of delta and (after the reduce-scatter of the meta backward)
+of g_meta for the same entries. Every buffer and vector operation here runs on the local shards (`to_local()`, a
+view: in-place updates reach the parameter), and the per-shard partial sums are summed across ranks: exact, with
+one shard-sized buffer per rank and only scalars communicated.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from .modeling import MLRSNet
 from .scale import LearnedScale
@@ -67,6 +74,8 @@ class MetaLearner:
             raise ValueError(f"MetaLearner: horizon={horizon} must be between 1 and the meta interval ({interval}).")
         self.schedule = schedule
         self.params = list(params)
+        # Under FSDP2 the process group the parameters are sharded over, whose partial sums must be added up.
+        self.shard_group = sharding_group(self.params)
         self.interval = interval
         self.settle_interval = settle_interval
         self.horizon = horizon
@@ -113,12 +122,22 @@ class MetaLearner:
 
     # ---- around the real optimizer step ------------------------------------------------------------------------
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are FSDP2 shards: dot products are partial sums, to be summed across ranks."""
+        return self.shard_group is not None
+
+    def local_params(self) -> list[torch.Tensor]:
+        """This rank's part of each parameter: the parameter itself, or its local shard (a view) under FSDP2."""
+        return [local_tensor(p) for p in self.params]
+
     @torch.no_grad()
     def remember_weights(self) -> None:
-        """Before the step: keep w_old."""
+        """Before the step: keep w_old (of this rank's shards only, under FSDP2: never a gathered parameter)."""
+        params = self.local_params()
         if self.delta is None:
-            self.delta = [torch.empty_like(p) for p in self.params]
-        torch._foreach_copy_(self.delta, self.params)
+            self.delta = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(self.delta, params)
         self.window_open = True
 
     def close_window(self) -> None:
@@ -128,25 +147,31 @@ class MetaLearner:
     @torch.no_grad()
     def weights_to_delta(self) -> None:
         """After the step: turn the buffer into delta = w_new - w_old, in place."""
-        torch._foreach_sub_(self.delta, self.params)
+        torch._foreach_sub_(self.delta, self.local_params())
         torch._foreach_neg_(self.delta)
 
     @torch.no_grad()
     def relative_update(self) -> float:
         """||delta|| / ||w_old||, in float64, with w_old = w - delta expanded in dot products (no extra buffer):
-        how far the step(s) since remember_weights() moved the weights, relative to where they started."""
+        how far the step(s) since remember_weights() moved the weights, relative to where they started.
+        Under FSDP2 the three sums are per-shard partial sums: one all-reduce of three scalars completes them."""
+        params = self.local_params()
         delta_sq = sum(float(torch.dot(d.reshape(-1), d.reshape(-1))) for d in self.delta)
-        cross = sum(float(torch.dot(p.reshape(-1), d.reshape(-1))) for p, d in zip(self.params, self.delta))
-        new_sq = sum(float(torch.dot(p.reshape(-1), p.reshape(-1))) for p in self.params)
+        cross = sum(float(torch.dot(p.reshape(-1), d.reshape(-1))) for p, d in zip(params, self.delta))
+        new_sq = sum(float(torch.dot(p.reshape(-1), p.reshape(-1))) for p in params)
+        if self.sharded:
+            delta_sq, cross, new_sq = self.sum_over_shards(torch.tensor([delta_sq, cross, new_sq])).tolist()
         old_sq = new_sq - 2 * cross + delta_sq
         return math.sqrt(delta_sq / old_sq) if old_sq > 0 else math.inf
 
     @torch.no_grad()
     def local_dot(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
-        """<g_meta, delta> over this rank's parameters: per tensor in at least float32, summed in float64."""
-        total = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+        """<g_meta, delta> over this rank's parameters (its shards under FSDP2, where `grads` may be DTensors):
+        per tensor in at least float32, summed in float64."""
+        total = torch.zeros((), dtype=torch.float64, device=self.delta[0].device)
         for g, d in zip(grads, self.delta):
             if g is not None:
+                g = local_tensor(g)
                 if g.dtype in (torch.float16, torch.bfloat16):
                     g, d = g.float(), d.float()
                 total += torch.dot(g.reshape(-1), d.reshape(-1)).to(torch.float64)
@@ -171,7 +196,18 @@ class MetaLearner:
     def rescale(self, ratio: float) -> None:
         """w = w_old + ratio * delta, from w = w_old + delta: the step taken becomes a step with lr alpha'."""
         if ratio != 1.0:
-            torch._foreach_add_(self.params, self.delta, alpha=ratio - 1.0)
+            torch._foreach_add_(self.local_params(), self.delta, alpha=ratio - 1.0)
+
+    @torch.no_grad()
+    def sum_over_shards(self, values: torch.Tensor) -> torch.Tensor:
+        """Partial sums (float64, one entry per quantity) of this rank's shards, summed over the shard group.
+
+        Sent from the device the shards live on (NCCL needs CUDA tensors, gloo takes CPU ones); returned on the CPU.
+        """
+        device = self.delta[0].device if self.delta else local_tensor(self.params[0]).device
+        values = values.to(device=device, dtype=torch.float64)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.shard_group)
+        return values.cpu()
 
     # ---- stage snapshots (the paper's epoch-1/100/200 nets) ----------------------------------------------------
 
@@ -216,6 +252,37 @@ class MetaLearner:
         self.window_length = state["window_length"]
         self.num_updates = state["num_updates"]
         self.num_skipped = state["num_skipped"]
+
+
+# ---- FSDP2 shards ---------------------------------------------------------------------------------------------------
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view of its storage), or the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def sharding_group(params: list[torch.Tensor]):
+    """The process group FSDP2 shards these parameters over, or None when none is a DTensor (one process, DDP).
+
+    A dot product summed over the shards of one group is exact only if every parameter is sharded over that same
+    1-D mesh (plain FSDP2). Replicated or 2-D placements (HSDP, tensor parallel) would count entries several times.
+    """
+    sharded = [p for p in params if hasattr(p, "device_mesh") and hasattr(p, "placements")]
+    if not sharded:
+        return None
+    if len(sharded) != len(params):
+        raise ValueError("hf_mlrs: some of the optimizer's parameters are FSDP2 shards (DTensor) and some are not; "
+                         "meta-training needs all of them sharded by fully_shard (or none).")
+    mesh = sharded[0].device_mesh
+    for p in sharded:
+        if p.device_mesh != mesh or mesh.ndim != 1 or not all(placement.is_shard() for placement in p.placements):
+            raise ValueError(
+                f"hf_mlrs: meta-training supports parameters sharded by FSDP2 over one 1-D device mesh; got "
+                f"placements {p.placements} over a {p.device_mesh.ndim}-D mesh. HSDP and tensor parallelism would "
+                "count replicated entries of the hypergradient more than once: use plain FSDP2 or DDP."
+            )
+    return mesh.get_group()
 
 
 # ---- which optimizers the lookahead is exact for ---------------------------------------------------------------

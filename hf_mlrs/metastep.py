@@ -8,7 +8,9 @@ Per optimizer step t, once gradients are complete (accumulated, synced, clipped)
                 the learned scale (dL/dlog(gamma) = dot) take one step; with a one-step window the step just taken
                 is rescaled to the updated lr, w = w_start + (alpha'_t / alpha_t) delta: the paper's order, exactly.
 The first step of a learned scale that starts relative to the model is a calibration step instead (see
-`LearnedScale.start_update`). Under DDP only two scalars per meta step cross processes.
+`LearnedScale.start_update`). Under DDP only two scalars per meta step cross processes. Under FSDP2 the meta
+backward runs through the sharded model (its all-gathers and reduce-scatter, as any backward), the dot product is
+taken over each rank's shards, and the same two scalars are all-reduced.
 """
 
 from __future__ import annotations
@@ -157,10 +159,7 @@ class MetaStep:
         alpha = float(lr.detach())
         learner.weights_to_delta()
         meta_loss, dot = self._meta_loss_and_dot(learner, learner.num_meta_steps)
-        stats = torch.stack([meta_loss, dot]).to(accelerator.device)
-        if accelerator.num_processes > 1:
-            stats = accelerator.reduce(stats, reduction="mean")  # two scalars: the only extra communication
-        meta_loss, dot = float(stats[0]), float(stats[1])
+        meta_loss, dot = self._across_ranks(learner, meta_loss, dot)
         if math.isfinite(meta_loss) and math.isfinite(dot):
             if learner.scale is not None:
                 learner.scale.update(dot)  # dL/dlog(gamma) = <g_meta, Delta>
@@ -195,15 +194,32 @@ class MetaStep:
         learner.rescale(scheduler.apply_lr(lr, state) / alpha)  # exact: the step is linear in the lr
         learner.close_window()
 
-    def _meta_loss_and_dot(self, learner: MetaLearner, meta_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Meta loss at w' on this rank's meta batch, and the local <g_meta, delta>.
+    def _across_ranks(self, learner: MetaLearner, meta_loss: torch.Tensor, dot: torch.Tensor) -> tuple[float, float]:
+        """The global meta loss (mean over the ranks' meta batches) and <g_meta, delta>: one all-reduce of 2 scalars.
 
-        Runs on the unwrapped model with autograd.grad: no DDP hook fires, so gradients are not all-reduced.
+        DDP: each rank's dot uses its own meta gradient and the whole delta, so the global dot is the mean.
+        FSDP2: the reduce-scatter already averaged g_meta over ranks, and each rank holds a disjoint shard of it and of
+        delta, so the global dot is the sum of the shards' dots (averaging would divide it by the world size).
+        """
+        accelerator = self.trainer.accelerator
+        n = accelerator.num_processes
+        if n == 1:
+            return float(meta_loss), float(dot)
+        if learner.sharded:
+            stats = accelerator.reduce(torch.stack([meta_loss / n, dot]).to(accelerator.device), reduction="sum")
+        else:
+            stats = accelerator.reduce(torch.stack([meta_loss, dot]).to(accelerator.device), reduction="mean")
+        return float(stats[0]), float(stats[1])
+
+    def _meta_loss_and_dot(self, learner: MetaLearner, meta_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Meta loss at w' on this rank's meta batch, and this rank's part of <g_meta, delta>.
+
         The spent training gradients are freed first, so the meta gradient costs no extra parameter-sized memory.
         Buffers (e.g. BatchNorm running statistics) are restored: the meta batch must not leak into the model.
         """
         trainer = self.trainer
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        # FSDP2 gathers parameters in its forward hooks: the meta loss must go through the sharded module itself.
+        model = trainer.model if learner.sharded else trainer.accelerator.unwrap_model(trainer.model)
         for p in learner.params:
             p.grad = None
         inputs = self.meta_batch(meta_step)
@@ -214,13 +230,15 @@ class MetaStep:
         try:
             with trainer.compute_loss_context_manager():
                 meta_loss = trainer.compute_loss(model, inputs)
-            grads = torch.autograd.grad(meta_loss, learner.params, allow_unused=True)
+            dot = (_sharded_meta_dot if learner.sharded else _local_meta_dot)(learner, meta_loss)
         finally:
             model.train(was_training)
+            for p in learner.params:
+                p.grad = None  # the meta gradient must never reach the next training step
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
-        return meta_loss.detach().to(torch.float64), learner.local_dot(grads)
+        return meta_loss.detach().to(torch.float64), dot
 
     def _on_nonfinite(self, what: str) -> None:
         warnings.warn(f"hf_mlrs: non-finite {what} at step {self.trainer.state.global_step}; the lr and the "
@@ -246,3 +264,25 @@ class MetaStep:
         if scheduler.scale is not None:
             logs["mlrs/scale_updates"] = scheduler.scale.num_updates
         return logs
+
+
+def _local_meta_dot(learner: MetaLearner, meta_loss: torch.Tensor) -> torch.Tensor:
+    """One process or DDP: autograd.grad on the unwrapped model, so no DDP hook fires (no gradient all-reduce)."""
+    grads = torch.autograd.grad(meta_loss, learner.params, allow_unused=True)
+    return learner.local_dot(grads)
+
+
+def _sharded_meta_dot(learner: MetaLearner, meta_loss: torch.Tensor) -> torch.Tensor:
+    """FSDP2: a plain backward through the sharded model. Its reduce-scatter leaves in each parameter's .grad this
+    rank's shard of the meta gradient averaged over ranks, next to this rank's shard of delta: their dot is this
+    rank's exact part of <g_meta, delta>. autograd.grad cannot be used: FSDP2 computes with gathered copies and
+    writes the sharded gradients in its post-backward hooks, so the sharded parameters are not in the graph."""
+    meta_loss.backward()
+    grads = [p.grad for p in learner.params]
+    if all(g is None for g in grads):
+        raise RuntimeError(
+            "hf_mlrs: the meta backward under FSDP2 left no sharded gradient: gradient synchronisation was off "
+            "(model.set_requires_gradient_sync(False), e.g. inside accelerator.no_sync) or the optimizer's parameters "
+            "are not the model's. Meta steps must run after the synchronised optimizer step."
+        )
+    return learner.local_dot(grads)

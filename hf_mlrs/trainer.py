@@ -42,7 +42,10 @@ from .scheduler import MLRSScheduler
 
 SCHEDULE_DIR = "mlrs_schedule"  # where save_model() and every checkpoint put the schedule
 META_TRAIN_UNSUPPORTED = {
-    DistributedType.FSDP: "FSDP shards the parameters the lookahead is taken over",
+    # FSDP2 (fsdp_version: 2) is supported: the lookahead runs on each rank's shards (see meta_training_problem).
+    DistributedType.FSDP: "FSDP1 flattens the parameters into FlatParameters the lookahead cannot be taken over; set "
+                          "fsdp_version: 2 in the accelerate config (FSDP2, recipes/accelerate_configs/fsdp.yaml), "
+                          "which is supported",
     DistributedType.DEEPSPEED: "DeepSpeed owns the optimizer step and shards its state",
     DistributedType.XLA: "XLA is untested",
     DistributedType.MEGATRON_LM: "Megatron-LM owns the optimizer step",
@@ -106,14 +109,13 @@ class MLRSTrainer(Trainer):
         # Why: the schedule must read the real mean loss, not one multiplied by accumulation steps x processes.
         fix_loss_scaling(self)
         if self.meta_learning:
-            problem = META_TRAIN_UNSUPPORTED.get(self.accelerator.distributed_type)
+            problem = meta_training_problem(self.accelerator)
             if problem:
                 raise ValueError(
                     f"MLRSTrainer cannot meta-train under {self.accelerator.distributed_type.value} (nor learn gamma "
-                    f"there): {problem}. Meta-train with DDP (recipes/accelerate_configs/multi_gpu.yaml) or one "
-                    "process, "
-                    "then apply the learned schedule frozen at a fixed gamma (schedule=... or MLRSCallback), which "
-                    "works under any mode."
+                    f"there): {problem}. Meta-train with DDP (recipes/accelerate_configs/multi_gpu.yaml), FSDP2 or "
+                    "one process, then apply the learned schedule frozen at a fixed gamma (schedule=... or "
+                    "MLRSCallback), which works under any mode."
                 )
             self._setup_meta_set(meta_dataset)
         if self.meta_training:
@@ -322,6 +324,20 @@ class _MLRSHooks(TrainerCallback):
         scheduler = self.trainer.lr_scheduler
         if scheduler.meta_learner is not None and scheduler.meta_learner.train_net:
             scheduler.meta_learner.record_stages(state.global_step, scheduler.loss_ema)
+
+
+def meta_training_problem(accelerator) -> str | None:
+    """Why MLRSTrainer cannot meta-train (or learn gamma) under this accelerator's mode, or None if it can.
+
+    FSDP2 can: each parameter is a DTensor whose local shard holds whole entries of w, delta and g_meta, so the
+    hypergradient is a sum of per-shard dot products (hypergrad.py). FSDP1's FlatParameters and DeepSpeed's own
+    optimizer step cannot be driven that way.
+    """
+    mode = accelerator.distributed_type
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if mode == DistributedType.FSDP and getattr(plugin, "fsdp_version", 1) == 2:
+        return None
+    return META_TRAIN_UNSUPPORTED.get(mode)
 
 
 def _as_mlrs_args(positional: tuple, kwargs: dict) -> tuple[tuple, dict, MLRSTrainingArguments]:

@@ -29,3 +29,11 @@ def test_quality_smoke(tmp_path):
     assert {"default:linear", "tuned:linear", "schedule_free", "prodigy", "mlrs_meta", "mlrs_transfer",
             "mlrs_transfer_tuned"} <= arms
     assert (tmp_path / "quality_cpu_smoke.md").read_text().count("| mlrs_") >= 3
+
+
+def test_fsdp_gpu_script_plans_its_launches_without_a_gpu(capsys):
+    summary = load("fsdp_gpu").main(["--print-commands", "--num_processes", "2"])
+    labels = [label for label, _ in summary["commands"]]
+    assert labels == ["reference", "fsdp", "resumed", "time_plain", "time_meta_1", "time_meta_10"]
+    fsdp = dict(summary["commands"])["fsdp"]
+    assert "fsdp.yaml" in " ".join(fsdp) and fsdp[fsdp.index("--num_processes") + 1] == "2"
