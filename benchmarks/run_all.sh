@@ -24,6 +24,12 @@ python benchmarks/quality.py --tasks bbc,digits,fashion --arms sweep,mlrs_learne
 python benchmarks/quality.py --tasks lm --arms tuned,sweep,schedule_free,prodigy,mlrs_learned:default \
   --reuse benchmarks/results/quality_cpu.json
 
+# Where the one-step and k-step hypergradients point at a constant lr (section 3b, session 3; about 15 minutes).
+rm -f benchmarks/results/horizon_probe.jsonl
+python benchmarks/horizon_probe.py lm 1e-3,3e-3,1e-2,3e-2,5e-2
+python benchmarks/horizon_probe.py fashion 1e-3,3e-3,1e-2,3e-2
+python benchmarks/horizon_probe.py digits 3e-3,1e-2,3e-2
+
 # Cost per step (two model sizes, every arm in its own process).
 python benchmarks/overhead.py --repeats 2
 # The learned scale's cost over a whole run of 155 steps (section 3b).
