@@ -96,9 +96,9 @@ class MLRSMultiTaskTrainer:
         pairs (`list[tuple[str, str]]`): the (task, model) pairs, in round-robin order.
         make_episode (`Callable[[Episode], dict]`): builds one episode's run. Returns `MLRSTrainer` keyword
             arguments: `model` and `train_dataset` (required), `eval_dataset`, `meta_dataset`, `data_collator`,
-            `processing_class`, `compute_metrics`, `callbacks`, and `args`, a dict of `MLRSTrainingArguments` fields that differ
-            for this episode (e.g. `max_steps`, `per_device_train_batch_size`). Called after the episode's seed is
-            set, so a model built in it is initialised the same on a restart.
+            `processing_class`, `compute_metrics`, `callbacks`, and `args`, a dict of `MLRSTrainingArguments` fields
+            that differ for this episode (e.g. `max_steps`, `per_device_train_batch_size`). Called after the
+            episode's seed is set, so a model built in it is initialised the same on a restart.
         args (`MLRSTrainingArguments`): settings of every episode; `output_dir` holds the episodes' folders. Set
             `save_strategy="steps"` and `save_steps` for restarts inside an episode.
         rounds (`int`, *optional*, defaults to `1`): passes over the pairs.

@@ -103,9 +103,9 @@ def episode_builder(script_args: ScriptArguments, pairs):
 
 
 def main(script_args: ScriptArguments, training_args: MLRSTrainingArguments, command: str | None = None):
-    from hf_mlrs import MLRSMultiTaskTrainer, MLRSNet, __version__
-
     from meta_train import shareable  # recipes/meta_train.py: command lines without this machine's paths
+
+    from hf_mlrs import MLRSMultiTaskTrainer, MLRSNet, __version__
 
     pairs = parse_pairs(script_args.pairs)
     net = MLRSNet(hidden_size=training_args.mlrs_hidden_size, output_bias_init=training_args.mlrs_output_bias_init,
