@@ -175,7 +175,8 @@ def transfer_section(provenance: dict) -> str:
     body = transfer.get("table") or (
         "Not measured yet. Fill in with `python benchmarks/transfer.py --entries "
         f"{provenance['zoo_entry']} --write-cards` (see benchmarks/RESULTS.md).")
-    return f"{TRANSFER_HEADING}\n\n{transfer.get('summary', '')}\n\n{body}\n\n"
+    summary = f"{transfer['summary']}\n\n" if transfer.get("summary") else ""
+    return f"{TRANSFER_HEADING}\n\n{summary}{body}\n\n"
 
 
 def write_card_and_plot(net, folder: Path, repo_id: str | None = None) -> None:

@@ -58,16 +58,17 @@ RECIPE_DEFAULTS = dict(
 )
 
 
-def parse_pairs(text: str) -> list[tuple[str, str, int | None]]:
-    """'bbc:minilm-L2:300,lm:gpt2-small' -> [('bbc', 'minilm-L2', 300), ('lm', 'gpt2-small', None)], checked against
-    the tasks and models of recipes/tasks.py before anything trains."""
+def parse_pairs(text: str) -> list[tuple[str, str, int | None, str | None]]:
+    """'bbc:minilm-L2:300:2e-3,lm:gpt2-small' -> [('bbc', 'minilm-L2', 300, '2e-3'), ('lm', 'gpt2-small', None,
+    None)]: task, model, episode steps, lr scale gamma of its episodes (default: --mlrs_gamma / --learning_rate);
+    checked against the tasks and models of recipes/tasks.py before anything trains."""
     from tasks import MODELS
 
     pairs = []
     for item in [p.strip() for p in text.split(",") if p.strip()]:
         parts = item.split(":")
-        if len(parts) not in (2, 3):
-            raise ValueError(f"--pairs: {item!r} is not task:model or task:model:steps.")
+        if len(parts) not in (2, 3, 4):
+            raise ValueError(f"--pairs: {item!r} is not task:model[:steps[:gamma]].")
         task, model = parts[:2]
         if task not in MODELS:
             raise ValueError(f"--pairs: unknown task {task!r} in {item!r}; tasks: {sorted(MODELS)}.")
@@ -75,7 +76,13 @@ def parse_pairs(text: str) -> list[tuple[str, str, int | None]]:
             raise ValueError(f"--pairs: task {task!r} has no model {model!r}; choose one of {MODELS[task]}.")
         if len(parts) == 3 and not (parts[2].isdigit() and int(parts[2]) > 0):
             raise ValueError(f"--pairs: the steps of {item!r} must be a positive integer.")
-        pairs.append((task, model, int(parts[2]) if len(parts) == 3 else None))
+        gamma = parts[3] if len(parts) == 4 else None
+        if gamma is not None and gamma != "learned":
+            try:
+                assert float(gamma) > 0
+            except (ValueError, AssertionError):
+                raise ValueError(f"--pairs: the gamma of {item!r} must be a positive number or 'learned'.") from None
+        pairs.append((task, model, int(parts[2]) if len(parts) >= 3 else None, gamma))
     if not pairs:
         raise ValueError("--pairs is empty: give at least one task:model, e.g. bbc:minilm-L2.")
     return pairs
@@ -85,24 +92,28 @@ def episode_builder(script_args: ScriptArguments, pairs):
     """make_episode for MLRSMultiTaskTrainer: the task's data (split fixed by seed 0) and a fresh model."""
     from tasks import accuracy_metric, load_task
 
-    steps = {(task, model): n for task, model, n in pairs}
+    settings = {(task, model): (n, gamma) for task, model, n, gamma in pairs}
 
     def make_episode(episode):
         task = load_task(episode.task, episode.model, seed=0, max_length=script_args.max_length,
                          max_train=script_args.max_train_examples, max_test=script_args.max_eval_examples)
         batch = BATCH[episode.task]
+        steps, gamma = settings[episode.task, episode.model]
         # The meta set (10%) comes out of the training data: an epoch is 90% of it.
-        length = steps[episode.task, episode.model] or math.ceil(0.9 * len(task.train) / batch
-                                                                 * script_args.episode_epochs)
+        length = steps or math.ceil(0.9 * len(task.train) / batch * script_args.episode_epochs)
+        args = {"max_steps": length, "per_device_train_batch_size": batch}
+        if gamma is not None:  # tasks differ in their useful lr by 10x: one gamma for all would pin some at a bound
+            args["mlrs_gamma"] = gamma
         return {"model": task.model, "train_dataset": task.train, "eval_dataset": task.test,
                 "data_collator": task.data_collator, "processing_class": task.processing_class,
-                "compute_metrics": None if episode.task == "lm" else accuracy_metric(),
-                "args": {"max_steps": length, "per_device_train_batch_size": batch}}
+                "compute_metrics": None if episode.task == "lm" else accuracy_metric(), "args": args}
 
     return make_episode
 
 
-def main(script_args: ScriptArguments, training_args: MLRSTrainingArguments, command: str | None = None):
+def main(script_args: ScriptArguments, training_args: MLRSTrainingArguments, command: str | None = None,
+         extra_provenance: dict | None = None):
+    """Meta-train, save the schedule; `command` and `extra_provenance` (e.g. a zoo entry's name) go into its card."""
     from meta_train import shareable  # recipes/meta_train.py: command lines without this machine's paths
 
     from hf_mlrs import MLRSMultiTaskTrainer, MLRSNet, __version__
@@ -111,7 +122,7 @@ def main(script_args: ScriptArguments, training_args: MLRSTrainingArguments, com
     net = MLRSNet(hidden_size=training_args.mlrs_hidden_size, output_bias_init=training_args.mlrs_output_bias_init,
                   input_normalization=training_args.mlrs_input_normalization,
                   stage_starts=[k / training_args.mlrs_num_stages for k in range(training_args.mlrs_num_stages)])
-    runner = MLRSMultiTaskTrainer(net, [(t, m) for t, m, _ in pairs], episode_builder(script_args, pairs),
+    runner = MLRSMultiTaskTrainer(net, [(t, m) for t, m, _, _ in pairs], episode_builder(script_args, pairs),
                                   training_args, rounds=script_args.rounds)  # MLRS: one net, many runs
     print(f"Meta-training over {len(runner.plan)} episodes ({len(pairs)} pairs x {script_args.rounds} rounds); "
           f"{sum(Path(training_args.output_dir, e.folder, 'done.json').exists() for e in runner.plan)} already done",
@@ -119,15 +130,16 @@ def main(script_args: ScriptArguments, training_args: MLRSTrainingArguments, com
     schedule = runner.train()
     last_round = [r for r in runner.records if r["round"] == script_args.rounds - 1]
     schedule.provenance.update({
-        "task": ", ".join(f"{t}/{m}" for t, m, _ in pairs),
-        "gamma_rule": training_args.mlrs_gamma or "learning_rate",
-        "gamma": training_args.mlrs_gamma_value if training_args.mlrs_gamma != "learned" else "learned",
+        "task": ", ".join(f"{t}/{m}" for t, m, _, _ in pairs),
+        "gamma_rule": "per pair" if any(g for *_, g in pairs) else training_args.mlrs_gamma or "learning_rate",
+        "gamma": {f"{t}/{m}": g or training_args.mlrs_gamma_value for t, m, _, g in pairs},
         "optimizer": str(getattr(training_args.optim, "value", training_args.optim)),
         "meta_interval": training_args.mlrs_meta_interval, "meta_lr": training_args.mlrs_meta_lr,
         "input_normalization": schedule.input_normalization,
         "learned_shapes": {f"{r['task']}/{r['model']}": r["shape"] for r in last_round},
         "command": command or ("python recipes/meta_train_multitask.py " + " ".join(map(shareable, sys.argv[1:]))),
         "hf_mlrs_version": __version__,
+        **(extra_provenance or {}),
     })
     out = Path(training_args.output_dir)
     (out / "episodes.json").write_text(json.dumps(runner.records, indent=1))
