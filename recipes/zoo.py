@@ -66,7 +66,9 @@ def entry(name: str) -> dict:
 
 def schedule_dir(name: str) -> Path:
     """Where an entry's schedule lives: inside the package if shipped, under outputs/zoo/ otherwise."""
-    return ROOT / "hf_mlrs" / "pretrained" / name if entry(name)["ship"] else ROOT / "outputs" / "zoo" / name / "schedule"
+    if entry(name)["ship"]:
+        return ROOT / "hf_mlrs" / "pretrained" / name
+    return ROOT / "outputs" / "zoo" / name / "schedule"
 
 
 def learned_on(name: str) -> str:
