@@ -187,7 +187,7 @@ def row_line(name: str, c: dict) -> str:
     a, g = c["arms"], c["gaps"]
     best = c["best_builtin"]
     versus = "-" if g["zoo_vs_constant"] is None else f"{-g['zoo_vs_constant']:+.2f}"
-    budget = f" (budget {c['budget']:.2g}x)" if c.get("budget") else ""
+    budget = f" (budget {c['budget']:.2g}x{', capped' if c.get('capped') else ''})" if c.get("budget") else ""
     return (f"| {name} | {c['task']}/{c['model']} | {c['relation']}{budget} | "
             f"{c['steps']} | {best[8:]} {show(a[best]['score'])} | {show(a['zoo']['score'])} (gamma "
             f"{a['zoo']['lr']:g}) | {g['zoo']:+.2f} | {versus} | {show(a['learned']['score'])} | "
@@ -220,7 +220,8 @@ def main(argv=None):
     parser.add_argument("--entries", default="text-bbc,image-fashion,lm-bytes,multitask-default,minilm2-bbc,"
                         "resnet-small-digits", help="zoo entries or shipped schedule names")
     parser.add_argument("--reuse", help="quality.py results whose tuned built-in runs are kept instead of rerun")
-    parser.add_argument("--budget_cap", type=int, default=12000, help="longest budget run, in steps")
+    parser.add_argument("--budget_cap", type=int, default=3000, help="longest budget run, in steps (a capped "
+                        "budget is marked so in the table)")
     parser.add_argument("--write-cards", action="store_true", help="fill each shipped entry's Transfer section")
     parser.add_argument("--plan", action="store_true", help="list the schedules and cells; train nothing")
     parser.add_argument("--smoke", action="store_true", help="a fresh schedule, tiny models, 2 steps, 1 seed")
@@ -328,7 +329,7 @@ def budget_cells(runs, schedule, folder, net, cells, options) -> list[dict]:
         builtins = sorted({"constant", pick[3]})
         cell = measure_cell(runs, pick[0], pick[1], steps, folder, builtins, options)
         out.append({**cell, "relation": pick[2], "gaps": gaps(cell), "schedule": schedule, "budget": factor,
-                    "meta_episode_steps": length})
+                    "meta_episode_steps": length, "capped": steps < round(factor * length)})
     return out
 
 
