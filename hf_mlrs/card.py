@@ -169,9 +169,9 @@ Loss scale: the first raw training loss; input: the net's normalised input (logg
 
 def transfer_section(provenance: dict) -> str:
     """The measured transfer table of a zoo entry (`benchmarks/transfer.py --write-cards`), or a placeholder."""
-    if "zoo_entry" not in provenance:
-        return ""
     transfer = provenance.get("transfer") or {}
+    if "zoo_entry" not in provenance and not transfer:  # a schedule of your own: nothing measured, nothing to say
+        return ""
     body = transfer.get("table") or (
         "Not measured yet. Fill in with `python benchmarks/transfer.py --entries "
         f"{provenance['zoo_entry']} --write-cards` (see benchmarks/RESULTS.md).")
