@@ -103,8 +103,12 @@ LEARNED_VARIANTS = {
 }
 
 
-def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_source=None) -> dict:
-    """Train one arm on one task with one seed; returns its validation curve and final metrics."""
+def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_source=None, model: str | None = None,
+            steps: int | None = None) -> dict:
+    """Train one arm on one task with one seed; returns its validation curve and final metrics.
+
+    `model` and `steps` override the task's model and its length (benchmarks/transfer.py: other model sizes and
+    budgets). Arm `mlrs_transfer_learned` applies `schedule_source` frozen and learns only its lr scale."""
     import torch
     from prodigyopt import Prodigy
     from transformers import Trainer, TrainingArguments, set_seed
@@ -115,10 +119,11 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
 
     spec = TASKS[task_name]
     set_seed(seed)
-    task = load_task(task_name, "tiny" if options.smoke else spec["model"], max_train=spec["max_train"],
-                     max_test=spec["max_test"], seed=0, max_length=spec["max_length"] or 128)
+    model = "tiny" if options.smoke else model or spec["model"]
+    task = load_task(task_name, model, max_train=spec["max_train"], max_test=spec["max_test"], seed=0,
+                     max_length=spec["max_length"] or 128)
     train, val = split_validation(task)
-    steps = 2 if options.smoke else math.ceil(len(train) / spec["batch"]) * spec["epochs"]
+    steps = steps or (2 if options.smoke else math.ceil(len(train) / spec["batch"]) * spec["epochs"])
     schedule = arm.split(":")[1] if ":" in arm else "constant"
     kwargs = {"cosine_with_min_lr": {"min_lr_rate": 0.1},
               "warmup_stable_decay": {"num_decay_steps": max(1, steps // 5)}}.get(schedule, {})
@@ -144,6 +149,11 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
             flat = MLRSNet(output_bias_init=8.0)  # the head's bias starts at 8; a zero weight ignores the loss
             torch.nn.init.zeros_(flat.stages[0].head.weight)
         trainer = MLRSTrainer(model=task.model, args=args, schedule=flat, **data)
+    elif arm == "mlrs_transfer_learned":  # a frozen shape, its scale learned on a held-out 10% (no lr given)
+        net = MLRSNet.from_pretrained(schedule_source) if isinstance(schedule_source, str) else schedule_source
+        common["lr_scheduler_type"] = "constant"
+        args = MLRSTrainingArguments(**common, mlrs_gamma="learned")
+        trainer = MLRSTrainer(model=task.model, args=args, schedule=net, **data)
     elif arm.startswith("mlrs_transfer"):
         net = MLRSNet.from_pretrained(schedule_source) if isinstance(schedule_source, str) else schedule_source
         trainer = Trainer(model=task.model, args=TrainingArguments(**common), callbacks=[MLRSCallback(net)], **data)
@@ -159,7 +169,7 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
     key = "eval_loss" if by_loss(task_name) else "eval_accuracy"
     curve = [(e["step"], e[key]) for e in history if key in e]
     test = trainer.evaluate(task.test, metric_key_prefix="test")
-    return {"task": task_name, "arm": arm, "lr": lr, "seed": seed, "steps": steps, "seconds": seconds,
+    return {"task": task_name, "model": model, "arm": arm, "lr": lr, "seed": seed, "steps": steps, "seconds": seconds,
             "val_accuracy": None if by_loss(task_name) else curve[-1][1],
             "val_loss": [e["eval_loss"] for e in history if "eval_loss" in e][-1],
             "test_accuracy": test.get("test_accuracy"), "test_loss": test["test_loss"], "val_curve": curve,

@@ -38,3 +38,12 @@ python benchmarks/overhead.py --sizes small --arms plain,learned --steps 150 --r
 
 # Kill anywhere: SIGKILL at random moments (also inside a checkpoint save, also with 2 processes), resume, compare.
 HF_MLRS_FULL_KILL_TEST=1 OMP_NUM_THREADS=1 python -m pytest tests/test_crash_safe_resume.py -k kill_anywhere -s
+
+# The schedule zoo (issue 10; NOT run yet): meta-train every entry (resumable: rerun the same line after a kill),
+# then the transfer benchmark, which also fills each shipped entry's card (--write-cards). Estimated 10 hours for the
+# eight entries on 2 CPU cores (upper bound, recipes/README.md), then several hours for the benchmark.
+for entry in text-bbc image-fashion lm-bytes multitask-default \
+    multitask-without-bbc multitask-without-digits multitask-without-fashion multitask-without-lm; do
+  python recipes/zoo.py --entry "$entry"
+done
+python benchmarks/transfer.py --reuse benchmarks/results/quality_cpu.json --write-cards

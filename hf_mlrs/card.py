@@ -15,6 +15,9 @@ from huggingface_hub import ModelCard, ModelCardData
 
 
 PAPER_URL = "https://arxiv.org/abs/2007.14546"
+# Provenance keys shown in sections of their own (or only in the plot), not in the "How it was learned" table.
+OWN_SECTIONS = ("lr_history", "learned_shapes", "episode_records", "transfer")
+TRANSFER_HEADING = "## Transfer"
 CARD_NAME = "README.md"
 PLOT_NAME = "lr_curve.png"
 CITATION = """@article{shu2022mlrsnet,
@@ -51,9 +54,10 @@ def plot_schedule(net, path: str | Path, losses: list[float] | None = None) -> P
 
     losses = losses if losses is not None else reference_loss_trace(net)
     history = net.provenance.get("lr_history") or []
-    figure = Figure(figsize=(10 if history else 5.5, 3.6), dpi=100)
+    shapes = net.provenance.get("learned_shapes") or {}  # multi-episode meta-training: A_t per (task, model)
+    figure = Figure(figsize=(10 if history or shapes else 5.5, 3.6), dpi=100)
     canvas = FigureCanvasAgg(figure)
-    axes = figure.subplots(1, 2 if history else 1, squeeze=False)[0]
+    axes = figure.subplots(1, 2 if history or shapes else 1, squeeze=False)[0]
     ax = axes[0]
     for k, curve in enumerate(stage_outputs(net, losses)):
         ax.plot(curve, label=f"stage {k} (from {net.stage_starts[k]:.2f} of training)")
@@ -62,7 +66,14 @@ def plot_schedule(net, path: str | Path, losses: list[float] | None = None) -> P
     twin.set_ylabel("net input (loss, " + net.input_normalization + ")")
     ax.set(xlabel="step", ylabel="A_t = lr / gamma", title="Response to a loss trace")
     ax.legend(fontsize=7, loc="upper right")
-    if history:
+    if shapes:
+        for name, points in shapes.items():
+            if points:
+                axes[1].plot(*zip(*points), label=name)
+        axes[1].set(xlabel="fraction of the run", ylabel="A_t = lr / gamma", ylim=(0, 1),
+                    title="Learned at meta-training (last round)")
+        axes[1].legend(fontsize=7)
+    elif history:
         steps, lrs = zip(*history)
         axes[1].plot(steps, lrs)
         title = f"Learned at meta-training: {net.provenance.get('task', '')}"
@@ -75,7 +86,7 @@ def plot_schedule(net, path: str | Path, losses: list[float] | None = None) -> P
 
 def render_card(net, repo_id: str | None = None) -> ModelCard:
     """The model card: YAML metadata, usage, provenance, stages and citation."""
-    provenance = {k: v for k, v in net.provenance.items() if k != "lr_history"}
+    provenance = {k: v for k, v in net.provenance.items() if k not in OWN_SECTIONS}
     data = ModelCardData(
         library_name="hf_mlrs",
         license="apache-2.0",
@@ -122,13 +133,50 @@ Input normalisation: `{net.input_normalization}`; hidden size {net.hidden_size}.
 |---|---|
 {rows if rows else '| (no provenance recorded) | |'}
 
-## Citation
+{episodes_section(net.provenance)}{transfer_section(net.provenance)}## Citation
 
 ```bibtex
 {CITATION}
 ```
 """
     return ModelCard(content)
+
+
+def episodes_section(provenance: dict) -> str:
+    """Per episode of a multi-task meta-training: the loss scale the net saw, its normalised input and its output."""
+    records = provenance.get("episode_records") or []
+    if not records:
+        return ""
+
+    def span(v):
+        return "-" if not v else f"{v[0]:.3g} .. {v[1]:.3g}"
+
+    rows = "\n".join(
+        f"| {r['index']} | {r['task']}/{r['model']} | {r['steps']} | {r['loss_scale']:.3g} | {span(r['input_range'])} "
+        f"| {span(r['output_range'])} | {span(r['lr_range'])} | "
+        + ", ".join(f"{k[5:]} {v:.4g}" for k, v in r.get("eval", {}).items()) + " |" for r in records)
+    return f"""## Episodes
+
+One net, meta-trained over these runs in order (each a fresh model with its own meta set and recurrent state).
+Loss scale: the first raw training loss; input: the net's normalised input (logged means); A_t = lr / gamma.
+
+| episode | task/model | steps | loss scale | input | A_t | lr | final eval |
+|---|---|---|---|---|---|---|---|
+{rows}
+
+"""
+
+
+def transfer_section(provenance: dict) -> str:
+    """The measured transfer table of a zoo entry (`benchmarks/transfer.py --write-cards`), or a placeholder."""
+    transfer = provenance.get("transfer") or {}
+    if "zoo_entry" not in provenance and not transfer:  # a schedule of your own: nothing measured, nothing to say
+        return ""
+    body = transfer.get("table") or (
+        "Not measured yet. Fill in with `python benchmarks/transfer.py --entries "
+        f"{provenance['zoo_entry']} --write-cards` (see benchmarks/RESULTS.md).")
+    summary = f"{transfer['summary']}\n\n" if transfer.get("summary") else ""
+    return f"{TRANSFER_HEADING}\n\n{summary}{body}\n\n"
 
 
 def write_card_and_plot(net, folder: Path, repo_id: str | None = None) -> None:

@@ -2,7 +2,7 @@
 
     hf-mlrs info SCHEDULE                      config, stages and provenance of a folder, shipped name or Hub id
     hf-mlrs plot SCHEDULE --out lr.png         the lr each stage produces along a loss trace
-    hf-mlrs list                               the schedules shipped with hf_mlrs
+    hf-mlrs list                               the shipped schedules: what each was learned on, how it transfers
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import sys
 
 
 def _info(args) -> int:
+    from .card import OWN_SECTIONS
     from .modeling import MLRSNet
 
     net = MLRSNet.from_pretrained(args.schedule)
-    provenance = {k: v for k, v in net.provenance.items() if k != "lr_history"}
+    provenance = {k: v for k, v in net.provenance.items() if k not in OWN_SECTIONS}  # long: in the card
     print(f"schedule            {args.schedule}")
     print(f"hidden size         {net.hidden_size} ({sum(p.numel() for p in net.stages[0].parameters()):,} "
           "parameters per stage)")
@@ -57,8 +58,24 @@ def _list(args) -> int:
     from . import pretrained
 
     for name in pretrained.available():
-        print(name)
+        print(summary_line(name, _provenance(pretrained.path(name))))
     return 0
+
+
+def _provenance(folder) -> dict:
+    """A shipped schedule's provenance, read from its config.json alone (no weights loaded)."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return config.get("provenance") or {}
+
+
+def summary_line(name: str, provenance: dict) -> str:
+    """`name | learned on: ... | transfer: ...` from the schedule's config (zoo entries record both)."""
+    learned_on = provenance.get("learned_on")
+    if not learned_on:
+        steps = provenance.get("steps")
+        learned_on = f"{provenance.get('task', 'unknown')}" + (f", {steps:,} steps" if steps else "")
+    transfer = (provenance.get("transfer") or {}).get("summary") or "not measured yet"
+    return f"{name} | learned on: {learned_on} | transfer: {transfer}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("--losses", help="a text file of losses (the net's input units), one per step; default: a "
                       "smooth decay")
     plot.set_defaults(run=_plot)
-    listing = commands.add_parser("list", help="schedules shipped with hf_mlrs")
+    listing = commands.add_parser("list", help="schedules shipped with hf_mlrs, with what each was learned on and "
+                                  "how it transfers")
     listing.set_defaults(run=_list)
     args = parser.parse_args(argv)
     try:

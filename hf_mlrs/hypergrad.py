@@ -25,6 +25,7 @@ one shard-sized buffer per rank and only scalars communicated.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -53,6 +54,9 @@ class MetaLearner:
         settle_interval (`int`, *optional*): with a learned scale, the interval used until the scale has settled
             (see `LearnedScale.settled`); `interval` after that. A window is never longer than its interval.
         stop_step (`int`, *optional*): no meta-update from this (0-based) step on, e.g. during a final cooldown.
+        take_snapshots (`bool`, defaults to `True`): copy the live net into the earlier stages at fractions of this
+            run (the paper's epoch-1/100/200 nets). False leaves the earlier stages alone (the stage switch losses
+            are still recorded): a net meta-trained over several runs gets its snapshots from the caller.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class MetaLearner:
         scale: LearnedScale | None = None,
         settle_interval: int | None = None,
         stop_step: int | None = None,
+        take_snapshots: bool = True,
     ):
         if not 1 <= horizon <= interval:
             raise ValueError(f"MetaLearner: horizon={horizon} must be between 1 and the meta interval ({interval}).")
@@ -82,6 +87,7 @@ class MetaLearner:
         self.max_steps = max_steps
         self.train_net = train_net
         self.scale = scale
+        self.take_snapshots = take_snapshots
         self.meta_optimizer = (torch.optim.Adam(schedule.stages[-1].parameters(), lr=meta_lr,
                                                 weight_decay=weight_decay) if train_net else None)
         self.delta: list[torch.Tensor] | None = None  # the one extra parameter-sized buffer: w_start, then delta
@@ -226,7 +232,7 @@ class MetaLearner:
     def record_stages(self, global_step: int, loss_ema: float | None) -> None:
         """At the end of step `global_step` (1-based): take due snapshots and record stage switch losses."""
         live = self.schedule.stages[-1].state_dict()
-        for k, at in enumerate(self.snapshot_steps()):
+        for k, at in enumerate(self.snapshot_steps() if self.take_snapshots else []):
             if global_step == at:
                 self.schedule.stages[k].load_state_dict(live)
         # Stage k's switch loss: the smoothed loss when meta-training reached stage k's share of training.
@@ -244,6 +250,16 @@ class MetaLearner:
         if self.meta_optimizer is not None:
             state["meta_optimizer"] = self.meta_optimizer.state_dict()
         return state  # the scale's state rides in the scheduler's run state
+
+    def load_meta_optimizer_state(self, state: dict) -> None:
+        """Continue from another run's meta-optimizer state (Adam's moments and step count), keeping this run's
+        meta lr and weight decay."""
+        if self.meta_optimizer is None:
+            raise ValueError("MetaLearner: the net is frozen here (train_net=False): no meta-optimizer to load.")
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.meta_optimizer.param_groups]
+        self.meta_optimizer.load_state_dict(copy.deepcopy(state))
+        for group, kept in zip(self.meta_optimizer.param_groups, settings):
+            group.update(kept)
 
     def load_state_dict(self, state: dict) -> None:
         if self.meta_optimizer is not None:

@@ -13,6 +13,7 @@ The logged `learning_rate` is alpha'_t: the lr the step really applied.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -63,6 +64,15 @@ class MLRSTrainer(Trainer):
             (class-balanced) and the model never trains on it. Ignored in transfer mode.
         schedule (`MLRSNet`, *optional*):
             A learned schedule to apply frozen (transfer mode). If unset, a new net is meta-trained.
+        continue_meta_training (`bool`, *optional*, defaults to `False`):
+            With `schedule=`: meta-train that net further instead of freezing it (its last stage learns, in place).
+            Its earlier stages (snapshots) are left as they are, since a net meta-trained over several runs takes
+            its snapshots at fractions of the whole meta-training, not of one run (`MLRSMultiTaskTrainer`); the
+            stage switch losses of this run are recorded.
+        meta_optimizer_state (`dict`, *optional*):
+            With `continue_meta_training`: the meta-optimizer (Adam) state to continue from, as returned by
+            `trainer.meta_optimizer_state()` of the previous run, so Adam's moments carry over between runs. A
+            checkpoint being resumed overrides it with its own.
 
     After `train()`, `trainer.schedule` is the learned [`MLRSNet`]; `save_model()` and every checkpoint also write
     it to `<dir>/mlrs_schedule/`, and its full state (net, meta-optimizer, recurrent state) is in `scheduler.pt`,
@@ -83,9 +93,17 @@ class MLRSTrainer(Trainer):
     _tag_names = ["hf_mlrs", "mlr-snet"]
     meta_step_class = MetaStep  # the two halves of an MLR-SNet step (reference.py swaps in the paper-style one)
 
-    def __init__(self, *positional, meta_dataset=None, schedule: MLRSNet | None = None, **kwargs):
+    def __init__(self, *positional, meta_dataset=None, schedule: MLRSNet | None = None,
+                 continue_meta_training: bool = False, meta_optimizer_state: dict | None = None, **kwargs):
         positional, kwargs, args = _as_mlrs_args(positional, kwargs)
-        self.meta_training = schedule is None
+        if continue_meta_training and schedule is None:
+            raise ValueError("MLRSTrainer: continue_meta_training=True needs the net to continue: pass "
+                             "schedule=MLRSNet.from_pretrained(...) (without schedule= a new net is meta-trained).")
+        if meta_optimizer_state is not None and not continue_meta_training:
+            raise ValueError("MLRSTrainer: meta_optimizer_state is only used with continue_meta_training=True.")
+        self.meta_training = schedule is None or continue_meta_training
+        self._continued = continue_meta_training  # snapshots are the caller's (see continue_meta_training)
+        self._meta_optimizer_state = meta_optimizer_state
         # Held-out data and the lookahead are needed to train the net or to learn the lr scale (or both).
         self.meta_learning = self.meta_training or args.mlrs_gamma == "learned"
         optimizer, scheduler = kwargs.get("optimizers", (None, None))
@@ -118,7 +136,7 @@ class MLRSTrainer(Trainer):
                     "MLRSCallback), which works under any mode."
                 )
             self._setup_meta_set(meta_dataset)
-        if self.meta_training:
+        if schedule is None:
             schedule = MLRSNet(
                 hidden_size=self.args.mlrs_hidden_size,
                 output_bias_init=self.args.mlrs_output_bias_init,
@@ -190,7 +208,11 @@ class MLRSTrainer(Trainer):
                     scale=self.lr_scheduler.scale,
                     settle_interval=self.args.mlrs_settle_interval,
                     stop_step=num_training_steps - self.lr_scheduler.cooldown_steps,
+                    take_snapshots=not self._continued,
                 )
+                if self._meta_optimizer_state is not None:  # Adam's moments from the previous run (a resumed
+                    self.lr_scheduler.meta_learner.load_meta_optimizer_state(self._meta_optimizer_state)  # checkpoint
+                    # overrides them later with its own, as it should)
             self._meta_step = self.meta_step_class(self, self.lr_scheduler, self.args.mlrs_on_nonfinite,
                                                    eval_mode=self.args.mlrs_meta_eval_mode)
             if self.meta_learning:
@@ -217,6 +239,14 @@ class MLRSTrainer(Trainer):
             self.schedule.provenance = self.provenance()
             folder = os.path.join(output_dir or self.args.output_dir, SCHEDULE_DIR)
             self.schedule.save_pretrained(folder, write_card=not _internal_call)
+
+    def meta_optimizer_state(self) -> dict | None:
+        """The meta-optimizer's state after training (None when the net was not meta-trained): what
+        `meta_optimizer_state=` of the next run continues from."""
+        learner = getattr(self.lr_scheduler, "meta_learner", None)
+        if learner is None or learner.meta_optimizer is None:
+            return None
+        return copy.deepcopy(learner.meta_optimizer.state_dict())  # state_dict() holds live tensors: copy them
 
     # ---- the two halves of one MLR-SNet step --------------------------------------------------------------------
 

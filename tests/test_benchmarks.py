@@ -37,3 +37,25 @@ def test_fsdp_gpu_script_plans_its_launches_without_a_gpu(capsys):
     assert labels == ["reference", "fsdp", "resumed", "time_plain", "time_meta_1", "time_meta_10"]
     fsdp = dict(summary["commands"])["fsdp"]
     assert "fsdp.yaml" in " ".join(fsdp) and fsdp[fsdp.index("--num_processes") + 1] == "2"
+
+
+def test_transfer_smoke_measures_every_arm_fills_the_card_and_plans_without_schedules(tmp_path, capsys):
+    from hf_mlrs import MLRSNet
+    from hf_mlrs.cli import summary_line
+
+    result = load("transfer").main(["--smoke", "--out", str(tmp_path), "--write-cards"])
+    (row,) = result["rows"]
+    assert [c.get("budget") for c in row["cells"]] == [None, 1 / 3, 3]
+    assert set(row["cells"][0]["arms"]) == {"builtin:linear", "builtin:constant", "zoo", "learned"}
+    assert row["cells"][0]["relation"] == "held-out task, cross-modality"  # learned on text, applied to images
+    assert set(result["targets"]) >= {"ahead of the tuned constant on every cell", "worst learned-scale gap"}
+    assert "| target | met |" in (tmp_path / "transfer_cpu_smoke.md").read_text()
+    card = MLRSNet.from_pretrained(tmp_path / "smoke_schedule")
+    assert "| smoke | digits/tiny |" in card.provenance["transfer"]["table"]
+    assert "| smoke | digits/tiny |" in (tmp_path / "smoke_schedule" / "README.md").read_text()
+    assert "transfer: held-out tasks: worst gap" in summary_line("smoke", card.provenance)
+    capsys.readouterr()
+    load("transfer").main(["--plan", "--entries", "text-bbc,minilm2-bbc", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "minilm2-bbc (minilm2-bbc): digits/resnet-small [held-out task, cross-modality]" in out
+    assert "bbc/minilm-L6 [held-out size]" in out

@@ -38,8 +38,20 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("hf-mlrs: error: No schedule folder")
 
 
-def test_list_shows_shipped_schedules(capsys):
+def test_list_shows_each_shipped_schedule_with_what_it_learned_on_and_how_it_transfers(capsys):
     from hf_mlrs import pretrained
 
     assert main(["list"]) == 0
-    assert capsys.readouterr().out.split() == pretrained.available()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in lines] == pretrained.available()
+    assert "minilm2-bbc | learned on: bbc/minilm-L2, 192 steps | transfer: not measured yet" in lines
+
+
+def test_list_line_of_a_zoo_entry_reads_its_provenance():
+    from hf_mlrs.cli import summary_line
+
+    provenance = {"learned_on": "bbc/minilm-L2; 1 round(s), 4,000 steps", "task": "ignored",
+                  "transfer": {"summary": "held-out tasks: worst gap +0.30 (tuned gamma)"}}
+    assert summary_line("text-bbc", provenance) == ("text-bbc | learned on: bbc/minilm-L2; 1 round(s), 4,000 steps "
+                                                    "| transfer: held-out tasks: worst gap +0.30 (tuned gamma)")
+    assert summary_line("x", {}) == "x | learned on: unknown | transfer: not measured yet"

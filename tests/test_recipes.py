@@ -76,6 +76,27 @@ def test_meta_train_recipe_under_two_processes(tmp_path):
     assert_nothing_local(tmp_path / "schedule", tmp_path)
 
 
+def test_meta_train_multitask_recipe(tmp_path):
+    schedule, records = run("meta_train_multitask", [
+        "--pairs", "digits:tiny:3,lm:tiny:3", "--rounds", "2", "--output_dir", str(tmp_path), "--logging_steps", "1",
+        "--max_train_examples", "200", "--max_eval_examples", "32", "--per_device_eval_batch_size", "32",
+        "--mlrs_meta_batch_size", "8"])
+    assert [(r["task"], r["steps"]) for r in records] == [("digits", 3), ("lm", 3)] * 2
+    loaded = MLRSNet.from_pretrained(tmp_path / "schedule")
+    assert loaded.provenance["task"] == "digits/tiny, lm/tiny" and loaded.provenance["steps"] == 12
+    assert set(loaded.provenance["learned_shapes"]) == {"digits/tiny", "lm/tiny"}
+    # the LM's loss (ln 256 at chance) and the digits' (ln 10) live on different scales; both feed the net ~1
+    scales = {r["task"]: r["loss_scale"] for r in records}
+    assert scales["lm"] > 2 * scales["digits"]
+    card = (tmp_path / "schedule" / "README.md").read_text()
+    assert "## Episodes" in card and "| 3 | lm/tiny | 3 |" in card
+    assert_nothing_local(tmp_path / "schedule", tmp_path)
+    with pytest.raises(ValueError, match="unknown task 'cifar'"):
+        run("meta_train_multitask", ["--pairs", "cifar:resnet-small", "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--pairs is empty"):
+        run("meta_train_multitask", ["--pairs", " ", "--output_dir", str(tmp_path / "x")])
+
+
 def test_provenance_command_names_no_absolute_path(tmp_path, monkeypatch):
     shareable = recipe("meta_train").shareable
     monkeypatch.chdir(tmp_path)
@@ -85,7 +106,7 @@ def test_provenance_command_names_no_absolute_path(tmp_path, monkeypatch):
 
 
 def test_recipes_help_does_not_crash(capsys):
-    for name in ("meta_train", "transfer"):
+    for name in ("meta_train", "transfer", "meta_train_multitask"):
         with pytest.raises(SystemExit) as exit_info:
             recipe(name).make_parser().parse_args_into_dataclasses(args=["--help"])
         assert exit_info.value.code == 0

@@ -1,0 +1,337 @@
+"""Transfer benchmark: every zoo schedule applied frozen to tasks and model sizes it was not meta-trained on.
+
+What each schedule was learned on is read from its config (`provenance["pairs"]`, or `provenance["task"]` for the
+schedules shipped before the zoo). Cells are the (task, model) pairs of TARGETS it was not meta-trained on; the
+multi-task default is measured by its leave-one-task-out variants (`multitask-without-<task>` on <task>), so every
+cell of its row is a held-out task. Each cell, at the task's length in benchmarks/quality.py, 3 seeds:
+  builtin:<s>   the tuned built-in schedules (peak lr from quality.py's 5-value grid on validation, seed 0), reused
+                from quality.py's results (`--reuse`) where the same task, model and length were run
+  zoo           equal tuning: the schedule frozen (Trainer + MLRSCallback), its gamma chosen from the same grid
+  learned       the schedule frozen, its lr scale learned (MLRSTrainer(schedule=..., mlrs_gamma="learned")), no lr
+Budgets: on one cheap held-out cell per schedule, the same arms (built-ins: the tuned constant and the best tuned
+schedule of the cell) at 1/3x and 3x the schedule's meta-training episode length (capped by --budget_cap steps).
+Targets (held-out tasks only): zoo within 0.5 accuracy point of the best tuned built-in (LM: 1% of the loss), ahead of
+the tuned constant everywhere, ahead of the best on >= 1 task; learned within 1 point (LM: 2%).
+
+    python benchmarks/transfer.py --plan                    # how many runs, nothing trained
+    python benchmarks/transfer.py --reuse benchmarks/results/quality_cpu.json
+    python benchmarks/transfer.py --entries text-bbc --write-cards   # fill the Transfer section of the cards
+    python benchmarks/transfer.py --smoke                   # seconds; run by the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # quality.py
+sys.path.insert(0, str(HERE.parent / "recipes"))  # tasks.py, zoo.py
+
+import quality  # noqa: E402
+
+
+# Where schedules are applied: each task's benchmark model, and larger ones (gpt2-large ~5x, resnet-large ~10x).
+TARGETS = [("bbc", "minilm-L2"), ("digits", "resnet-small"), ("fashion", "resnet-small"), ("lm", "gpt2-small"),
+           ("bbc", "minilm-L6"), ("digits", "resnet-large"), ("lm", "gpt2-large")]
+MODALITY = {"bbc": "text", "lm": "text", "digits": "image", "fashion": "image"}
+BUDGET_CELLS = [("digits", "resnet-small"), ("fashion", "resnet-small"), ("lm", "gpt2-small")]  # cheapest first
+BUDGET_FACTORS = (1 / 3, 3)
+SEEDS = 3
+
+
+def learned_pairs(net) -> list[tuple[str, str]]:
+    """The (task, model) pairs a schedule was meta-trained on, from its config."""
+    provenance = net.provenance
+    names = provenance.get("pairs") or [provenance.get("task", "")]
+    return [tuple(n.split("/", 1)) for n in names if "/" in n]
+
+
+def relation(pairs, task: str, model: str) -> str | None:
+    """How a cell relates to what the schedule learned on: None if it was meta-trained on it."""
+    if (task, model) in pairs:
+        return None
+    tasks = {t for t, _ in pairs}
+    if task in tasks:
+        return "held-out size"
+    return "held-out task" + ("" if MODALITY[task] in {MODALITY[t] for t in tasks} else ", cross-modality")
+
+
+def entries_to_measure(names: list[str]) -> list[tuple[str, str, Path]]:
+    """(row name, schedule name, folder): zoo entries (the default through its leave-one-task-out variants) and the
+    two schedules shipped before the zoo, where they exist."""
+    import zoo
+
+    from hf_mlrs import pretrained
+
+    rows = []
+    for name in names:
+        if name == "multitask-default":
+            rows += [(name, f"multitask-without-{t}", zoo.schedule_dir(f"multitask-without-{t}"))
+                     for t in ("bbc", "digits", "fashion", "lm")]
+        elif name in zoo.ZOO:
+            rows.append((name, name, zoo.schedule_dir(name)))
+        else:
+            rows.append((name, name, pretrained.path(name)))
+    return rows
+
+
+def cells_of(row: str, schedule: str, net, smoke: bool) -> list[tuple[str, str, str]]:
+    """(task, model, relation) cells of a schedule; a leave-one-task-out variant only on its held-out task."""
+    if smoke:
+        return [("digits", "tiny", "held-out task, cross-modality")]
+    pairs = learned_pairs(net)
+    left_out = schedule.removeprefix("multitask-without-") if schedule != row else None
+    cells = []
+    for task, model in TARGETS:
+        kind = relation(pairs, task, model)
+        if kind and (left_out is None or task == left_out):
+            cells.append((task, model, kind))
+    return cells
+
+
+class Runs:
+    """Every run, keyed by (task, model, steps, arm, lr, seed); runs of quality.py's results reused by key."""
+
+    def __init__(self, options, log):
+        self.options, self.log, self.done = options, log, {}
+
+    def reuse(self, path: str) -> None:
+        for r in json.loads(Path(path).read_text())["runs"]:
+            arm = r["arm"]
+            if arm.startswith(("grid:", "tuned:")) and arm.split(":")[1] in quality.SCHEDULES:
+                model = r.get("model") or quality.TASKS[r["task"]]["model"]
+                self.done[(r["task"], model, r["steps"], "builtin:" + arm.split(":")[1], r["lr"], r["seed"])] = r
+
+    def get(self, task, model, steps, arm, lr, seed, schedule=None) -> dict:
+        key = (task, "tiny" if self.options.smoke else model, steps, arm, lr, seed)
+        if key not in self.done:
+            run_arm = {"zoo": "mlrs_transfer", "learned": "mlrs_transfer_learned"}.get(arm.split(":")[0],
+                                                                                        arm.replace("builtin", "grid"))
+            r = quality.run_one(task, run_arm, lr, seed, self.options, schedule_source=schedule, model=model,
+                                steps=steps)
+            self.done[key] = {**r, "arm": arm}
+            self.log(f"{task}/{model} steps={steps} {arm} lr={lr:g} seed={seed} score={quality.score(r):.4f} "
+                     f"({r['seconds']:.0f}s)")
+        return self.done[key]
+
+    def tuned(self, task, model, steps, arm, grid, seeds, schedule=None) -> tuple[float, list[dict]]:
+        """Peak lr chosen on validation at seed 0 over the grid, then every seed at it."""
+        best = max((self.get(task, model, steps, arm, lr, 0, schedule) for lr in grid), key=quality.score)
+        return best["lr"], [self.get(task, model, steps, arm, best["lr"], s, schedule) for s in range(seeds)]
+
+
+def measure_cell(runs: Runs, task, model, steps, schedule, builtins, options) -> dict:
+    """Scores (mean over seeds; higher is better: accuracy, or minus the LM loss) of every arm on one cell."""
+    grid = quality.TASKS[task]["grid"][:2] if options.smoke else quality.TASKS[task]["grid"]
+    seeds = 1 if options.smoke else SEEDS
+    arms = {}
+    for name in builtins:
+        lr, rs = runs.tuned(task, model, steps, f"builtin:{name}", grid, seeds)
+        arms[f"builtin:{name}"] = {"lr": lr, "score": statistics.fmean(map(quality.score, rs))}
+    lr, rs = runs.tuned(task, model, steps, f"zoo:{schedule}", grid, seeds, str(schedule))
+    arms["zoo"] = {"lr": lr, "score": statistics.fmean(map(quality.score, rs))}
+    rs = [runs.get(task, model, steps, f"learned:{schedule}", 1e-3, s, str(schedule)) for s in range(seeds)]
+    arms["learned"] = {"lr": None, "score": statistics.fmean(map(quality.score, rs)),
+                       "gamma_end": [r["gammas"][-1][1] if r["gammas"] else None for r in rs]}
+    best = max((a for a in arms if a.startswith("builtin:")), key=lambda a: arms[a]["score"])
+    return {"task": task, "model": model, "steps": steps, "arms": arms, "best_builtin": best}
+
+
+def gaps(cell: dict) -> dict:
+    """Gaps behind the best tuned built-in (positive = behind): accuracy points, or % of the LM loss."""
+    arms, by_loss = cell["arms"], quality.by_loss(cell["task"])
+    best = arms[cell["best_builtin"]]["score"]
+    unit = 100.0 / abs(best) if by_loss else 100.0
+    return {"zoo": (best - arms["zoo"]["score"]) * unit, "learned": (best - arms["learned"]["score"]) * unit,
+            "zoo_vs_constant": (arms["builtin:constant"]["score"] - arms["zoo"]["score"]) * unit
+            if "builtin:constant" in arms else None}
+
+
+def targets(rows: list[dict]) -> dict:
+    """The issue's targets over the held-out-task cells at the standard length."""
+    held = [c for r in rows for c in r["cells"] if c["relation"].startswith("held-out task") and not c.get("budget")]
+    if not held:
+        return {}
+    lm = lambda c: quality.by_loss(c["task"])  # noqa: E731
+    return {
+        "equal tuning within 0.5 point (LM 1%) of the best tuned built-in on every cell":
+            all(c["gaps"]["zoo"] <= (1.0 if lm(c) else 0.5) for c in held),
+        "ahead of the tuned constant on every cell": all((c["gaps"]["zoo_vs_constant"] or 0) < 0 for c in held),
+        "ahead of the best tuned built-in on at least one task": any(c["gaps"]["zoo"] < 0 for c in held),
+        "learned scale within 1 point (LM 2%) on every cell":
+            all(c["gaps"]["learned"] <= (2.0 if lm(c) else 1.0) for c in held),
+        "worst equal-tuning gap": max(c["gaps"]["zoo"] for c in held),
+        "worst learned-scale gap": max(c["gaps"]["learned"] for c in held),
+    }
+
+
+def render(rows: list[dict], met: dict) -> str:
+    lines = ["| schedule | cell | relation | steps | best tuned built-in | zoo (tuned gamma) | gap | vs constant | "
+             "learned scale | gap |", "|---" * 10 + "|"]
+    for row in rows:
+        lines += [row_line(row["row"], c) for c in row["cells"]]
+    lines += ["", "(gaps: accuracy points, LM: % of the loss; positive = behind)", "", "| target | met |", "|---|---|"]
+    lines += [f"| {k} | {v if isinstance(v, bool) else f'{v:.2f}'} |" for k, v in met.items()]
+    return "\n".join(lines)
+
+
+def row_line(name: str, c: dict) -> str:
+    show = (lambda s: f"{-s:.4f}") if quality.by_loss(c["task"]) else (lambda s: f"{s:.4f}")
+    a, g = c["arms"], c["gaps"]
+    best = c["best_builtin"]
+    versus = "-" if g["zoo_vs_constant"] is None else f"{-g['zoo_vs_constant']:+.2f}"
+    budget = f" (budget {c['budget']:.2g}x{', capped' if c.get('capped') else ''})" if c.get("budget") else ""
+    return (f"| {name} | {c['task']}/{c['model']} | {c['relation']}{budget} | "
+            f"{c['steps']} | {best[8:]} {show(a[best]['score'])} | {show(a['zoo']['score'])} (gamma "
+            f"{a['zoo']['lr']:g}) | {g['zoo']:+.2f} | {versus} | {show(a['learned']['score'])} | "
+            f"{g['learned']:+.2f} |")
+
+
+def write_cards(rows: list[dict], command: str) -> None:
+    """Fill the Transfer section (and the one-line summary `hf-mlrs list` shows) of each shipped schedule."""
+    from hf_mlrs import MLRSNet
+
+    for row in rows:
+        folder = Path(row["folder_of_card"])
+        if not (folder / "config.json").exists():
+            continue
+        net = MLRSNet.from_pretrained(folder)
+        held = [c for c in row["cells"] if c["relation"].startswith("held-out task") and not c.get("budget")]
+        summary = (f"held-out tasks: worst gap to the best tuned built-in {max(c['gaps']['zoo'] for c in held):+.2f} "
+                   f"(tuned gamma), {max(c['gaps']['learned'] for c in held):+.2f} (learned scale), "
+                   f"over {len(held)} cell(s)") if held else "no held-out task measured"
+        table = "\n".join(render([row], {}).splitlines()[:2] + [row_line(row["row"], c) for c in row["cells"]])
+        net.provenance["transfer"] = {"summary": summary, "table": table + "\n\n(gaps: accuracy points, LM: % of "
+                                      "the loss; positive = behind the best tuned built-in schedule)",
+                                      "command": command}
+        net.save_pretrained(folder)
+        print(f"card updated: {folder}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entries", default="text-bbc,image-fashion,lm-bytes,multitask-default,minilm2-bbc,"
+                        "resnet-small-digits", help="zoo entries or shipped schedule names")
+    parser.add_argument("--reuse", help="quality.py results whose tuned built-in runs are kept instead of rerun")
+    parser.add_argument("--budget_cap", type=int, default=3000, help="longest budget run, in steps (a capped "
+                        "budget is marked so in the table)")
+    parser.add_argument("--write-cards", action="store_true", help="fill each shipped entry's Transfer section")
+    parser.add_argument("--plan", action="store_true", help="list the schedules and cells; train nothing")
+    parser.add_argument("--smoke", action="store_true", help="a fresh schedule, tiny models, 2 steps, 1 seed")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default=str(HERE / "results"))
+    options = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from hf_mlrs import MLRSNet
+
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"transfer_{options.device}{'_smoke' if options.smoke else ''}"
+    if options.smoke:  # a fresh 3-stage net standing for a zoo entry learned on text
+        folder = out / "smoke_schedule"
+        MLRSNet(stage_starts=[0, 1 / 3, 2 / 3], provenance={"zoo_entry": "smoke", "pairs": ["bbc/tiny"],
+                                                            "steps": 6}).save_pretrained(folder)
+        measured = [("smoke", "smoke", folder)]
+    else:
+        measured = entries_to_measure(options.entries.split(","))
+    missing = [str(folder) for _, _, folder in measured if folder is None or not (folder / "config.json").exists()]
+    if missing and not options.plan:
+        raise FileNotFoundError(f"No schedule at {missing}: meta-train them first (`python recipes/zoo.py --entry "
+                                "NAME`, see benchmarks/run_all.sh), or leave them out with --entries.")
+    with open(stem.with_suffix(".log"), "a") as log_file:
+        def log(line):
+            print(line, flush=True)
+            log_file.write(line + "\n")
+            log_file.flush()
+
+        runs = Runs(options, log)
+        if options.reuse:
+            runs.reuse(options.reuse)
+        rows = {}
+        for row_name, schedule, folder in measured:
+            if folder is None or not (folder / "config.json").exists():
+                log(f"{row_name}: {schedule} not built yet")
+                continue
+            net = MLRSNet.from_pretrained(folder)
+            row = rows.setdefault(row_name, {"row": row_name, "cells": [],
+                                             "folder_of_card": str(card_folder(row_name, folder, options.smoke))})
+            cells = cells_of(row_name, schedule, net, options.smoke)
+            if options.plan:
+                log(f"{row_name} ({schedule}): " + ", ".join(f"{t}/{m} [{k}]" for t, m, k in cells))
+                continue
+            builtins = ["linear", "constant"] if options.smoke else quality.SCHEDULES
+            for task, model, kind in cells:
+                steps = 2 if options.smoke else standard_steps(task, model)
+                cell = measure_cell(runs, task, model, steps, folder, builtins, options)
+                row["cells"].append({**cell, "relation": kind, "gaps": gaps(cell), "schedule": schedule})
+            if not any(c.get("budget") for c in row["cells"]):  # one budget cell per row
+                row["cells"] += budget_cells(runs, schedule, folder, net,
+                                             [c for c in row["cells"] if c["schedule"] == schedule], options)
+            stem.with_suffix(".json").write_text(json.dumps({"rows": list(rows.values()),
+                                                             "runs": list(runs.done.values())}, default=str))
+    if options.plan:
+        return {}
+    rows = list(rows.values())
+    met = targets(rows)
+    table = render(rows, met)
+    command = "python benchmarks/transfer.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    stem.with_suffix(".json").write_text(json.dumps({"command": command.strip(), "rows": rows, "targets": met,
+                                                     "runs": list(runs.done.values())}, indent=1, default=str))
+    stem.with_suffix(".md").write_text(f"# Transfer ({options.device})\n\nCommand: `{command.strip()}`\n\n{table}\n")
+    print(table)
+    if options.write_cards:
+        write_cards(rows, command.strip())
+    return {"rows": rows, "targets": met}
+
+
+def standard_steps(task: str, model: str) -> int:
+    """The task's length in quality.py (the same for every model of the task: the data sets the length)."""
+    from tasks import load_task
+
+    spec = quality.TASKS[task]
+    train, _ = quality.split_validation(load_task(task, "tiny", max_train=spec["max_train"],
+                                                  max_test=spec["max_test"], seed=0))
+    return math.ceil(len(train) / spec["batch"]) * spec["epochs"]
+
+
+def card_folder(row_name: str, folder: Path, smoke: bool) -> Path | None:
+    """The folder whose card carries a row's results: the entry's own (the default's, not its variants')."""
+    import zoo
+
+    from hf_mlrs import pretrained
+
+    if smoke:
+        return folder
+    return zoo.schedule_dir(row_name) if row_name in zoo.ZOO else pretrained.path(row_name)
+
+
+def budget_cells(runs, schedule, folder, net, cells, options) -> list[dict]:
+    """The same arms at 1/3x and 3x the meta-training episode length, on the cheapest held-out cell."""
+    held = [(c["task"], c["model"], c["relation"], c["best_builtin"][8:]) for c in cells
+            if c["relation"].startswith("held-out task")]
+    pick = next((h for pref in BUDGET_CELLS for h in held if h[:2] == pref), None)
+    if options.smoke and held:
+        pick = held[0]
+    if pick is None:
+        return []
+    records = net.provenance.get("episode_records") or []
+    length = statistics.fmean(r["steps"] for r in records) if records else net.provenance.get("steps") or 0
+    out = []
+    for factor in BUDGET_FACTORS:
+        steps = 2 if options.smoke else max(1, min(options.budget_cap, round(factor * length)))
+        builtins = sorted({"constant", pick[3]})
+        cell = measure_cell(runs, pick[0], pick[1], steps, folder, builtins, options)
+        out.append({**cell, "relation": pick[2], "gaps": gaps(cell), "schedule": schedule, "budget": factor,
+                    "meta_episode_steps": length, "capped": steps < round(factor * length)})
+    return out
+
+
+if __name__ == "__main__":
+    main()

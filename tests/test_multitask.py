@@ -1,0 +1,124 @@
+"""Multi-task meta-training (MLRSMultiTaskTrainer): weights carry over, each episode starts its own recurrent state,
+a restart mid-way continues exactly, stage snapshots come from the right episodes, bad input is refused."""
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from hf_mlrs import MLRSMultiTaskTrainer, MLRSNet, MLRSTrainer
+from hf_mlrs.multitask import DONE_NAME, plan_episodes, snapshot_episodes
+from tests.testing_utils import tiny_args, tiny_bert, tiny_dataset
+
+
+# Two "tasks" whose losses live on different scales: ln 3 and ln 5 at chance.
+LABELS = {"three": 3, "five": 5}
+PAIRS = [("three", "bert"), ("five", "bert")]
+
+
+class Crash(TrainerCallback):
+    """Raises after optimizer step `at` of the run it is given to: a kill, minus the process exit."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise RuntimeError("simulated kill")
+
+
+def make_episode(crash=None):
+    def build(episode):
+        spec = {"model": tiny_bert(LABELS[episode.task], seed=episode.seed),
+                "train_dataset": tiny_dataset(160, LABELS[episode.task], seed=episode.seed)}
+        if crash is not None and episode.index == crash[0]:
+            spec["callbacks"] = [Crash(crash[1])]
+        return spec
+
+    return build
+
+
+def runner(output_dir, crash=None, rounds=2):
+    torch.manual_seed(0)
+    args = tiny_args(output_dir, max_steps=4, mlrs_meta_interval=2, mlrs_meta_lr=1e-2, save_strategy="steps",
+                     save_steps=2, mlrs_meta_batch_size=8)
+    return MLRSMultiTaskTrainer(MLRSNet(stage_starts=[0.0, 0.5]), PAIRS, make_episode(crash), args, rounds=rounds)
+
+
+def carry(output_dir, index):
+    return MLRSNet.from_pretrained(output_dir / f"episode-{index:04d}" / "carry")
+
+
+def first_output(net):
+    """A_0 of a run: the net's output on the first normalised loss (1.0) from the zero recurrent state."""
+    with torch.no_grad():
+        return float(net(torch.tensor([[1.0]]), None, stage=-1)[0])
+
+
+def test_weights_and_meta_optimizer_carry_over_each_episode_learns_from_its_own_state_stages_are_snapshots(tmp_path):
+    trainer = runner(tmp_path)
+    net = trainer.train()
+    assert [(r["task"], r["round"]) for r in trainer.records] == [("three", 0), ("five", 0), ("three", 1),
+                                                                 ("five", 1)]
+    nets = [runner(tmp_path).schedule] + [carry(tmp_path, k) for k in range(4)]
+    for before, after, record in zip(nets, nets[1:], trainer.records):
+        assert record["meta_updates"] == 2
+        assert not torch.equal(before.stages[-1].head.weight, after.stages[-1].head.weight)  # it learned
+        # The episode started from the previous episode's net, from the zero state (its own recurrent state).
+        assert record["shape"][0][1] == pytest.approx(first_output(before), rel=1e-6)
+    assert torch.equal(net.stages[-1].head.weight, nets[-1].stages[-1].head.weight)
+    # Adam's moments carry over too: its step count runs on across episodes (2 meta-updates each).
+    steps = [float(torch.load(tmp_path / f"episode-{k:04d}" / "carry" / "meta_optimizer.pt")["state"][0]["step"])
+             for k in range(4)]
+    assert steps == [2.0, 4.0, 6.0, 8.0]
+    # Stage 0 is the net after the first episode (the paper's epoch-1 net, at a fraction of all meta-training).
+    assert snapshot_episodes([10, 10, 10, 10], 3) == [0, 1]  # half of 40 steps is reached at the end of episode 1
+    assert snapshot_episodes([5, 30, 5], 4) == [0, 1, 1] and snapshot_episodes([7], 1) == []
+    assert torch.equal(net.stages[0].head.weight, nets[1].stages[-1].head.weight)
+    assert net.provenance["snapshot_episodes"] == [0] and net.provenance["steps"] == 16
+    assert net.provenance["pairs"] == ["five/bert", "three/bert"] and len(net.provenance["episode_records"]) == 4
+    assert 0 < float(net.stage_switch_losses[1]) < 2  # the mean over the last round's episodes
+    # Loss scales differ by task (ln 3 vs ln 5 at chance); the normalised input starts at 1 on both.
+    scales = {r["task"]: r["loss_scale"] for r in trainer.records if r["round"] == 0}
+    assert scales["five"] > scales["three"] * 1.2
+    assert all(r["input_range"][1] == pytest.approx(1.0, abs=0.3) for r in trainer.records)
+    # No checkpoint of a finished episode is left; every episode has its record.
+    assert not list(tmp_path.glob("episode-*/checkpoint-*"))
+    assert json.loads((tmp_path / "episode-0003" / DONE_NAME).read_text())["task"] == "five"
+
+
+def test_restart_midway_through_the_episode_list_continues_exactly(tmp_path):
+    reference = runner(tmp_path / "straight").train()
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        runner(tmp_path / "killed", crash=(2, 3)).train()  # episode 2 dies after step 3; checkpoint-2 is complete
+    assert (tmp_path / "killed" / "episode-0002" / "checkpoint-2").is_dir()
+    restarted = runner(tmp_path / "killed")
+    resumed = restarted.train()
+    torch.testing.assert_close(resumed.state_dict(), reference.state_dict(), rtol=0, atol=0, equal_nan=True)
+    straight = runner(tmp_path / "straight")
+    straight.train()  # everything done: reads the records back, trains nothing
+    def same(records):  # JSON, so that NaN (no switch loss for stage 0) compares equal to NaN
+        return json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in records], sort_keys=True)
+
+    assert same(restarted.records) == same(straight.records)
+
+
+def test_bad_input_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="no \\(task, model\\) pairs"):
+        plan_episodes([], rounds=1)
+    with pytest.raises(ValueError, match="rounds=0"):
+        plan_episodes(PAIRS, rounds=0)
+    args = tiny_args(tmp_path, max_steps=2)
+    bad = MLRSMultiTaskTrainer(MLRSNet(), PAIRS, lambda e: {"model": tiny_bert(), "trainset": None}, args)
+    with pytest.raises(ValueError, match="must return 'model' and 'train_dataset'"):
+        bad.train()
+    runner(tmp_path / "run", rounds=1).train()
+    other = MLRSMultiTaskTrainer(MLRSNet(), list(reversed(PAIRS)), make_episode(), tiny_args(tmp_path / "run"))
+    with pytest.raises(ValueError, match="Use a new output_dir"):
+        other.train()
+    with pytest.raises(ValueError, match="continue_meta_training=True needs the net"):
+        MLRSTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset(), continue_meta_training=True)
+    with pytest.raises(ValueError, match="only used with continue_meta_training"):
+        MLRSTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset(), schedule=MLRSNet(),
+                    meta_optimizer_state={})

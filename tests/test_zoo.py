@@ -1,0 +1,57 @@
+"""The schedule zoo (recipes/zoo.py): entries are well-formed and long enough, one builds end to end in smoke mode."""
+
+import json
+
+import pytest
+
+from hf_mlrs import MLRSNet
+from tests.test_recipes import assert_nothing_local, recipe
+
+
+zoo = recipe("zoo")
+TODAY_STEPS = 192  # the longest meta-training run of the text schedule shipped before the zoo (minilm2-bbc)
+
+
+def test_entries_are_valid_long_and_cover_text_image_lm_and_multitask():
+    parse_pairs = recipe("meta_train_multitask").parse_pairs
+    for name, spec in zoo.ZOO.items():
+        pairs = parse_pairs(",".join(spec["pairs"]))  # known tasks and models, steps and gamma given
+        assert all(steps and gamma for _, _, steps, gamma in pairs), name
+        total = spec["rounds"] * sum(steps for _, _, steps, _ in pairs)
+        assert total >= 20 * TODAY_STEPS, (name, total)
+        assert spec["summary"] and isinstance(spec["seed"], int)
+    shipped = {name: {p.split(":")[0] for p in spec["pairs"]} for name, spec in zoo.ZOO.items() if spec["ship"]}
+    assert {"bbc"} in shipped.values() and {"lm"} in shipped.values()
+    assert {"fashion"} in shipped.values() or {"digits"} in shipped.values()
+    assert shipped["multitask-default"] == {"bbc", "digits", "fashion", "lm"}
+    for task in ("bbc", "digits", "fashion", "lm"):  # leave-one-task-out variants, not shipped
+        variant = zoo.ZOO[f"multitask-without-{task}"]
+        assert not variant["ship"] and not any(p.startswith(task + ":") for p in variant["pairs"])
+    assert str(zoo.schedule_dir("text-bbc")).endswith("hf_mlrs/pretrained/text-bbc")
+
+
+def test_smoke_build_writes_a_card_with_provenance_and_a_transfer_placeholder_and_resumes(tmp_path):
+    schedule, records = zoo.main(["--entry", "text-bbc", "--smoke", "--output_dir", str(tmp_path)])
+    folder = tmp_path / "schedule"
+    loaded = MLRSNet.from_pretrained(folder)
+    provenance = loaded.provenance
+    assert provenance["zoo_entry"] == "text-bbc" and provenance["command"] == "python recipes/zoo.py --entry " \
+        "text-bbc --smoke"
+    assert provenance["learned_on"].startswith("bbc/minilm-L2; 1 round(s), 4,000 steps")
+    assert provenance["steps"] == 3 and provenance["hf_mlrs_version"] and loaded.num_stages == 3
+    card = (folder / "README.md").read_text()
+    assert "## Transfer" in card and "Not measured yet" in card and "--entries text-bbc --write-cards" in card
+    assert (folder / "lr_curve.png").stat().st_size > 1000
+    assert_nothing_local(folder, tmp_path)
+    # The same command again finds the episode done: nothing is retrained, the same net comes out.
+    again, records_again = zoo.main(["--entry", "text-bbc", "--smoke", "--output_dir", str(tmp_path)])
+    assert json.dumps(records_again) == json.dumps(records)
+    assert all((a == b).all() for a, b in zip(schedule.state_dict().values(), again.state_dict().values())
+               if not a.isnan().any())
+
+
+def test_bad_entries_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="Unknown zoo entry 'txt'"):
+        zoo.main(["--entry", "txt"])
+    with pytest.raises(ValueError, match="--smoke needs --output_dir"):
+        zoo.build("text-bbc", None, smoke=True)
