@@ -40,9 +40,11 @@ class MLRSTrainingArguments(TrainingArguments):
         is rescaled (exactly) so that it moves the weights by this fraction of their norm, and gamma with it. Below
         the lr that wrecks a pretrained model whatever `learning_rate` says (2-layer MiniLM collapses near 5e-3 of
         its norm per step), yet where the held-out signal is measurable; `None` starts at `learning_rate`.
-    mlrs_scale_growth (`float`, *optional*, defaults to `0.2`):
-        With a learned gamma: its growth per meta-update (a factor exp(0.2) = 1.22) until the held-out
-        hypergradient, averaged, says that a larger lr hurts; 0 disables the growth phase.
+    mlrs_scale_growth (`float`, *optional*, defaults to `0.1`):
+        With a learned gamma: its growth per meta-update (a factor exp(0.1) = 1.105) until the held-out
+        hypergradient, averaged, says that a larger lr hurts; 0 disables the growth phase. Slow enough to let the
+        first, fast fall of the loss pass: there a one-step lookahead favours a large lr that a model trained from
+        scratch does not recover from (x1.22 overshot 5-10x on a byte-level LM, RESULTS.md 3b).
     mlrs_scale_min, mlrs_scale_max (`float`, *optional*, defaults to `1e-8`, `10.0`):
         With a learned gamma: hard bounds on it.
     mlrs_horizon (`int`, *optional*, defaults to `1`):
@@ -108,7 +110,7 @@ class MLRSTrainingArguments(TrainingArguments):
                                 "(None: start at learning_rate)."}
     )
     mlrs_scale_growth: float = field(
-        default=0.2, metadata={"help": "Learned gamma: growth of log(gamma) per meta-update until the hypergradient "
+        default=0.1, metadata={"help": "Learned gamma: growth of log(gamma) per meta-update until the hypergradient "
                                "says stop (0: none)."}
     )
     mlrs_scale_min: float = field(default=1e-8, metadata={"help": "Learned gamma: lower bound."})
@@ -216,7 +218,7 @@ class MLRSTrainingArguments(TrainingArguments):
                  "Default: 1e-4 (the first step moves the weights by 0.01% of their norm); None starts at "
                  "learning_rate.")
         if not self.mlrs_scale_growth >= 0:
-            fail("mlrs_scale_growth", f"{self.mlrs_scale_growth} < 0", "Default: 0.2; 0 disables growth.")
+            fail("mlrs_scale_growth", f"{self.mlrs_scale_growth} < 0", "Default: 0.1; 0 disables growth.")
         for name in ("mlrs_min_lr", "mlrs_max_lr"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
