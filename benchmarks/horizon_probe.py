@@ -32,17 +32,20 @@ import quality  # noqa: E402  (also puts recipes/ on sys.path)
 WINDOWS = (1, 4, 16, 64)
 
 
-def run(task_name: str, lr: float, seed: int = 0, every: int = 16) -> dict:
+def run(task_name: str, lr: float, seed: int = 0, every: int = 16, model: str | None = None,
+        max_steps: int | None = None) -> dict:
+    """One constant-lr run with probes every `every` steps; `model`/`max_steps` override the task's (smoke test)."""
     import torch
     from torch.utils.data import DataLoader
     from transformers import default_data_collator, set_seed
 
     from hf_mlrs.data import split_meta_set
+
     from tasks import load_task
 
     spec = quality.TASKS[task_name]
     set_seed(seed)
-    task = load_task(task_name, spec["model"], max_train=spec["max_train"], max_test=spec["max_test"], seed=0,
+    task = load_task(task_name, model or spec["model"], max_train=spec["max_train"], max_test=spec["max_test"], seed=0,
                      max_length=spec["max_length"] or 128)
     train, val = quality.split_validation(task)
     train, meta = split_meta_set(train, 0.1, seed)
@@ -50,7 +53,7 @@ def run(task_name: str, lr: float, seed: int = 0, every: int = 16) -> dict:
     rows = lambda data: [data[i] for i in range(len(data))]  # noqa: E731  (lists for the collator)
     train_rows, meta_rows, val_rows = rows(train), rows(meta), rows(val)
     g = torch.Generator().manual_seed(seed)
-    steps = math.ceil(len(train_rows) / spec["batch"]) * spec["epochs"]
+    steps = max_steps or math.ceil(len(train_rows) / spec["batch"]) * spec["epochs"]
     model = task.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -58,9 +61,8 @@ def run(task_name: str, lr: float, seed: int = 0, every: int = 16) -> dict:
 
     def batches():
         while True:
-            for batch in DataLoader(train_rows, batch_size=spec["batch"], shuffle=True, collate_fn=collate,
-                                    generator=g, drop_last=False):
-                yield batch
+            yield from DataLoader(train_rows, batch_size=spec["batch"], shuffle=True, collate_fn=collate,
+                                  generator=g, drop_last=False)
 
     def meta_grad(batch, weights):
         """Held-out loss and gradient at `weights` (same dropout masks every call); buffers untouched."""
@@ -77,7 +79,7 @@ def run(task_name: str, lr: float, seed: int = 0, every: int = 16) -> dict:
                 p.copy_(w)
             for b, s in buffers:
                 b.copy_(s)
-        return float(loss), [torch.zeros_like(p) if x is None else x for p, x in zip(params, grads)]
+        return float(loss.detach()), [torch.zeros_like(p) if x is None else x for p, x in zip(params, grads)]
 
     def dot(xs, ys):
         return sum(float(torch.dot(x.reshape(-1), y.reshape(-1))) for x, y in zip(xs, ys))
@@ -107,7 +109,7 @@ def run(task_name: str, lr: float, seed: int = 0, every: int = 16) -> dict:
                 start = snapshots[step - k]
                 delta = [a - b for a, b in zip(now, start)]
                 loss_start, g_start = meta_grad(meta_batch, start)
-                record[k] = {"s0": dot(g_start, delta), "s1": dot(g_now, delta), "loss_start": loss_start}
+                record[str(k)] = {"s0": dot(g_start, delta), "s1": dot(g_now, delta), "loss_start": loss_start}
             probes.append(record)
             for old in [s for s in snapshots if s <= step - max(WINDOWS)]:
                 del snapshots[old]
@@ -123,7 +125,7 @@ def summarise(result: dict) -> list[str]:
     steps = result["steps"]
     middle = [p for p in result["probes"] if 0.2 * steps <= p["step"] <= 0.8 * steps]
     for k in WINDOWS:
-        rows = [p[k] for p in middle if k in p]
+        rows = [p[str(k)] for p in middle if str(k) in p]
         if not rows:
             continue
         stars = []

@@ -59,3 +59,18 @@ def test_transfer_smoke_measures_every_arm_fills_the_card_and_plans_without_sche
     out = capsys.readouterr().out
     assert "minilm2-bbc (minilm2-bbc): digits/resnet-small [held-out task, cross-modality]" in out
     assert "bbc/minilm-L6 [held-out size]" in out
+
+
+def test_horizon_probe_measures_consistent_slopes():
+    """The probe's two slopes are the derivatives at the two ends of the window's line: the trapezoid rule with them,
+    (s0 + s1) / 2, matches the loss change L(w_t) - L(w_{t-k}) far better than either end alone (a swapped end, a
+    wrong sign or a stale snapshot makes it no better than one end)."""
+    probe = load("horizon_probe")
+    result = probe.run("digits", 1e-2, model="tiny", max_steps=24, every=8)
+    windows = [(p, p[str(k)]) for p in result["probes"] for k in (1, 4) if str(k) in p]
+    assert len(windows) >= 4
+    for p, w in windows:
+        change = p["meta_loss"] - w["loss_start"]
+        one_end = min(abs(change - w["s0"]), abs(change - w["s1"]))
+        assert abs(change - (w["s0"] + w["s1"]) / 2) <= 0.35 * one_end, (p["step"], change, w)
+    assert probe.summarise(result)  # the summary lines render
