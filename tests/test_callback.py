@@ -3,11 +3,11 @@
 import pytest
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from hf_mlrs import MLRSCallback, MLRSNet, MLRSTrainer
 from tests.test_trainer import AppliedLrProbe, logged_lrs
-from tests.testing_utils import constant_stages, tiny_args, tiny_bert
+from tests.testing_utils import constant_stages, raise_at, tiny_args, tiny_bert
 
 
 def plain_args(output_dir, **overrides):
@@ -95,19 +95,10 @@ def test_callback_needs_a_schedule():
         MLRSCallback("minilm2-bbc")
 
 
-class FailAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 def test_a_train_that_raised_leaves_no_stale_tap(tmp_path, dataset):
     """After a failed train(), the next one reads each loss once (a stale tap would count it twice)."""
     callback = MLRSCallback(MLRSNet.from_pretrained(_schedule(tmp_path)))
-    failing = FailAt(3)
+    failing = raise_at(3)
     trainer = Trainer(model=tiny_bert(), args=plain_args(tmp_path / "run", max_steps=6, optim="adamw_torch",
                                                          learning_rate=1e-3),
                       train_dataset=dataset, callbacks=[callback, failing])

@@ -5,11 +5,10 @@ import json
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from hf_mlrs import MLRSMultiTaskTrainer, MLRSNet, MLRSTrainer
 from hf_mlrs.multitask import DONE_NAME, plan_episodes, snapshot_episodes
-from tests.testing_utils import tiny_args, tiny_bert, tiny_dataset
+from tests.testing_utils import raise_at, tiny_args, tiny_bert, tiny_dataset
 
 
 # Two "tasks" whose losses live on different scales: ln 3 and ln 5 at chance.
@@ -17,23 +16,12 @@ LABELS = {"three": 3, "five": 5}
 PAIRS = [("three", "bert"), ("five", "bert")]
 
 
-class Crash(TrainerCallback):
-    """Raises after optimizer step `at` of the run it is given to: a kill, minus the process exit."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at:
-            raise RuntimeError("simulated kill")
-
-
 def make_episode(crash=None):
     def build(episode):
         spec = {"model": tiny_bert(LABELS[episode.task], seed=episode.seed),
                 "train_dataset": tiny_dataset(160, LABELS[episode.task], seed=episode.seed)}
         if crash is not None and episode.index == crash[0]:
-            spec["callbacks"] = [Crash(crash[1])]
+            spec["callbacks"] = [raise_at(crash[1])]
         return spec
 
     return build
@@ -90,7 +78,7 @@ def test_weights_and_meta_optimizer_carry_over_each_episode_learns_from_its_own_
 
 def test_restart_midway_through_the_episode_list_continues_exactly(tmp_path):
     reference = runner(tmp_path / "straight").train()
-    with pytest.raises(RuntimeError, match="simulated kill"):
+    with pytest.raises(RuntimeError, match="simulated crash"):
         runner(tmp_path / "killed", crash=(2, 3)).train()  # episode 2 dies after step 3; checkpoint-2 is complete
     assert (tmp_path / "killed" / "episode-0002" / "checkpoint-2").is_dir()
     restarted = runner(tmp_path / "killed")

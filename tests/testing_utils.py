@@ -56,3 +56,15 @@ def constant_stages(*biases):
             stage.head.weight.zero_()
             stage.head.bias.fill_(bias)
     return net
+
+
+def raise_at(step: int):
+    """A TrainerCallback that raises after optimizer step `step`: a crash in train(), minus the process exit."""
+    from transformers import TrainerCallback
+
+    class RaiseAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise RuntimeError("simulated crash")
+
+    return RaiseAt()
