@@ -16,7 +16,10 @@ the tuned constant everywhere, ahead of the best on >= 1 task; learned within 1 
     python benchmarks/transfer.py --plan                    # how many runs, nothing trained
     python benchmarks/transfer.py --reuse benchmarks/results/quality_cpu.json
     python benchmarks/transfer.py --entries text-bbc --write-cards   # fill the Transfer section of the cards
+    python benchmarks/transfer.py --entries lm-bytes --cells bbc/minilm-L2,digits/resnet-small --no-budgets
     python benchmarks/transfer.py --smoke                   # seconds; run by the test suite
+Results accumulate: a rerun keeps the rows and runs already in results/transfer_<device>.json, so a benchmark can be
+done one entry or a few cells at a time (a kill loses at most the run in progress).
 """
 
 from __future__ import annotations
@@ -82,8 +85,9 @@ def entries_to_measure(names: list[str]) -> list[tuple[str, str, Path]]:
     return rows
 
 
-def cells_of(row: str, schedule: str, net, smoke: bool) -> list[tuple[str, str, str]]:
-    """(task, model, relation) cells of a schedule; a leave-one-task-out variant only on its held-out task."""
+def cells_of(row: str, schedule: str, net, smoke: bool, only=None) -> list[tuple[str, str, str]]:
+    """(task, model, relation) cells of a schedule; a leave-one-task-out variant only on its held-out task; with
+    `only` (a set of (task, model)), just those."""
     if smoke:
         return [("digits", "tiny", "held-out task, cross-modality")]
     pairs = learned_pairs(net)
@@ -91,7 +95,7 @@ def cells_of(row: str, schedule: str, net, smoke: bool) -> list[tuple[str, str, 
     cells = []
     for task, model in TARGETS:
         kind = relation(pairs, task, model)
-        if kind and (left_out is None or task == left_out):
+        if kind and (left_out is None or task == left_out) and (only is None or (task, model) in only):
             cells.append((task, model, kind))
     return cells
 
@@ -222,12 +226,15 @@ def main(argv=None):
     parser.add_argument("--reuse", help="quality.py results whose tuned built-in runs are kept instead of rerun")
     parser.add_argument("--budget_cap", type=int, default=3000, help="longest budget run, in steps (a capped "
                         "budget is marked so in the table)")
+    parser.add_argument("--cells", help="only these task/model cells, e.g. bbc/minilm-L2,digits/resnet-small")
+    parser.add_argument("--no-budgets", dest="budgets", action="store_false", help="skip the 1/3x and 3x budget cells")
     parser.add_argument("--write-cards", action="store_true", help="fill each shipped entry's Transfer section")
     parser.add_argument("--plan", action="store_true", help="list the schedules and cells; train nothing")
     parser.add_argument("--smoke", action="store_true", help="a fresh schedule, tiny models, 2 steps, 1 seed")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=str(HERE / "results"))
     options = parser.parse_args(argv)
+    only = {tuple(c.split("/", 1)) for c in options.cells.split(",")} if options.cells else None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hf_mlrs import MLRSNet
 
@@ -255,6 +262,10 @@ def main(argv=None):
         if options.reuse:
             runs.reuse(options.reuse)
         rows = {}
+        if stem.with_suffix(".json").exists() and not options.plan:  # accumulate: keep earlier rows and runs
+            earlier = json.loads(stem.with_suffix(".json").read_text())
+            runs.done.update({run_key(r): r for r in earlier["runs"]})
+            rows = {row["row"]: row for row in earlier["rows"]}
         for row_name, schedule, folder in measured:
             if folder is None or not (folder / "config.json").exists():
                 log(f"{row_name}: {schedule} not built yet")
@@ -262,7 +273,7 @@ def main(argv=None):
             net = MLRSNet.from_pretrained(folder)
             row = rows.setdefault(row_name, {"row": row_name, "cells": [],
                                              "folder_of_card": str(card_folder(row_name, folder, options.smoke))})
-            cells = cells_of(row_name, schedule, net, options.smoke)
+            cells = cells_of(row_name, schedule, net, options.smoke, only)
             if options.plan:
                 log(f"{row_name} ({schedule}): " + ", ".join(f"{t}/{m} [{k}]" for t, m, k in cells))
                 continue
@@ -270,10 +281,11 @@ def main(argv=None):
             for task, model, kind in cells:
                 steps = 2 if options.smoke else standard_steps(task, model)
                 cell = measure_cell(runs, task, model, steps, folder, builtins, options)
-                row["cells"].append({**cell, "relation": kind, "gaps": gaps(cell), "schedule": schedule})
-            if not any(c.get("budget") for c in row["cells"]):  # one budget cell per row
-                row["cells"] += budget_cells(runs, schedule, folder, net,
-                                             [c for c in row["cells"] if c["schedule"] == schedule], options)
+                add_cell(row, {**cell, "relation": kind, "gaps": gaps(cell), "schedule": schedule})
+            if options.budgets and not any(c.get("budget") for c in row["cells"]):  # one budget cell per row
+                for cell in budget_cells(runs, schedule, folder, net,
+                                         [c for c in row["cells"] if c["schedule"] == schedule], options):
+                    add_cell(row, cell)
             stem.with_suffix(".json").write_text(json.dumps({"rows": list(rows.values()),
                                                              "runs": list(runs.done.values())}, default=str))
     if options.plan:
@@ -289,6 +301,21 @@ def main(argv=None):
     if options.write_cards:
         write_cards(rows, command.strip())
     return {"rows": rows, "targets": met}
+
+
+def run_key(r: dict) -> tuple:
+    """The key of a run in `Runs.done` (the transfer benchmark's own runs carry their arm name)."""
+    return (r["task"], r["model"], r["steps"], r["arm"], r["lr"], r["seed"])
+
+
+def add_cell(row: dict, cell: dict) -> None:
+    """Add a measured cell to a row, in place of an earlier measurement of the same cell."""
+    keys = ("task", "model", "steps", "budget", "schedule")
+    at = next((i for i, c in enumerate(row["cells"]) if all(c.get(k) == cell.get(k) for k in keys)), None)
+    if at is None:
+        row["cells"].append(cell)
+    else:
+        row["cells"][at] = cell
 
 
 def standard_steps(task: str, model: str) -> int:

@@ -18,7 +18,8 @@ one dataset can learn that dataset's habits. Here one net is meta-trained over *
   taken at the same fractions of the whole meta-training, counted in optimizer steps over all episodes: stage 0 is
   the net after the first episode, stage k the net after the episode in which k / (n - 1) of all steps is reached,
   the last stage the final net. No snapshot is taken inside an episode: at fractions of each run they would be
-  overwritten every episode, leaving every stage to the last task. Switch losses (for `stage_by="loss"`) are the
+  overwritten every episode, leaving every stage to the last task. A plan of one episode is the paper's own regime
+  (one long run): its snapshots are taken inside that run, as `MLRSTrainer` takes them. Switch losses (for `stage_by="loss"`) are the
   mean over the last round of each episode's smoothed normalised loss when it reached the stage's share of its run.
 - Each episode's record names its task, its loss scale (the first raw training loss) and the range of the net's
   normalised input and output (from the logged losses and net outputs): whether the normalised loss lets one net serve
@@ -154,6 +155,7 @@ class MLRSMultiTaskTrainer:
                                    **spec.pop("args", {}))
         trainer = MLRSTrainer(args=args, schedule=net, continue_meta_training=True, meta_optimizer_state=meta_state,
                               **spec)
+        trainer._take_snapshots = len(self.plan) == 1  # one run: the paper's in-run snapshots (module doc)
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
         record = episode_record(trainer, episode, time.perf_counter() - started)
@@ -210,9 +212,10 @@ class MLRSMultiTaskTrainer:
         last = self.output_dir / self.plan[-1].folder / CARRY_DIR
         net = MLRSNet.from_pretrained(last)
         steps = [r["steps"] for r in self.records]
-        for stage, episode_index in enumerate(snapshot_episodes(steps, net.num_stages)):
-            carry = MLRSNet.from_pretrained(self.output_dir / self.plan[episode_index].folder / CARRY_DIR)
-            net.stages[stage].load_state_dict(carry.stages[-1].state_dict())
+        if len(self.plan) > 1:  # one episode: the carry already holds the snapshots taken inside the run
+            for stage, episode_index in enumerate(snapshot_episodes(steps, net.num_stages)):
+                carry = MLRSNet.from_pretrained(self.output_dir / self.plan[episode_index].folder / CARRY_DIR)
+                net.stages[stage].load_state_dict(carry.stages[-1].state_dict())
         last_round = [r for r in self.records if r["round"] == self.rounds - 1]
         for k in range(1, net.num_stages):
             values = [r["switch_losses"][k] for r in last_round if math.isfinite(r["switch_losses"][k])]
@@ -223,7 +226,7 @@ class MLRSMultiTaskTrainer:
             "rounds": self.rounds,
             "episodes": len(self.records),
             "steps": sum(steps),
-            "snapshot_episodes": snapshot_episodes(steps, net.num_stages),
+            "snapshot_episodes": snapshot_episodes(steps, net.num_stages) if len(self.plan) > 1 else "inside the run",
             "episode_records": [compact(r) for r in self.records],
         }
         return net.eval()

@@ -102,7 +102,9 @@ class MLRSTrainer(Trainer):
         if meta_optimizer_state is not None and not continue_meta_training:
             raise ValueError("MLRSTrainer: meta_optimizer_state is only used with continue_meta_training=True.")
         self.meta_training = schedule is None or continue_meta_training
-        self._continued = continue_meta_training  # snapshots are the caller's (see continue_meta_training)
+        # Snapshots are the caller's when continuing (see continue_meta_training); MLRSMultiTaskTrainer turns them
+        # back on for a plan of one run, the paper's regime.
+        self._take_snapshots = not continue_meta_training
         self._meta_optimizer_state = meta_optimizer_state
         # Held-out data and the lookahead are needed to train the net or to learn the lr scale (or both).
         self.meta_learning = self.meta_training or args.mlrs_gamma == "learned"
@@ -208,7 +210,7 @@ class MLRSTrainer(Trainer):
                     scale=self.lr_scheduler.scale,
                     settle_interval=self.args.mlrs_settle_interval,
                     stop_step=num_training_steps - self.lr_scheduler.cooldown_steps,
-                    take_snapshots=not self._continued,
+                    take_snapshots=self._take_snapshots,
                 )
                 if self._meta_optimizer_state is not None:  # Adam's moments from the previous run (a resumed
                     self.lr_scheduler.meta_learner.load_meta_optimizer_state(self._meta_optimizer_state)  # checkpoint

@@ -76,6 +76,21 @@ def test_weights_and_meta_optimizer_carry_over_each_episode_learns_from_its_own_
     assert json.loads((tmp_path / "episode-0003" / DONE_NAME).read_text())["task"] == "five"
 
 
+def test_a_plan_of_one_run_takes_the_papers_snapshots_inside_the_run(tmp_path):
+    """One episode is the paper's regime: stage 0 is the net after the first meta-update, stage 1 the net at half of
+    the run, the last stage the final net (with snapshots only between episodes, all three would be the final net)."""
+    torch.manual_seed(0)
+    initial = MLRSNet(stage_starts=[0.0, 1 / 3, 2 / 3])
+    args = tiny_args(tmp_path, max_steps=8, mlrs_meta_interval=2, mlrs_meta_lr=1e-2, mlrs_meta_batch_size=8)
+    start = initial.stages[-1].head.weight.clone()
+    net = MLRSMultiTaskTrainer(initial, PAIRS[:1], make_episode(), args, rounds=1).train()
+    heads = [stage.head.weight for stage in net.stages]
+    assert not torch.equal(heads[0], start)  # taken after the first meta-update, not before
+    assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])
+    assert torch.equal(heads[2], carry(tmp_path, 0).stages[-1].head.weight)
+    assert net.provenance["snapshot_episodes"] == "inside the run"
+
+
 def test_restart_midway_through_the_episode_list_continues_exactly(tmp_path):
     reference = runner(tmp_path / "straight").train()
     with pytest.raises(RuntimeError, match="simulated crash"):
