@@ -19,8 +19,9 @@ one dataset can learn that dataset's habits. Here one net is meta-trained over *
   the net after the first episode, stage k the net after the episode in which k / (n - 1) of all steps is reached,
   the last stage the final net. No snapshot is taken inside an episode: at fractions of each run they would be
   overwritten every episode, leaving every stage to the last task. A plan of one episode is the paper's own regime
-  (one long run): its snapshots are taken inside that run, as `MLRSTrainer` takes them. Switch losses (for `stage_by="loss"`) are the
-  mean over the last round of each episode's smoothed normalised loss when it reached the stage's share of its run.
+  (one long run): its snapshots are taken inside that run, as `MLRSTrainer` takes them. Switch losses (for
+  `stage_by="loss"`) are the mean over the last round of each episode's smoothed normalised loss when it reached the
+  stage's share of its run.
 - Each episode's record names its task, its loss scale (the first raw training loss) and the range of the net's
   normalised input and output (from the logged losses and net outputs): whether the normalised loss lets one net serve
   tasks whose losses live on different scales is read off these.
