@@ -1,0 +1,158 @@
+"""What a shipped schedule has learned: its lr shape A_t under controlled loss curves, per stage and as applied.
+
+A frozen MLR-SNet maps the normalised training loss x_t (loss / first loss) and its recurrent state to A_t in (0, 1);
+the lr is gamma * A_t. This script feeds each schedule's stages the same synthetic loss curves over a run of
+`--steps` steps and records A_t, so the questions of issue 10 are answered by measurement, not by reading weights:
+- where does it decay?            A_t over the run on a typical curve (`fast`: most of the fall in the first 10%)
+- does it react to the loss?      `fast` vs `slow` vs `flat` (same steps, different losses), and `spike` (the loss
+                                  jumps back to its start at half of the run): a net that reacts moves A_t
+- how do stages differ?           each stage alone over the whole run, and the stages as applied (stage k over the
+                                  k-th part of the run, `stage_by="progress"`, the default of MLRSCallback)
+
+    python benchmarks/zoo_shapes.py                      # every shipped schedule -> results/zoo_shapes.{json,md,png}
+    python benchmarks/zoo_shapes.py --schedules lm-bytes,outputs/zoo/multitask-without-lm/schedule
+
+CPU, seconds: only the 11,776-parameter LSTM runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+HERE = Path(__file__).resolve().parent
+
+# Normalised loss curves x_t (t = 0..T-1), all starting at 1: the net's input on any task (initial_loss normalisation).
+PROBES = {
+    "fast": lambda t, T: 0.35 + 0.65 * math.exp(-t / (0.05 * T)),
+    "slow": lambda t, T: 0.35 + 0.65 * math.exp(-t / (0.5 * T)),
+    "flat": lambda t, T: 1.0,
+    "spike": lambda t, T: 0.35 + 0.65 * math.exp(-t / (0.05 * T)) if t < T // 2 else 1.0,
+}
+
+
+@torch.no_grad()
+def shape(net, curve: list[float], stage_of) -> list[float]:
+    """A_t of `net` fed `curve` from the zero state, stage `stage_of(t)` at step t (the state carries across stage
+    switches, as in MLRSScheduler)."""
+    state, out = None, []
+    for t, x in enumerate(curve):
+        a, state = net(torch.tensor(float(x)), state, stage=stage_of(t))
+        out.append(float(a))
+    return out
+
+
+def applied_stage(net, steps: int):
+    starts = net.stage_starts
+    return lambda t: max(k for k, s in enumerate(starts) if s <= t / steps)
+
+
+def measure(net, steps: int) -> dict:
+    curves = {name: [f(t, steps) for t in range(steps)] for name, f in PROBES.items()}
+    result = {"stages": {}, "applied": {}}
+    for k in range(net.num_stages):
+        result["stages"][k] = {name: shape(net, c, lambda t, k=k: k) for name, c in curves.items()}
+    for name, c in curves.items():
+        result["applied"][name] = shape(net, c, applied_stage(net, steps))
+    return result
+
+
+def at(values: list[float], fraction: float) -> float:
+    return values[min(len(values) - 1, round(fraction * (len(values) - 1)))]
+
+
+def summary(name: str, net, result: dict) -> list[str]:
+    """Table rows: A_t at 0, 10, 33, 50, 66, 100% of the run, and the reaction to the loss."""
+    rows = []
+    marks = (0, 0.1, 1 / 3, 0.5, 2 / 3, 1)
+    for label, curves in [(f"stage {k}", v) for k, v in result["stages"].items()] + [("applied", result["applied"])]:
+        fast = curves["fast"]
+        # Reaction: how A_t moves when the loss does (same step, different loss): slow/fast at 10%, spike/fast at 60%.
+        slow_vs_fast = at(curves["slow"], 0.1) / at(fast, 0.1)
+        spike_vs_fast = at(curves["spike"], 0.6) / at(fast, 0.6)
+        rows.append(f"| {name} | {label} | " + " | ".join(f"{at(fast, m):.3f}" for m in marks)
+                    + f" | {at(curves['flat'], 0.5):.3f} | {slow_vs_fast:.2f} | {spike_vs_fast:.2f} |")
+    return rows
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4), squeeze=False)
+    for ax, (name, result) in zip(axes[0], results.items()):
+        for probe, style in (("fast", "-"), ("slow", "--"), ("spike", ":")):
+            for k, curves in result["stages"].items():
+                ax.plot(curves[probe], style, color=f"C{k}", lw=1, alpha=0.6,
+                        label=f"stage {k}" if probe == "fast" else None)
+            ax.plot(result["applied"][probe], style, color="k", lw=1.6, label=f"applied, {probe} loss")
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("A_t (lr / gamma)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def resolve(names: list[str]) -> dict[str, Path]:
+    import sys
+
+    sys.path.insert(0, str(HERE.parent / "recipes"))
+    import zoo
+
+    from hf_mlrs import pretrained
+
+    found = {}
+    for name in names:
+        if name in zoo.ZOO:
+            folder = zoo.schedule_dir(name)
+        elif Path(name).is_dir():
+            folder = Path(name)
+        else:
+            folder = pretrained.path(name)
+        if (folder / "config.json").exists():
+            found[name] = folder
+        else:
+            print(f"{name}: no schedule at {folder} (meta-train it first: python recipes/zoo.py --entry {name})")
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--schedules", help="zoo entries, shipped names or folders (default: every shipped one)")
+    parser.add_argument("--steps", type=int, default=300, help="run length of the probes")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    options = parser.parse_args(argv)
+    from hf_mlrs import MLRSNet, pretrained
+
+    names = options.schedules.split(",") if options.schedules else pretrained.available()
+    results, rows = {}, []
+    for name, folder in resolve(names).items():
+        net = MLRSNet.from_pretrained(folder).eval()
+        results[name] = measure(net, options.steps)
+        rows += summary(name, net, results[name])
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = ("| schedule | stage | A at 0% | 10% | 33% | 50% | 66% | 100% | flat loss, 50% | slow / fast loss at 10% "
+              "| spike / fast at 60% |\n|---" + "|---" * 10 + "|")
+    table = header + "\n" + "\n".join(rows)
+    (out / "zoo_shapes.md").write_text(f"# Learned shapes ({options.steps}-step probes)\n\nCommand: `python "
+                                       f"benchmarks/zoo_shapes.py {' '.join(argv or [])}`\n\n{table}\n")
+    (out / "zoo_shapes.json").write_text(json.dumps({"steps": options.steps, "results": results}))
+    if results:
+        plot(results, out / "zoo_shapes.png")
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
