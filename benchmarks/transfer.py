@@ -131,17 +131,19 @@ class Runs:
         return best["lr"], [self.get(task, model, steps, arm, best["lr"], s, schedule) for s in range(seeds)]
 
 
-def measure_cell(runs: Runs, task, model, steps, schedule, builtins, options) -> dict:
-    """Scores (mean over seeds; higher is better: accuracy, or minus the LM loss) of every arm on one cell."""
+def measure_cell(runs: Runs, task, model, steps, schedule, builtins, options, label) -> dict:
+    """Scores (mean over seeds; higher is better: accuracy, or minus the LM loss) of every arm on one cell.
+    Runs are named by `label`, the schedule's name (results never record a path of this machine)."""
     grid = quality.TASKS[task]["grid"][:2] if options.smoke else quality.TASKS[task]["grid"]
     seeds = 1 if options.smoke else SEEDS
     arms = {}
     for name in builtins:
         lr, rs = runs.tuned(task, model, steps, f"builtin:{name}", grid, seeds)
         arms[f"builtin:{name}"] = {"lr": lr, "score": statistics.fmean(map(quality.score, rs))}
-    lr, rs = runs.tuned(task, model, steps, f"zoo:{schedule}", grid, seeds, str(schedule))
+    lr, rs = runs.tuned(task, model, steps, f"zoo:{label}", grid, seeds, str(schedule))
     arms["zoo"] = {"lr": lr, "score": statistics.fmean(map(quality.score, rs))}
-    rs = [runs.get(task, model, steps, f"learned:{schedule}", 1e-3, s, str(schedule)) for s in range(seeds)]
+    rs = [runs.get(task, model, steps, f"learned:{label}", 1e-3, s, str(schedule))
+          for s in range(seeds)]
     arms["learned"] = {"lr": None, "score": statistics.fmean(map(quality.score, rs)),
                        "gamma_end": [r["gammas"][-1][1] if r["gammas"] else None for r in rs]}
     best = max((a for a in arms if a.startswith("builtin:")), key=lambda a: arms[a]["score"])
@@ -203,7 +205,7 @@ def write_cards(rows: list[dict], command: str) -> None:
     from hf_mlrs import MLRSNet
 
     for row in rows:
-        folder = Path(row["folder_of_card"])
+        folder = HERE.parent / row["folder_of_card"]
         if not (folder / "config.json").exists():
             continue
         net = MLRSNet.from_pretrained(folder)
@@ -272,7 +274,7 @@ def main(argv=None):
                 continue
             net = MLRSNet.from_pretrained(folder)
             row = rows.setdefault(row_name, {"row": row_name, "cells": [],
-                                             "folder_of_card": str(card_folder(row_name, folder, options.smoke))})
+                                             "folder_of_card": relative(card_folder(row_name, folder, options.smoke))})
             cells = cells_of(row_name, schedule, net, options.smoke, only)
             if options.plan:
                 log(f"{row_name} ({schedule}): " + ", ".join(f"{t}/{m} [{k}]" for t, m, k in cells))
@@ -280,7 +282,7 @@ def main(argv=None):
             builtins = ["linear", "constant"] if options.smoke else quality.SCHEDULES
             for task, model, kind in cells:
                 steps = 2 if options.smoke else standard_steps(task, model)
-                cell = measure_cell(runs, task, model, steps, folder, builtins, options)
+                cell = measure_cell(runs, task, model, steps, folder, builtins, options, schedule)
                 add_cell(row, {**cell, "relation": kind, "gaps": gaps(cell), "schedule": schedule})
             if options.budgets and not any(c.get("budget") for c in row["cells"]):  # one budget cell per row
                 for cell in budget_cells(runs, schedule, folder, net,
@@ -301,6 +303,12 @@ def main(argv=None):
     if options.write_cards:
         write_cards(rows, command.strip())
     return {"rows": rows, "targets": met}
+
+
+def relative(folder: Path) -> str:
+    """A folder as recorded in the results: relative to the repository where it is inside it."""
+    folder = Path(folder).resolve()
+    return str(folder.relative_to(HERE.parent)) if folder.is_relative_to(HERE.parent) else str(folder)
 
 
 def run_key(r: dict) -> tuple:
@@ -354,7 +362,7 @@ def budget_cells(runs, schedule, folder, net, cells, options) -> list[dict]:
     for factor in BUDGET_FACTORS:
         steps = 2 if options.smoke else max(1, min(options.budget_cap, round(factor * length)))
         builtins = sorted({"constant", pick[3]})
-        cell = measure_cell(runs, pick[0], pick[1], steps, folder, builtins, options)
+        cell = measure_cell(runs, pick[0], pick[1], steps, folder, builtins, options, schedule)
         out.append({**cell, "relation": pick[2], "gaps": gaps(cell), "schedule": schedule, "budget": factor,
                     "meta_episode_steps": length, "capped": steps < round(factor * length)})
     return out

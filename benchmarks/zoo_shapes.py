@@ -80,6 +80,35 @@ def summary(name: str, net, result: dict) -> list[str]:
     return rows
 
 
+def describe(result: dict) -> str:
+    """One paragraph: where the applied schedule decays, by how much, and whether any stage reacts to the loss."""
+    fast = result["applied"]["fast"]
+    steps = len(fast)
+    low = min(fast)
+    half = next((t for t, a in enumerate(fast) if a < 0.5 * fast[0]), None)
+    where = "never falls below half of its start" if half is None else f"first falls below half of its start at " \
+        f"{half / steps:.0%} of the run"
+    # Reaction: the largest relative change of A_t at the same step when only the loss curve differs.
+    reaction = max(abs(at(curves[other], m) / at(curves["fast"], m) - 1)
+                   for curves in list(result["stages"].values()) + [result["applied"]]
+                   for other in ("slow", "flat", "spike") for m in (0.1, 0.5, 0.6, 0.9))
+    reacts = "barely reacts to the loss" if reaction < 0.05 else "reacts to the loss"
+    return (f"As applied (stages switching at their fractions of the run), A_t = lr / gamma starts at {fast[0]:.3g}, "
+            f"{where}, and ends at {fast[-1]:.3g} (lowest {low:.3g}: {fast[0] / low:.3g}x below its start). It "
+            f"{reacts}: with the same steps and a different loss curve, A_t moves by at most {reaction:.1%}.")
+
+
+def write_card(folder: Path, name: str, result: dict, rows: list[str], header: str, steps: int) -> None:
+    from hf_mlrs import MLRSNet
+
+    net = MLRSNet.from_pretrained(folder)
+    net.provenance["shape_probe"] = {"summary": describe(result), "table": header + "\n" + "\n".join(rows),
+                                     "command": f"python benchmarks/zoo_shapes.py --schedules {name} --write-cards",
+                                     "steps": steps}
+    net.save_pretrained(folder)
+    print(f"card updated: {folder}")
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -131,20 +160,25 @@ def main(argv=None):
     parser.add_argument("--schedules", help="zoo entries, shipped names or folders (default: every shipped one)")
     parser.add_argument("--steps", type=int, default=300, help="run length of the probes")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--write-cards", action="store_true", help="add a 'What it learned' section to each card")
     options = parser.parse_args(argv)
     from hf_mlrs import MLRSNet, pretrained
 
     names = options.schedules.split(",") if options.schedules else pretrained.available()
-    results, rows = {}, []
+    header = ("| schedule | stage | A at 0% | 10% | 33% | 50% | 66% | 100% | flat loss, 50% | slow / fast loss at 10% "
+              "| spike / fast at 60% |\n|---" + "|---" * 10 + "|")
+    results, rows, text = {}, [], []
     for name, folder in resolve(names).items():
         net = MLRSNet.from_pretrained(folder).eval()
         results[name] = measure(net, options.steps)
-        rows += summary(name, net, results[name])
+        own = summary(name, net, results[name])
+        rows += own
+        text.append(f"- {name}: {describe(results[name])}")
+        if options.write_cards:
+            write_card(folder, name, results[name], own, header, options.steps)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    header = ("| schedule | stage | A at 0% | 10% | 33% | 50% | 66% | 100% | flat loss, 50% | slow / fast loss at 10% "
-              "| spike / fast at 60% |\n|---" + "|---" * 10 + "|")
-    table = header + "\n" + "\n".join(rows)
+    table = header + "\n" + "\n".join(rows) + "\n\n" + "\n".join(text)
     (out / "zoo_shapes.md").write_text(f"# Learned shapes ({options.steps}-step probes)\n\nCommand: `python "
                                        f"benchmarks/zoo_shapes.py {' '.join(argv or [])}`\n\n{table}\n")
     (out / "zoo_shapes.json").write_text(json.dumps({"steps": options.steps, "results": results}))

@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 PAPER_URL = "https://arxiv.org/abs/2007.14546"
 # Provenance keys shown in sections of their own (or only in the plot), not in the "How it was learned" table.
-OWN_SECTIONS = ("lr_history", "learned_shapes", "episode_records", "transfer")
+OWN_SECTIONS = ("lr_history", "learned_shapes", "episode_records", "transfer", "shape_probe")
 TRANSFER_HEADING = "## Transfer"
 CARD_NAME = "README.md"
 PLOT_NAME = "lr_curve.png"
@@ -133,13 +133,31 @@ Input normalisation: `{net.input_normalization}`; hidden size {net.hidden_size}.
 |---|---|
 {rows if rows else '| (no provenance recorded) | |'}
 
-{episodes_section(net.provenance)}{transfer_section(net.provenance)}## Citation
+{shape_section(net.provenance)}{episodes_section(net.provenance)}{transfer_section(net.provenance)}## Citation
 
 ```bibtex
 {CITATION}
 ```
 """
     return ModelCard(content)
+
+
+def shape_section(provenance: dict) -> str:
+    """What the schedule learned, measured by `benchmarks/zoo_shapes.py --write-cards` under controlled loss curves."""
+    probe = provenance.get("shape_probe") or {}
+    if not probe:
+        return ""
+    return f"""## What it learned
+
+{probe['summary']}
+
+{probe['table']}
+
+Measured with `{probe['command']}`: each stage fed the same synthetic normalised loss curves over a
+{probe['steps']}-step run (`fast`: most of the fall in the first 10%; `slow`; `flat`; `spike`: the loss jumps back to
+its start at half of the run). A net that reacts to the loss moves A_t between curves; ratios of 1.00 mean it does not.
+
+"""
 
 
 def episodes_section(provenance: dict) -> str:

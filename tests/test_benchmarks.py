@@ -78,3 +78,30 @@ def test_horizon_probe_measures_consistent_slopes():
         one_end = min(abs(change - w["s0"]), abs(change - w["s1"]))
         assert abs(change - (w["s0"] + w["s1"]) / 2) <= 0.35 * one_end, (p["step"], change, w)
     assert probe.summarise(result)  # the summary lines render
+
+
+def test_zoo_shapes_tells_a_net_that_reads_the_loss_from_one_that_does_not_and_writes_the_card(tmp_path):
+    """A net whose input weights are zero cannot react to the loss; one with a strong input weight must; the
+    reaction is measured from the probes, so swapping or ignoring a probe curve fails one of the two."""
+    import torch
+
+    from hf_mlrs import MLRSNet
+
+    shapes = load("zoo_shapes")
+    torch.manual_seed(0)
+    inert, reactive = MLRSNet(stage_starts=[0, 0.5]), MLRSNet(stage_starts=[0, 0.5])
+    with torch.no_grad():
+        for stage in inert.stages:
+            stage.input_branch[0].weight.zero_()
+        for stage in reactive.stages:
+            stage.input_branch[0].weight.fill_(3.0)
+            stage.input_branch[2].weight.mul_(30.0)
+    inert.save_pretrained(tmp_path / "inert")
+    reactive.save_pretrained(tmp_path / "reactive")
+    results = shapes.main(["--schedules", f"{tmp_path / 'inert'},{tmp_path / 'reactive'}", "--steps", "40",
+                           "--out", str(tmp_path), "--write-cards"])
+    assert "barely reacts to the loss" in shapes.describe(results[str(tmp_path / "inert")])
+    assert "It reacts to the loss" in shapes.describe(results[str(tmp_path / "reactive")])
+    card = (tmp_path / "reactive" / "README.md").read_text()
+    assert "## What it learned" in card and "| applied |" in card
+    assert (tmp_path / "zoo_shapes.png").exists()
