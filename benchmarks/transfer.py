@@ -110,8 +110,7 @@ class Runs:
         for r in json.loads(Path(path).read_text())["runs"]:
             arm = r["arm"]
             if arm.startswith(("grid:", "tuned:")) and arm.split(":")[1] in quality.SCHEDULES:
-                model = r.get("model") or quality.TASKS[r["task"]]["model"]
-                self.done[(r["task"], model, r["steps"], "builtin:" + arm.split(":")[1], r["lr"], r["seed"])] = r
+                self.done[run_key(r)] = r
 
     def get(self, task, model, steps, arm, lr, seed, schedule=None) -> dict:
         key = (task, "tiny" if self.options.smoke else model, steps, arm, lr, seed)
@@ -312,8 +311,12 @@ def relative(folder: Path) -> str:
 
 
 def run_key(r: dict) -> tuple:
-    """The key of a run in `Runs.done` (the transfer benchmark's own runs carry their arm name)."""
-    return (r["task"], r["model"], r["steps"], r["arm"], r["lr"], r["seed"])
+    """The key of a run in `Runs.done`: the benchmark's own runs carry their arm name; quality.py's grid and tuned
+    runs (kept from --reuse) count as the built-in arm of that schedule, on the task's benchmark model."""
+    arm = r["arm"]
+    if arm.startswith(("grid:", "tuned:")):
+        arm = "builtin:" + arm.split(":")[1]
+    return (r["task"], r.get("model") or quality.TASKS[r["task"]]["model"], r["steps"], arm, r["lr"], r["seed"])
 
 
 def add_cell(row: dict, cell: dict) -> None:
