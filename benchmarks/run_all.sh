@@ -39,11 +39,16 @@ python benchmarks/overhead.py --sizes small --arms plain,learned --steps 150 --r
 # Kill anywhere: SIGKILL at random moments (also inside a checkpoint save, also with 2 processes), resume, compare.
 HF_MLRS_FULL_KILL_TEST=1 OMP_NUM_THREADS=1 python -m pytest tests/test_crash_safe_resume.py -k kill_anywhere -s
 
-# The schedule zoo (issue 10; NOT run yet): meta-train every entry (resumable: rerun the same line after a kill),
-# then the transfer benchmark, which also fills each shipped entry's card (--write-cards). Estimated 10 hours for the
-# eight entries on 2 CPU cores (upper bound, recipes/README.md), then several hours for the benchmark.
-for entry in text-bbc image-fashion lm-bytes multitask-default \
-    multitask-without-bbc multitask-without-digits multitask-without-fashion multitask-without-lm; do
+# The schedule zoo (issue 10): meta-train every entry (resumable: rerun the same line after a kill), then the
+# transfer benchmark on each entry's held-out cells (results accumulate in results/transfer_cpu.json, so it can be run
+# a piece at a time), the learned shapes, and the cards (--write-cards). Measured alone on 2 CPU cores: lm-bytes
+# 17 min, text-bbc about 85 min; the others are estimated in recipes/README.md.
+for entry in lm-bytes text-bbc image-fashion multitask-without-bbc multitask-without-digits \
+    multitask-without-fashion multitask-without-lm multitask-default; do
   python recipes/zoo.py --entry "$entry"
 done
-python benchmarks/transfer.py --reuse benchmarks/results/quality_cpu.json --write-cards
+held_out="bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,lm/gpt2-small"
+python benchmarks/transfer.py --entries lm-bytes,text-bbc,image-fashion,multitask-default --cells "$held_out" \
+  --no-budgets --reuse benchmarks/results/quality_cpu.json
+python benchmarks/transfer.py --reuse benchmarks/results/quality_cpu.json --write-cards   # sizes and budgets too
+python benchmarks/zoo_shapes.py --write-cards
