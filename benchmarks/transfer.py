@@ -47,6 +47,8 @@ MODALITY = {"bbc": "text", "lm": "text", "digits": "image", "fashion": "image"}
 BUDGET_CELLS = [("digits", "resnet-small"), ("fashion", "resnet-small"), ("lm", "gpt2-small")]  # cheapest first
 BUDGET_FACTORS = (1 / 3, 3)
 SEEDS = 3
+LEGEND = ("(gap: behind the best tuned built-in, in accuracy points or % of the LM loss, positive = behind; "
+          "vs constant: ahead of the tuned constant lr, same units, positive = ahead)")
 
 
 def learned_pairs(net) -> list[tuple[str, str]]:
@@ -182,7 +184,7 @@ def render(rows: list[dict], met: dict) -> str:
              "learned scale | gap |", "|---" * 10 + "|"]
     for row in rows:
         lines += [row_line(row["row"], c) for c in row["cells"]]
-    lines += ["", "(gaps: accuracy points, LM: % of the loss; positive = behind)", "", "| target | met |", "|---|---|"]
+    lines += ["", LEGEND, "", "| target | met |", "|---|---|"]
     lines += [f"| {k} | {v if isinstance(v, bool) else f'{v:.2f}'} |" for k, v in met.items()]
     return "\n".join(lines)
 
@@ -201,7 +203,7 @@ def row_line(name: str, c: dict) -> str:
 
 def write_cards(rows: list[dict], command: str) -> None:
     """Fill the Transfer section (and the one-line summary `hf-mlrs list` shows) of each shipped schedule."""
-    from hf_mlrs import MLRSNet
+    from hf_mlrs import MLRSNet, pretrained
 
     for row in rows:
         folder = HERE.parent / row["folder_of_card"]
@@ -213,10 +215,8 @@ def write_cards(rows: list[dict], command: str) -> None:
                    f"(tuned gamma), {max(c['gaps']['learned'] for c in held):+.2f} (learned scale), "
                    f"over {len(held)} cell(s)") if held else "no held-out task measured"
         table = "\n".join(render([row], {}).splitlines()[:2] + [row_line(row["row"], c) for c in row["cells"]])
-        net.provenance["transfer"] = {"summary": summary, "table": table + "\n\n(gaps: accuracy points, LM: % of "
-                                      "the loss; positive = behind the best tuned built-in schedule)",
-                                      "command": command}
-        net.save_pretrained(folder)
+        net.provenance["transfer"] = {"summary": summary, "table": table + "\n\n" + LEGEND, "command": command}
+        net.save_pretrained(folder, repo_id=pretrained.name_of(folder))
         print(f"card updated: {folder}")
 
 
@@ -236,13 +236,19 @@ def main(argv=None):
     parser.add_argument("--out", default=str(HERE / "results"))
     options = parser.parse_args(argv)
     only = {tuple(c.split("/", 1)) for c in options.cells.split(",")} if options.cells else None
+    if only and not only <= set(TARGETS):
+        parser.error(f"--cells: unknown {sorted('/'.join(c) for c in only - set(TARGETS))}; cells are "
+                     f"{', '.join('/'.join(c) for c in TARGETS)}.")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hf_mlrs import MLRSNet
 
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"transfer_{options.device}{'_smoke' if options.smoke else ''}"
-    if options.smoke:  # a fresh 3-stage net standing for a zoo entry learned on text
+    if options.smoke:  # a fresh 3-stage net standing for a zoo entry learned on text (the same weights every time)
+        import torch
+
+        torch.manual_seed(0)
         folder = out / "smoke_schedule"
         MLRSNet(stage_starts=[0, 1 / 3, 2 / 3], provenance={"zoo_entry": "smoke", "pairs": ["bbc/tiny"],
                                                             "steps": 6}).save_pretrained(folder)
@@ -250,7 +256,7 @@ def main(argv=None):
     else:
         measured = entries_to_measure(options.entries.split(","))
     missing = [str(folder) for _, _, folder in measured if folder is None or not (folder / "config.json").exists()]
-    if missing and not options.plan:
+    if len(missing) == len(measured) and not options.plan:
         raise FileNotFoundError(f"No schedule at {missing}: meta-train them first (`python recipes/zoo.py --entry "
                                 "NAME`, see benchmarks/run_all.sh), or leave them out with --entries.")
     with open(stem.with_suffix(".log"), "a") as log_file:
@@ -262,11 +268,12 @@ def main(argv=None):
         runs = Runs(options, log)
         if options.reuse:
             runs.reuse(options.reuse)
-        rows = {}
+        rows, earlier_commands = {}, []
         if stem.with_suffix(".json").exists() and not options.plan:  # accumulate: keep earlier rows and runs
             earlier = json.loads(stem.with_suffix(".json").read_text())
             runs.done.update({run_key(r): r for r in earlier["runs"]})
             rows = {row["row"]: row for row in earlier["rows"]}
+            earlier_commands = earlier.get("commands") or ([earlier["command"]] if "command" in earlier else [])
         for row_name, schedule, folder in measured:
             if folder is None or not (folder / "config.json").exists():
                 log(f"{row_name}: {schedule} not built yet")
@@ -281,7 +288,7 @@ def main(argv=None):
             builtins = ["linear", "constant"] if options.smoke else quality.SCHEDULES
             for task, model, kind in cells:
                 steps = 2 if options.smoke else standard_steps(task, model)
-                cell = measure_cell(runs, task, model, steps, folder, builtins, options, schedule)
+                cell = measure_cell(runs, task, model, steps, folder, builtins, options, label_of(schedule, folder))
                 add_cell(row, {**cell, "relation": kind, "gaps": gaps(cell), "schedule": schedule})
             if options.budgets and not any(c.get("budget") for c in row["cells"]):  # one budget cell per row
                 for cell in budget_cells(runs, schedule, folder, net,
@@ -294,14 +301,26 @@ def main(argv=None):
     rows = list(rows.values())
     met = targets(rows)
     table = render(rows, met)
-    command = "python benchmarks/transfer.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    stem.with_suffix(".json").write_text(json.dumps({"command": command.strip(), "rows": rows, "targets": met,
+    command = ("python benchmarks/transfer.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    commands = [c for c in earlier_commands if c != command] + [command]
+    stem.with_suffix(".json").write_text(json.dumps({"commands": commands, "rows": rows, "targets": met,
                                                      "runs": list(runs.done.values())}, indent=1, default=str))
-    stem.with_suffix(".md").write_text(f"# Transfer ({options.device})\n\nCommand: `{command.strip()}`\n\n{table}\n")
+    listed = "\n".join(f"    {c}" for c in commands)
+    stem.with_suffix(".md").write_text(f"# Transfer ({options.device})\n\nCommands, in order (results accumulate):\n\n"
+                                       f"{listed}\n\n{table}\n")
     print(table)
     if options.write_cards:
-        write_cards(rows, command.strip())
+        write_cards(rows, command)
     return {"rows": rows, "targets": met}
+
+
+def label_of(schedule: str, folder: Path) -> str:
+    """A schedule's name in run keys: its name and a hash of its weights, so that a schedule meta-trained again is
+    measured again rather than matched with the runs of the one it replaced."""
+    import hashlib
+
+    digest = hashlib.sha256((Path(folder) / "model.safetensors").read_bytes()).hexdigest()[:8]
+    return f"{schedule}@{digest}"
 
 
 def relative(folder: Path) -> str:
@@ -365,7 +384,7 @@ def budget_cells(runs, schedule, folder, net, cells, options) -> list[dict]:
     for factor in BUDGET_FACTORS:
         steps = 2 if options.smoke else max(1, min(options.budget_cap, round(factor * length)))
         builtins = sorted({"constant", pick[3]})
-        cell = measure_cell(runs, pick[0], pick[1], steps, folder, builtins, options, schedule)
+        cell = measure_cell(runs, pick[0], pick[1], steps, folder, builtins, options, label_of(schedule, folder))
         out.append({**cell, "relation": pick[2], "gaps": gaps(cell), "schedule": schedule, "budget": factor,
                     "meta_episode_steps": length, "capped": steps < round(factor * length)})
     return out

@@ -20,12 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # transfer.py
+sys.path.insert(0, str(HERE.parent / "recipes"))  # zoo.py
 
 # Normalised loss curves x_t (t = 0..T-1), all starting at 1: the net's input on any task (initial_loss normalisation).
 PROBES = {
@@ -62,14 +65,20 @@ def measure(net, steps: int) -> dict:
     return result
 
 
+# Where the table reads A_t: away from the paper's stage switches (1/3, 2/3), whose first steps are transients of the
+# recurrent state; 1.0 is the last step.
+MARKS = (0, 0.1, 0.25, 0.5, 0.8, 1.0)
+
+
 def at(values: list[float], fraction: float) -> float:
-    return values[min(len(values) - 1, round(fraction * (len(values) - 1)))]
+    """A_t at step int(fraction x steps) (the step `applied_stage` puts at that fraction), or the last step."""
+    return values[min(len(values) - 1, int(fraction * len(values)))]
 
 
-def summary(name: str, net, result: dict) -> list[str]:
-    """Table rows: A_t at 0, 10, 33, 50, 66, 100% of the run, and the reaction to the loss."""
+def summary(name: str, result: dict) -> list[str]:
+    """Table rows: A_t at MARKS of the run, and the reaction to the loss."""
     rows = []
-    marks = (0, 0.1, 1 / 3, 0.5, 2 / 3, 1)
+    marks = MARKS
     for label, curves in [(f"stage {k}", v) for k, v in result["stages"].items()] + [("applied", result["applied"])]:
         fast = curves["fast"]
         # Reaction: how A_t moves when the loss does (same step, different loss): slow/fast at 10%, spike/fast at 60%.
@@ -84,17 +93,24 @@ def describe(result: dict) -> str:
     """One paragraph: where the applied schedule decays, by how much, and whether any stage reacts to the loss."""
     fast = result["applied"]["fast"]
     steps = len(fast)
-    low = min(fast)
+    levels = [at(fast, m) for m in MARKS]  # read away from the switch transients
     half = next((t for t, a in enumerate(fast) if a < 0.5 * fast[0]), None)
     where = "never falls below half of its start" if half is None else f"first falls below half of its start at " \
         f"{half / steps:.0%} of the run"
+    low, high = min(levels), max(levels)
+    if low < fast[0] / 1.05:
+        change = f"lowest {low:.3g}: {fast[0] / low:.3g}x below its start"
+    elif high > fast[0] * 1.05:
+        change = f"highest {high:.3g}: it rises, {high / fast[0]:.3g}x above its start"
+    else:
+        change = "nearly flat"
     # Reaction: the largest relative change of A_t at the same step when only the loss curve differs.
     reaction = max(abs(at(curves[other], m) / at(curves["fast"], m) - 1)
                    for curves in list(result["stages"].values()) + [result["applied"]]
                    for other in ("slow", "flat", "spike") for m in (0.1, 0.5, 0.6, 0.9))
     reacts = "barely reacts to the loss" if reaction < 0.05 else "reacts to the loss"
     return (f"As applied (stages switching at their fractions of the run), A_t = lr / gamma starts at {fast[0]:.3g}, "
-            f"{where}, and ends at {fast[-1]:.3g} (lowest {low:.3g}: {fast[0] / low:.3g}x below its start). It "
+            f"{where}, and ends at {fast[-1]:.3g} ({change}). It "
             f"{reacts}: with the same steps and a different loss curve, A_t moves by at most {reaction:.1%}.")
 
 
@@ -105,7 +121,9 @@ def write_card(folder: Path, name: str, result: dict, rows: list[str], header: s
     net.provenance["shape_probe"] = {"summary": describe(result), "table": header + "\n" + "\n".join(rows),
                                      "command": f"python benchmarks/zoo_shapes.py --schedules {name} --write-cards",
                                      "steps": steps}
-    net.save_pretrained(folder)
+    from hf_mlrs import pretrained
+
+    net.save_pretrained(folder, repo_id=pretrained.name_of(folder))
     print(f"card updated: {folder}")
 
 
@@ -133,9 +151,6 @@ def plot(results: dict, path: Path) -> None:
 
 
 def resolve(names: list[str]) -> dict[str, Path]:
-    import sys
-
-    sys.path.insert(0, str(HERE.parent / "recipes"))
     import zoo
 
     from hf_mlrs import pretrained
@@ -165,13 +180,13 @@ def main(argv=None):
     from hf_mlrs import MLRSNet, pretrained
 
     names = options.schedules.split(",") if options.schedules else pretrained.available()
-    header = ("| schedule | stage | A at 0% | 10% | 33% | 50% | 66% | 100% | flat loss, 50% | slow / fast loss at 10% "
-              "| spike / fast at 60% |\n|---" + "|---" * 10 + "|")
+    header = ("| schedule | stage | " + " | ".join(f"A at {m:.0%}" if m == 0 else f"{m:.0%}" for m in MARKS)
+              + " | flat loss, 50% | slow / fast loss at 10% | spike / fast at 60% |\n|---" + "|---" * 10 + "|")
     results, rows, text = {}, [], []
     for name, folder in resolve(names).items():
         net = MLRSNet.from_pretrained(folder).eval()
         results[name] = measure(net, options.steps)
-        own = summary(name, net, results[name])
+        own = summary(name, results[name])
         rows += own
         text.append(f"- {name}: {describe(results[name])}")
         if options.write_cards:
@@ -179,8 +194,9 @@ def main(argv=None):
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     table = header + "\n" + "\n".join(rows) + "\n\n" + "\n".join(text)
-    (out / "zoo_shapes.md").write_text(f"# Learned shapes ({options.steps}-step probes)\n\nCommand: `python "
-                                       f"benchmarks/zoo_shapes.py {' '.join(argv or [])}`\n\n{table}\n")
+    command = " ".join(["python benchmarks/zoo_shapes.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    (out / "zoo_shapes.md").write_text(f"# Learned shapes ({options.steps}-step probes)\n\nCommand: `{command}`"
+                                       f"\n\n{table}\n")
     (out / "zoo_shapes.json").write_text(json.dumps({"steps": options.steps, "results": results}))
     if results:
         plot(results, out / "zoo_shapes.png")

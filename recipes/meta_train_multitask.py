@@ -116,7 +116,7 @@ def main(script_args: ScriptArguments, training_args: MLRSTrainingArguments, com
     """Meta-train, save the schedule; `command` and `extra_provenance` (e.g. a zoo entry's name) go into its card."""
     from meta_train import shareable  # recipes/meta_train.py: command lines without this machine's paths
 
-    from hf_mlrs import MLRSMultiTaskTrainer, MLRSNet, __version__
+    from hf_mlrs import MLRSMultiTaskTrainer, MLRSNet, __version__, pretrained
 
     pairs = parse_pairs(script_args.pairs)
     net = MLRSNet(hidden_size=training_args.mlrs_hidden_size, output_bias_init=training_args.mlrs_output_bias_init,
@@ -144,7 +144,7 @@ def main(script_args: ScriptArguments, training_args: MLRSTrainingArguments, com
     out = Path(training_args.output_dir)
     (out / "episodes.json").write_text(json.dumps(runner.records, indent=1))
     target = Path(script_args.schedule_dir) if script_args.schedule_dir else out / "schedule"
-    schedule.save_pretrained(target)  # MLRS: weights, config, model card, lr plot
+    schedule.save_pretrained(target, repo_id=pretrained.name_of(target))  # MLRS: weights, config, card, lr plot
     print(f"\nSchedule: {target}  ({schedule.provenance['steps']} steps over {len(runner.records)} episodes)")
     for r in runner.records:
         print(f"  episode {r['index']:3d} {r['task']}/{r['model']:14s} loss scale {r['loss_scale']:.3g}  input "

@@ -60,7 +60,7 @@ def test_transfer_smoke_measures_every_arm_fills_the_card_and_plans_without_sche
     assert "minilm2-bbc (minilm2-bbc): digits/resnet-small [held-out task, cross-modality]" in out
     assert "bbc/minilm-L6 [held-out size]" in out
     again = load("transfer").main(["--smoke", "--out", str(tmp_path)])  # results accumulate: nothing is rerun
-    assert "score=" not in capsys.readouterr().out
+    assert "score=" not in capsys.readouterr().out  # the same schedule (same weights): its runs are reused
     assert [c.get("budget") for c in again["rows"][0]["cells"]] == [None, 1 / 3, 3]
     assert again["rows"][0]["cells"][0]["arms"] == row["cells"][0]["arms"]
 

@@ -89,6 +89,12 @@ def test_a_plan_of_one_run_takes_the_papers_snapshots_inside_the_run(tmp_path):
     assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])
     assert torch.equal(heads[2], carry(tmp_path, 0).stages[-1].head.weight)
     assert net.provenance["snapshot_episodes"] == "inside the run"
+    # Stage 1 is the live net at half of the run: the same run stopped at step 4 ends with exactly that net.
+    torch.manual_seed(0)
+    half = MLRSMultiTaskTrainer(MLRSNet(stage_starts=[0.0, 1 / 3, 2 / 3]), PAIRS[:1], make_episode(),
+                                tiny_args(tmp_path / "half", max_steps=4, mlrs_meta_interval=2, mlrs_meta_lr=1e-2,
+                                          mlrs_meta_batch_size=8), rounds=1).train()
+    assert torch.equal(heads[1], half.stages[-1].head.weight)
 
 
 def test_restart_midway_through_the_episode_list_continues_exactly(tmp_path):

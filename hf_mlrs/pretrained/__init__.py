@@ -21,3 +21,9 @@ def path(name: str) -> Path | None:
     """The folder of shipped schedule `name`, or None."""
     folder = HERE / name
     return folder if "/" not in name and (folder / "config.json").is_file() else None
+
+
+def name_of(folder: str | Path) -> str | None:
+    """The short name shipped folder `folder` loads by, or None for any other folder."""
+    folder = Path(folder).resolve()
+    return folder.name if folder.parent == HERE.resolve() else None
