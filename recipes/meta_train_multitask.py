@@ -54,6 +54,7 @@ RECIPE_DEFAULTS = dict(
     output_dir="outputs/meta_train_multitask", per_device_eval_batch_size=128,
     use_cpu=not torch.cuda.is_available(), logging_steps=10, report_to="none", seed=0, disable_tqdm=True,
     save_strategy="steps", save_steps=200, save_total_limit=1,  # MLRS: a restart loses at most 200 steps
+    dataloader_drop_last=True,  # MLRS: a ResNet's BatchNorm fails on an epoch's last batch if it holds one example
     mlrs_meta_interval=2, mlrs_meta_lr=1e-2, mlrs_num_stages=3,
 )
 
