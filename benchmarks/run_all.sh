@@ -42,7 +42,8 @@ HF_MLRS_FULL_KILL_TEST=1 OMP_NUM_THREADS=1 python -m pytest tests/test_crash_saf
 # The schedule zoo (issue 10): meta-train every entry (resumable: rerun the same line after a kill), then the
 # transfer benchmark on each entry's held-out cells (results accumulate in results/transfer_cpu.json, so it can be run
 # a piece at a time), the learned shapes, and the cards (--write-cards). Measured alone on 2 CPU cores: lm-bytes
-# 17 min, text-bbc about 85 min; the others are estimated in recipes/README.md.
+# 17 min, multitask-without-bbc 17 min, multitask-without-lm 25 min, text-bbc about 25 min (BBC at 32 tokens); the
+# others are estimated in recipes/README.md (image-fashion, 30,000 steps, is the longest).
 for entry in lm-bytes text-bbc image-fashion multitask-without-bbc multitask-without-digits \
     multitask-without-fashion multitask-without-lm multitask-default; do
   python recipes/zoo.py --entry "$entry"
