@@ -286,12 +286,13 @@ def main(argv=None):
                 log(f"{row_name} ({schedule}): " + ", ".join(f"{t}/{m} [{k}]" for t, m, k in cells))
                 continue
             builtins = ["linear", "constant"] if options.smoke else quality.SCHEDULES
+            label = label_of(schedule, folder)
             for task, model, kind in cells:
                 steps = 2 if options.smoke else standard_steps(task, model)
-                cell = measure_cell(runs, task, model, steps, folder, builtins, options, label_of(schedule, folder))
+                cell = measure_cell(runs, task, model, steps, folder, builtins, options, label)
                 add_cell(row, {**cell, "relation": kind, "gaps": gaps(cell), "schedule": schedule})
             if options.budgets and not any(c.get("budget") for c in row["cells"]):  # one budget cell per row
-                for cell in budget_cells(runs, schedule, folder, net,
+                for cell in budget_cells(runs, schedule, folder, net, label,
                                          [c for c in row["cells"] if c["schedule"] == schedule], options):
                     add_cell(row, cell)
             stem.with_suffix(".json").write_text(json.dumps({"rows": list(rows.values()),
@@ -369,7 +370,7 @@ def card_folder(row_name: str, folder: Path, smoke: bool) -> Path | None:
     return zoo.schedule_dir(row_name) if row_name in zoo.ZOO else pretrained.path(row_name)
 
 
-def budget_cells(runs, schedule, folder, net, cells, options) -> list[dict]:
+def budget_cells(runs, schedule, folder, net, label, cells, options) -> list[dict]:
     """The same arms at 1/3x and 3x the meta-training episode length, on the cheapest held-out cell."""
     held = [(c["task"], c["model"], c["relation"], c["best_builtin"][8:]) for c in cells
             if c["relation"].startswith("held-out task")]
@@ -384,7 +385,7 @@ def budget_cells(runs, schedule, folder, net, cells, options) -> list[dict]:
     for factor in BUDGET_FACTORS:
         steps = 2 if options.smoke else max(1, min(options.budget_cap, round(factor * length)))
         builtins = sorted({"constant", pick[3]})
-        cell = measure_cell(runs, pick[0], pick[1], steps, folder, builtins, options, label_of(schedule, folder))
+        cell = measure_cell(runs, pick[0], pick[1], steps, folder, builtins, options, label)
         out.append({**cell, "relation": pick[2], "gaps": gaps(cell), "schedule": schedule, "budget": factor,
                     "meta_episode_steps": length, "capped": steps < round(factor * length)})
     return out

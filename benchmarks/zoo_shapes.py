@@ -27,7 +27,6 @@ import torch
 
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # transfer.py
 sys.path.insert(0, str(HERE.parent / "recipes"))  # zoo.py
 
 # Normalised loss curves x_t (t = 0..T-1), all starting at 1: the net's input on any task (initial_loss normalisation).
@@ -39,30 +38,24 @@ PROBES = {
 }
 
 
-@torch.no_grad()
-def shape(net, curve: list[float], stage_of) -> list[float]:
-    """A_t of `net` fed `curve` from the zero state, stage `stage_of(t)` at step t (the state carries across stage
-    switches, as in MLRSScheduler)."""
-    state, out = None, []
-    for t, x in enumerate(curve):
-        a, state = net(torch.tensor(float(x)), state, stage=stage_of(t))
-        out.append(float(a))
-    return out
+def applied(net, curve: list[float]) -> list[float]:
+    """A_t as MLRSCallback applies the frozen net: the library's own MLRSScheduler (stages by training progress,
+    input normalised by the first loss, state carried across stage switches) at gamma 1 on a run of len(curve)."""
+    from hf_mlrs import MLRSScheduler
 
-
-def applied_stage(net, steps: int):
-    starts = net.stage_starts
-    return lambda t: max(k for k, s in enumerate(starts) if s <= t / steps)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = MLRSScheduler(optimizer, net, gamma=1.0, num_training_steps=len(curve))
+    return [scheduler.observe(x) for x in curve]
 
 
 def measure(net, steps: int) -> dict:
+    """A_t of each stage alone from the zero state (the card's `stage_outputs`) and of the stages as applied."""
+    from hf_mlrs.card import stage_outputs
+
     curves = {name: [f(t, steps) for t in range(steps)] for name, f in PROBES.items()}
-    result = {"stages": {}, "applied": {}}
-    for k in range(net.num_stages):
-        result["stages"][k] = {name: shape(net, c, lambda t, k=k: k) for name, c in curves.items()}
-    for name, c in curves.items():
-        result["applied"][name] = shape(net, c, applied_stage(net, steps))
-    return result
+    per_stage = {name: stage_outputs(net, c) for name, c in curves.items()}
+    return {"stages": {k: {name: per_stage[name][k] for name in curves} for k in range(net.num_stages)},
+            "applied": {name: applied(net, c) for name, c in curves.items()}}
 
 
 # Where the table reads A_t: away from the paper's stage switches (1/3, 2/3), whose first steps are transients of the
@@ -71,7 +64,7 @@ MARKS = (0, 0.1, 0.25, 0.5, 0.8, 1.0)
 
 
 def at(values: list[float], fraction: float) -> float:
-    """A_t at step int(fraction x steps) (the step `applied_stage` puts at that fraction), or the last step."""
+    """A_t at step int(fraction x steps) (the first step of a stage starting at that fraction), or the last step."""
     return values[min(len(values) - 1, int(fraction * len(values)))]
 
 
@@ -115,14 +108,12 @@ def describe(result: dict) -> str:
 
 
 def write_card(folder: Path, name: str, result: dict, rows: list[str], header: str, steps: int) -> None:
-    from hf_mlrs import MLRSNet
+    from hf_mlrs import MLRSNet, pretrained
 
     net = MLRSNet.from_pretrained(folder)
     net.provenance["shape_probe"] = {"summary": describe(result), "table": header + "\n" + "\n".join(rows),
                                      "command": f"python benchmarks/zoo_shapes.py --schedules {name} --write-cards",
                                      "steps": steps}
-    from hf_mlrs import pretrained
-
     net.save_pretrained(folder, repo_id=pretrained.name_of(folder))
     print(f"card updated: {folder}")
 

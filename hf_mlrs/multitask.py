@@ -156,7 +156,7 @@ class MLRSMultiTaskTrainer:
                                    **spec.pop("args", {}))
         trainer = MLRSTrainer(args=args, schedule=net, continue_meta_training=True, meta_optimizer_state=meta_state,
                               **spec)
-        trainer._take_snapshots = len(self.plan) == 1  # one run: the paper's in-run snapshots (module doc)
+        trainer._take_snapshots = self.one_run  # one run: the paper's in-run snapshots (module doc)
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
         record = episode_record(trainer, episode, time.perf_counter() - started)
@@ -206,6 +206,11 @@ class MLRSMultiTaskTrainer:
                              "output_dir.")
         return records
 
+    @property
+    def one_run(self) -> bool:
+        """A plan of one episode: the paper's regime, whose stage snapshots are taken inside the run."""
+        return len(self.plan) == 1
+
     # ---- the final net ------------------------------------------------------------------------------------------
 
     def _assemble(self) -> MLRSNet:
@@ -213,7 +218,7 @@ class MLRSMultiTaskTrainer:
         last = self.output_dir / self.plan[-1].folder / CARRY_DIR
         net = MLRSNet.from_pretrained(last)
         steps = [r["steps"] for r in self.records]
-        if len(self.plan) > 1:  # one episode: the carry already holds the snapshots taken inside the run
+        if not self.one_run:  # one run: the carry already holds the snapshots taken inside it
             for stage, episode_index in enumerate(snapshot_episodes(steps, net.num_stages)):
                 carry = MLRSNet.from_pretrained(self.output_dir / self.plan[episode_index].folder / CARRY_DIR)
                 net.stages[stage].load_state_dict(carry.stages[-1].state_dict())
@@ -227,7 +232,7 @@ class MLRSMultiTaskTrainer:
             "rounds": self.rounds,
             "episodes": len(self.records),
             "steps": sum(steps),
-            "snapshot_episodes": snapshot_episodes(steps, net.num_stages) if len(self.plan) > 1 else "inside the run",
+            "snapshot_episodes": "inside the run" if self.one_run else snapshot_episodes(steps, net.num_stages),
             "episode_records": [compact(r) for r in self.records],
         }
         return net.eval()
