@@ -14,12 +14,14 @@ one dataset can learn that dataset's habits. Here one net is meta-trained over *
 - Inside an episode the Trainer checkpoints every `save_steps` (hf_mlrs's crash-safe checkpoints); a restart resumes
   the first unfinished episode from `last_complete_checkpoint`. An episode's checkpoints are deleted once its
   carry and marker are written: the carry is all the next episode needs.
-- Stage snapshots. The paper's stages are its net at epochs 1, 100 and 200 of its *meta-training* run. Here they are
-  taken at the same fractions of the whole meta-training, counted in optimizer steps over all episodes: stage 0 is
-  the net after the first episode, stage k the net after the episode in which k / (n - 1) of all steps is reached,
-  the last stage the final net. No snapshot is taken inside an episode: at fractions of each run they would be
-  overwritten every episode, leaving every stage to the last task. A plan of one episode is the paper's own regime
-  (one long run): its snapshots are taken inside that run, as `MLRSTrainer` takes them. Switch losses (for
+- Stage snapshots. The paper's stages are its net at epochs 1, 100 and 200 of one meta-training run: the lr that
+  run wanted early, midway and late. Meta-trained over episodes, the net *tracks* the one-step signal inside each
+  run (its output falls within a run and rises again when the next one starts), so any one moment of the whole
+  meta-training is the habit of whichever task ran then (benchmarks/RESULTS.md, section 8, session 5). So stage k is
+  taken inside the runs of the *last round*: the live net at the middle of stage k's part of every episode of that
+  round (`stage_midpoints`), written to `episode-NNNN/midpoints/` when reached, and averaged over the round's
+  episodes (the nets are one trajectory a round long). A plan of one episode is the paper's own regime (one long
+  run): its snapshots are taken inside that run, as `MLRSTrainer` takes them. Switch losses (for
   `stage_by="loss"`) are the mean over the last round of each episode's smoothed normalised loss when it reached the
   stage's share of its run.
 - Each episode's record names its task, its loss scale (the first raw training loss) and the range of the net's
@@ -42,6 +44,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
 
 from .checkpoints import last_complete_checkpoint
 from .config import MLRSTrainingArguments
@@ -50,6 +54,7 @@ from .modeling import MLRSNet
 
 DONE_NAME = "done.json"  # an episode's record, written last: its presence means the carry is complete
 CARRY_DIR = "carry"
+MIDPOINTS_DIR = "midpoints"  # last round: the live net at the middle of each stage's part of the run
 META_OPTIMIZER_NAME = "meta_optimizer.pt"
 EPISODE_KEYS = {"model", "train_dataset", "eval_dataset", "meta_dataset", "data_collator", "processing_class",
                 "compute_metrics", "callbacks", "args"}
@@ -157,6 +162,10 @@ class MLRSMultiTaskTrainer:
         trainer = MLRSTrainer(args=args, schedule=net, continue_meta_training=True, meta_optimizer_state=meta_state,
                               **spec)
         trainer._take_snapshots = self.one_run  # one run: the paper's in-run snapshots (module doc)
+        if not self.one_run and episode.round == self.rounds - 1:
+            trainer.add_callback(_MidpointSnapshots(trainer.schedule, folder / MIDPOINTS_DIR,
+                                                    stage_midpoints(net.stage_starts, args.max_steps),
+                                                    trainer.is_world_process_zero()))
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
         record = episode_record(trainer, episode, time.perf_counter() - started)
@@ -214,14 +223,15 @@ class MLRSMultiTaskTrainer:
     # ---- the final net ------------------------------------------------------------------------------------------
 
     def _assemble(self) -> MLRSNet:
-        """The final net with the paper's stages at fractions of the whole meta-training (see the module doc)."""
+        """The final net with its stages from the last round (see the module doc)."""
         last = self.output_dir / self.plan[-1].folder / CARRY_DIR
         net = MLRSNet.from_pretrained(last)
         steps = [r["steps"] for r in self.records]
+        final_round = [e for e in self.plan if e.round == self.rounds - 1]
         if not self.one_run:  # one run: the carry already holds the snapshots taken inside it
-            for stage, episode_index in enumerate(snapshot_episodes(steps, net.num_stages)):
-                carry = MLRSNet.from_pretrained(self.output_dir / self.plan[episode_index].folder / CARRY_DIR)
-                net.stages[stage].load_state_dict(carry.stages[-1].state_dict())
+            for stage, state in enumerate(average_midpoints([self.output_dir / e.folder / MIDPOINTS_DIR
+                                                             for e in final_round], net.num_stages)):
+                net.stages[stage].load_state_dict(state)
         last_round = [r for r in self.records if r["round"] == self.rounds - 1]
         for k in range(1, net.num_stages):
             values = [r["switch_losses"][k] for r in last_round if math.isfinite(r["switch_losses"][k])]
@@ -232,25 +242,50 @@ class MLRSMultiTaskTrainer:
             "rounds": self.rounds,
             "episodes": len(self.records),
             "steps": sum(steps),
-            "snapshot_episodes": "inside the run" if self.one_run else snapshot_episodes(steps, net.num_stages),
+            "stages_from": "inside the run" if self.one_run else
+            f"the last round's {len(final_round)} runs, at the middle of each stage's part, averaged",
             "episode_records": [compact(r) for r in self.records],
         }
         return net.eval()
 
 
-def snapshot_episodes(steps: list[int], num_stages: int) -> list[int]:
-    """Indices of the episodes whose nets become stages 0..n-2: the first episode, then the episode in which
-    k / (n - 1) of all optimizer steps is reached (the paper's epoch 1, 100 of 200 over the whole meta-training)."""
-    if num_stages < 2:
-        return []
-    total, cumulative, picked = sum(steps), 0, [0]
-    ends = []
-    for s in steps:
-        cumulative += s
-        ends.append(cumulative)
-    for k in range(1, num_stages - 1):
-        picked.append(next(i for i, end in enumerate(ends) if end >= k / (num_stages - 1) * total))
-    return picked
+def stage_midpoints(stage_starts: list[float], max_steps: int) -> list[int]:
+    """Global step (1-based) at the middle of each stage's part of a run of `max_steps` steps."""
+    ends = list(stage_starts[1:]) + [1.0]
+    return [min(max_steps, max(1, round((start + end) / 2 * max_steps))) for start, end in zip(stage_starts, ends)]
+
+
+def average_midpoints(folders: list[Path], num_stages: int) -> list[dict]:
+    """Stage k's weights: the mean over `folders` (one per episode of the last round) of their stage-k midpoint."""
+    missing = [str(f / f"stage-{k}.safetensors") for f in folders for k in range(num_stages)
+               if not (f / f"stage-{k}.safetensors").is_file()]
+    if missing:
+        raise ValueError(
+            f"MLRSMultiTaskTrainer: the last round's stage midpoints are missing ({missing[0]}, {len(missing)} in "
+            "all): the output_dir was written by an hf_mlrs that took no midpoints. Delete the last round's "
+            "episode-NNNN folders and rerun the same command: those episodes run again and take them.")
+    stages = []
+    for k in range(num_stages):
+        states = [load_file(str(f / f"stage-{k}.safetensors")) for f in folders]
+        stages.append({name: sum(s[name] for s in states) / len(states) for name in states[0]})
+    return stages
+
+
+class _MidpointSnapshots(TrainerCallback):
+    """Writes the live net's weights when a run reaches the middle of each stage's part (atomically: a kill leaves
+    the old file or the new one; a resumed run reaches the same step with the same net and writes it again)."""
+
+    def __init__(self, schedule: MLRSNet, folder: Path, steps: list[int], write: bool):
+        self.schedule, self.folder, self.steps, self.write = schedule, Path(folder), steps, write
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.write:
+            return
+        for k, at in enumerate(self.steps):
+            if state.global_step == at:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                live = {n: t.detach().clone().contiguous() for n, t in self.schedule.stages[-1].state_dict().items()}
+                _atomic_write(self.folder / f"stage-{k}.safetensors", lambda path: save_file(live, path))
 
 
 def episode_record(trainer, episode: Episode, seconds: float) -> dict:

@@ -66,10 +66,10 @@ class MLRSTrainer(Trainer):
             A learned schedule to apply frozen (transfer mode). If unset, a new net is meta-trained.
         continue_meta_training (`bool`, *optional*, defaults to `False`):
             With `schedule=`: meta-train that net further instead of freezing it (its last stage learns, in place).
-            Its earlier stages (snapshots) are left as they are, since a net meta-trained over several runs takes
-            its snapshots at fractions of the whole meta-training, not of one run (`MLRSMultiTaskTrainer`, which
-            turns this run's own snapshots back on when its whole plan is this one run); the stage switch losses
-            of this run are recorded.
+            Its earlier stages (snapshots) are left as they are, since a net meta-trained over several runs gets
+            its stages from all the runs of its last round (`MLRSMultiTaskTrainer`, which turns this run's own
+            snapshots back on when its whole plan is this one run); the stage switch losses of this run are
+            recorded.
         meta_optimizer_state (`dict`, *optional*):
             With `continue_meta_training`: the meta-optimizer (Adam) state to continue from, as returned by
             `trainer.meta_optimizer_state()` of the previous run, so Adam's moments carry over between runs. A

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from hf_mlrs import MLRSMultiTaskTrainer, MLRSNet, MLRSTrainer
-from hf_mlrs.multitask import DONE_NAME, plan_episodes, snapshot_episodes
+from safetensors.torch import load_file
+
+from hf_mlrs.multitask import DONE_NAME, MIDPOINTS_DIR, plan_episodes, stage_midpoints
 from tests.testing_utils import raise_at, tiny_args, tiny_bert, tiny_dataset
 
 
@@ -55,16 +57,23 @@ def test_weights_and_meta_optimizer_carry_over_each_episode_learns_from_its_own_
         assert not torch.equal(before.stages[-1].head.weight, after.stages[-1].head.weight)  # it learned
         # The episode started from the previous episode's net, from the zero state (its own recurrent state).
         assert record["shape"][0][1] == pytest.approx(first_output(before), rel=1e-6)
-    assert torch.equal(net.stages[-1].head.weight, nets[-1].stages[-1].head.weight)
     # Adam's moments carry over too: its step count runs on across episodes (2 meta-updates each).
     steps = [float(torch.load(tmp_path / f"episode-{k:04d}" / "carry" / "meta_optimizer.pt")["state"][0]["step"])
              for k in range(4)]
     assert steps == [2.0, 4.0, 6.0, 8.0]
-    # Stage 0 is the net after the first episode (the paper's epoch-1 net, at a fraction of all meta-training).
-    assert snapshot_episodes([10, 10, 10, 10], 3) == [0, 1]  # half of 40 steps is reached at the end of episode 1
-    assert snapshot_episodes([5, 30, 5], 4) == [0, 1, 1] and snapshot_episodes([7], 1) == []
-    assert torch.equal(net.stages[0].head.weight, nets[1].stages[-1].head.weight)
-    assert net.provenance["snapshot_episodes"] == [0] and net.provenance["steps"] == 16
+    # Stages come from the last round: the live net at the middle of each stage's part of every run (steps 1 and 3 of
+    # 4 for two halves), averaged over the round's episodes. Step 1 precedes the run's first meta-update (step 2),
+    # so stage 0 of an episode is the net it started from: the previous episode's carry.
+    assert stage_midpoints([0.0, 0.5], 4) == [1, 3] and stage_midpoints([0.0, 1 / 3, 2 / 3], 300) == [50, 150, 250]
+    midpoints = {(i, k): load_file(str(tmp_path / f"episode-{i:04d}" / MIDPOINTS_DIR / f"stage-{k}.safetensors"))
+                 for i in (2, 3) for k in (0, 1)}
+    assert not (tmp_path / "episode-0001" / MIDPOINTS_DIR).exists()  # the first round takes none
+    assert torch.equal(midpoints[3, 0]["head.weight"], nets[3].stages[-1].head.weight)
+    assert not torch.equal(midpoints[3, 1]["head.weight"], midpoints[3, 0]["head.weight"])  # after a meta-update
+    for k in (0, 1):
+        for name, value in net.stages[k].state_dict().items():
+            torch.testing.assert_close(value, (midpoints[2, k][name] + midpoints[3, k][name]) / 2, rtol=0, atol=0)
+    assert net.provenance["stages_from"].startswith("the last round's 2 runs") and net.provenance["steps"] == 16
     assert net.provenance["pairs"] == ["five/bert", "three/bert"] and len(net.provenance["episode_records"]) == 4
     assert 0 < float(net.stage_switch_losses[1]) < 2  # the mean over the last round's episodes
     # Loss scales differ by task (ln 3 vs ln 5 at chance); the normalised input starts at 1 on both.
@@ -74,6 +83,10 @@ def test_weights_and_meta_optimizer_carry_over_each_episode_learns_from_its_own_
     # No checkpoint of a finished episode is left; every episode has its record.
     assert not list(tmp_path.glob("episode-*/checkpoint-*"))
     assert json.loads((tmp_path / "episode-0003" / DONE_NAME).read_text())["task"] == "five"
+    # A run whose last round took no midpoints (an older hf_mlrs) is refused with the fix, not assembled wrongly.
+    (tmp_path / "episode-0003" / MIDPOINTS_DIR / "stage-1.safetensors").unlink()
+    with pytest.raises(ValueError, match="Delete the last round's episode-NNNN folders and rerun"):
+        runner(tmp_path).train()
 
 
 def test_a_plan_of_one_run_takes_the_papers_snapshots_inside_the_run(tmp_path):
@@ -88,7 +101,7 @@ def test_a_plan_of_one_run_takes_the_papers_snapshots_inside_the_run(tmp_path):
     assert not torch.equal(heads[0], start)  # taken after the first meta-update, not before
     assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])
     assert torch.equal(heads[2], carry(tmp_path, 0).stages[-1].head.weight)
-    assert net.provenance["snapshot_episodes"] == "inside the run"
+    assert net.provenance["stages_from"] == "inside the run"
     # Stage 1 is the live net at half of the run: the same run stopped at step 4 ends with exactly that net.
     torch.manual_seed(0)
     half = MLRSMultiTaskTrainer(MLRSNet(stage_starts=[0.0, 1 / 3, 2 / 3]), PAIRS[:1], make_episode(),
