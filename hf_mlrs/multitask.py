@@ -19,8 +19,8 @@ one dataset can learn that dataset's habits. Here one net is meta-trained over *
   run (its output falls within a run and rises again when the next one starts), so any one moment of the whole
   meta-training is the habit of whichever task ran then (benchmarks/RESULTS.md, section 8, session 5). So stage k is
   taken inside the runs of the *last round*: the live net at the middle of stage k's part of every episode of that
-  round (`stage_midpoints`), written to `episode-NNNN/midpoints/` when reached, and averaged over the round's
-  episodes (the nets are one trajectory a round long). A plan of one episode is the paper's own regime (one long
+  round (`stage_midpoints`), written to `episode-NNNN/midpoints/` with its output A_t when reached; stage k is the
+  one of these nets whose A_t was the median over the round's episodes (the middle task's lr at that point). A plan of one episode is the paper's own regime (one long
   run): its snapshots are taken inside that run, as `MLRSTrainer` takes them. Switch losses (for
   `stage_by="loss"`) are the mean over the last round of each episode's smoothed normalised loss when it reached the
   stage's share of its run.
@@ -229,9 +229,10 @@ class MLRSMultiTaskTrainer:
         steps = [r["steps"] for r in self.records]
         final_round = [e for e in self.plan if e.round == self.rounds - 1]
         if not self.one_run:  # one run: the carry already holds the snapshots taken inside it
-            for stage, state in enumerate(average_midpoints([self.output_dir / e.folder / MIDPOINTS_DIR
-                                                             for e in final_round], net.num_stages)):
-                net.stages[stage].load_state_dict(state)
+            stages, chosen = median_midpoints([self.output_dir / e.folder / MIDPOINTS_DIR for e in final_round],
+                                              net.num_stages)
+            for stage, state in zip(net.stages, stages):
+                stage.load_state_dict(state)
         last_round = [r for r in self.records if r["round"] == self.rounds - 1]
         for k in range(1, net.num_stages):
             values = [r["switch_losses"][k] for r in last_round if math.isfinite(r["switch_losses"][k])]
@@ -243,9 +244,11 @@ class MLRSMultiTaskTrainer:
             "episodes": len(self.records),
             "steps": sum(steps),
             "stages_from": "inside the run" if self.one_run else
-            f"the last round's {len(final_round)} runs, at the middle of each stage's part, averaged",
+            f"the last round's {len(final_round)} runs, at the middle of each stage's part: the median net",
             "episode_records": [compact(r) for r in self.records],
         }
+        if not self.one_run:
+            net.provenance["stage_midpoints"] = chosen
         return net.eval()
 
 
@@ -255,20 +258,25 @@ def stage_midpoints(stage_starts: list[float], max_steps: int) -> list[int]:
     return [min(max_steps, max(1, round((start + end) / 2 * max_steps))) for start, end in zip(stage_starts, ends)]
 
 
-def average_midpoints(folders: list[Path], num_stages: int) -> list[dict]:
-    """Stage k's weights: the mean over `folders` (one per episode of the last round) of their stage-k midpoint."""
-    missing = [str(f / f"stage-{k}.safetensors") for f in folders for k in range(num_stages)
-               if not (f / f"stage-{k}.safetensors").is_file()]
+def median_midpoints(folders: list[Path], num_stages: int) -> tuple[list[dict], list[dict]]:
+    """Stage k's weights: of the stage-k midpoints in `folders` (one per episode of the last round), the net whose
+    output A_t there was the median (the lower one for an even count). A real net, not an average: the nets of one
+    round differ by more than averaging their weights preserves (a weight average of nets at 0.08-0.73 output 0.75).
+    Also returns, per stage, every episode's output and the one chosen, for the provenance."""
+    missing = [str(f / f"stage-{k}.json") for f in folders for k in range(num_stages)
+               if not (f / f"stage-{k}.json").is_file()]
     if missing:
         raise ValueError(
             f"MLRSMultiTaskTrainer: the last round's stage midpoints are missing ({missing[0]}, {len(missing)} in "
             "all): the output_dir was written by an hf_mlrs that took no midpoints. Delete the last round's "
             "episode-NNNN folders and rerun the same command: those episodes run again and take them.")
-    stages = []
+    stages, chosen = [], []
     for k in range(num_stages):
-        states = [load_file(str(f / f"stage-{k}.safetensors")) for f in folders]
-        stages.append({name: sum(s[name] for s in states) / len(states) for name in states[0]})
-    return stages
+        outputs = [json.loads((f / f"stage-{k}.json").read_text())["output"] for f in folders]
+        median = sorted(range(len(folders)), key=lambda i: outputs[i])[(len(folders) - 1) // 2]
+        stages.append(load_file(str(folders[median] / f"stage-{k}.safetensors")))
+        chosen.append({"outputs": [round(o, 4) for o in outputs], "chosen": folders[median].parent.name})
+    return stages, chosen
 
 
 class _MidpointSnapshots(TrainerCallback):
@@ -278,7 +286,7 @@ class _MidpointSnapshots(TrainerCallback):
     def __init__(self, schedule: MLRSNet, folder: Path, steps: list[int], write: bool):
         self.schedule, self.folder, self.steps, self.write = schedule, Path(folder), steps, write
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
         if not self.write:
             return
         for k, at in enumerate(self.steps):
@@ -286,6 +294,9 @@ class _MidpointSnapshots(TrainerCallback):
                 self.folder.mkdir(parents=True, exist_ok=True)
                 live = {n: t.detach().clone().contiguous() for n, t in self.schedule.stages[-1].state_dict().items()}
                 _atomic_write(self.folder / f"stage-{k}.safetensors", lambda path: save_file(live, path))
+                # A_t of this step: what the run wanted here; the weights go first, so a json means both are there
+                record = {"step": at, "output": float(lr_scheduler.last_output)}
+                _atomic_write(self.folder / f"stage-{k}.json", lambda path: Path(path).write_text(json.dumps(record)))
 
 
 def episode_record(trainer, episode: Episode, seconds: float) -> dict:

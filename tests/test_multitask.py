@@ -62,17 +62,23 @@ def test_weights_and_meta_optimizer_carry_over_each_episode_learns_from_its_own_
              for k in range(4)]
     assert steps == [2.0, 4.0, 6.0, 8.0]
     # Stages come from the last round: the live net at the middle of each stage's part of every run (steps 1 and 3 of
-    # 4 for two halves), averaged over the round's episodes. Step 1 precedes the run's first meta-update (step 2),
-    # so stage 0 of an episode is the net it started from: the previous episode's carry.
+    # 4 for two halves), the one whose A_t there was the median over the round (the lower of two). Step 1 precedes
+    # the run's first meta-update (step 2), so the stage-0 midpoint of an episode is the net it started from.
     assert stage_midpoints([0.0, 0.5], 4) == [1, 3] and stage_midpoints([0.0, 1 / 3, 2 / 3], 300) == [50, 150, 250]
-    midpoints = {(i, k): load_file(str(tmp_path / f"episode-{i:04d}" / MIDPOINTS_DIR / f"stage-{k}.safetensors"))
-                 for i in (2, 3) for k in (0, 1)}
+    folders = {i: tmp_path / f"episode-{i:04d}" / MIDPOINTS_DIR for i in (2, 3)}
     assert not (tmp_path / "episode-0001" / MIDPOINTS_DIR).exists()  # the first round takes none
-    assert torch.equal(midpoints[3, 0]["head.weight"], nets[3].stages[-1].head.weight)
-    assert not torch.equal(midpoints[3, 1]["head.weight"], midpoints[3, 0]["head.weight"])  # after a meta-update
-    for k in (0, 1):
+    assert torch.equal(load_file(str(folders[3] / "stage-0.safetensors"))["head.weight"],
+                       nets[3].stages[-1].head.weight)
+    for k, step in enumerate([1, 3]):
+        records = {i: json.loads((folders[i] / f"stage-{k}.json").read_text()) for i in (2, 3)}
+        for i in (2, 3):  # the recorded A_t is the one the run logged at that step
+            logged = dict((round(f * 4), o) for f, o in trainer.records[i]["shape"])
+            assert records[i] == {"step": step, "output": pytest.approx(logged[step], rel=1e-6)}
+        lower = min((2, 3), key=lambda i: records[i]["output"])
+        chosen = load_file(str(folders[lower] / f"stage-{k}.safetensors"))
         for name, value in net.stages[k].state_dict().items():
-            torch.testing.assert_close(value, (midpoints[2, k][name] + midpoints[3, k][name]) / 2, rtol=0, atol=0)
+            assert torch.equal(value, chosen[name])
+        assert net.provenance["stage_midpoints"][k]["chosen"] == f"episode-{lower:04d}"
     assert net.provenance["stages_from"].startswith("the last round's 2 runs") and net.provenance["steps"] == 16
     assert net.provenance["pairs"] == ["five/bert", "three/bert"] and len(net.provenance["episode_records"]) == 4
     assert 0 < float(net.stage_switch_losses[1]) < 2  # the mean over the last round's episodes
@@ -84,7 +90,7 @@ def test_weights_and_meta_optimizer_carry_over_each_episode_learns_from_its_own_
     assert not list(tmp_path.glob("episode-*/checkpoint-*"))
     assert json.loads((tmp_path / "episode-0003" / DONE_NAME).read_text())["task"] == "five"
     # A run whose last round took no midpoints (an older hf_mlrs) is refused with the fix, not assembled wrongly.
-    (tmp_path / "episode-0003" / MIDPOINTS_DIR / "stage-1.safetensors").unlink()
+    (tmp_path / "episode-0003" / MIDPOINTS_DIR / "stage-1.json").unlink()
     with pytest.raises(ValueError, match="Delete the last round's episode-NNNN folders and rerun"):
         runner(tmp_path).train()
 
