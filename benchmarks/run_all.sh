@@ -29,6 +29,10 @@ rm -f benchmarks/results/horizon_probe.jsonl
 python benchmarks/horizon_probe.py lm 1e-3,3e-3,1e-2,3e-2,5e-2
 python benchmarks/horizon_probe.py fashion 1e-3,3e-3,1e-2,3e-2
 python benchmarks/horizon_probe.py digits 3e-3,1e-2,3e-2
+# Session 5: the held-out loss at an averaged iterate as a longer horizon (negative), then a slower meta lr (negative).
+rm -f benchmarks/results/averaged_horizon_lab.jsonl
+python benchmarks/averaged_horizon_lab.py lm const:3e-3,greedy-cool,avg4,avg8,wsd:3e-3,greedy-nogrow,avg8-nogrow 0
+bash benchmarks/meta_lr_probe.sh
 
 # Cost per step (two model sizes, every arm in its own process).
 python benchmarks/overhead.py --repeats 2
@@ -43,7 +47,7 @@ HF_MLRS_FULL_KILL_TEST=1 OMP_NUM_THREADS=1 python -m pytest tests/test_crash_saf
 # transfer benchmark on each entry's held-out cells (results accumulate in results/transfer_cpu.json, so it can be run
 # a piece at a time), the learned shapes, and the cards (--write-cards). Measured alone on 2 CPU cores: lm-bytes
 # 17 min, multitask-without-bbc 17 min, multitask-without-lm 25 min, text-bbc about 25 min (BBC at 32 tokens); the
-# others are estimated in recipes/README.md (image-fashion, 30,000 steps, is the longest).
+# others are estimated in recipes/README.md.
 for entry in lm-bytes text-bbc image-fashion multitask-without-bbc multitask-without-digits \
     multitask-without-fashion multitask-without-lm multitask-default; do
   python recipes/zoo.py --entry "$entry"
