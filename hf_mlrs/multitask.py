@@ -20,8 +20,9 @@ one dataset can learn that dataset's habits. Here one net is meta-trained over *
   meta-training is the habit of whichever task ran then (benchmarks/RESULTS.md, section 8, session 5). So stage k is
   taken inside the runs of the *last round*: the live net at the middle of stage k's part of every episode of that
   round (`stage_midpoints`), written to `episode-NNNN/midpoints/` with its output A_t when reached; stage k is the
-  one of these nets whose A_t was the median over the round's episodes (the middle task's lr at that point). A plan of one episode is the paper's own regime (one long
-  run): its snapshots are taken inside that run, as `MLRSTrainer` takes them. Switch losses (for
+  one of these nets whose A_t was the median over the round's episodes (the middle task's lr at that point), so the
+  final net's last stage is such a midpoint net too, not the last carry. A plan of one episode is the paper's own
+  regime (one long run): its snapshots are taken inside that run, as `MLRSTrainer` takes them. Switch losses (for
   `stage_by="loss"`) are the mean over the last round of each episode's smoothed normalised loss when it reached the
   stage's share of its run.
 - Each episode's record names its task, its loss scale (the first raw training loss) and the range of the net's
@@ -164,7 +165,6 @@ class MLRSMultiTaskTrainer:
         trainer._take_snapshots = self.one_run  # one run: the paper's in-run snapshots (module doc)
         if not self.one_run and episode.round == self.rounds - 1:
             trainer.add_callback(_MidpointSnapshots(trainer.schedule, folder / MIDPOINTS_DIR,
-                                                    stage_midpoints(net.stage_starts, args.max_steps),
                                                     trainer.is_world_process_zero()))
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
@@ -268,8 +268,9 @@ def median_midpoints(folders: list[Path], num_stages: int) -> tuple[list[dict], 
     if missing:
         raise ValueError(
             f"MLRSMultiTaskTrainer: the last round's stage midpoints are missing ({missing[0]}, {len(missing)} in "
-            "all): the output_dir was written by an hf_mlrs that took no midpoints. Delete the last round's "
-            "episode-NNNN folders and rerun the same command: those episodes run again and take them.")
+            "all): the output_dir was written by an hf_mlrs that took no midpoints, or a run of the last round "
+            "stopped before the middle of a stage. Delete the last round's episode-NNNN folders and rerun the same "
+            "command: those episodes run again and take them.")
     stages, chosen = [], []
     for k in range(num_stages):
         outputs = [json.loads((f / f"stage-{k}.json").read_text())["output"] for f in folders]
@@ -280,23 +281,43 @@ def median_midpoints(folders: list[Path], num_stages: int) -> tuple[list[dict], 
 
 
 class _MidpointSnapshots(TrainerCallback):
-    """Writes the live net's weights when a run reaches the middle of each stage's part (atomically: a kill leaves
-    the old file or the new one; a resumed run reaches the same step with the same net and writes it again)."""
+    """Writes the live net's weights, then its output A_t, when a run reaches the middle of each stage's part.
 
-    def __init__(self, schedule: MLRSNet, folder: Path, steps: list[int], write: bool):
-        self.schedule, self.folder, self.steps, self.write = schedule, Path(folder), steps, write
+    Written in `on_step_end`, which runs before the step's checkpoint is saved: a checkpoint at or after a midpoint
+    implies the midpoint's files are complete, and a resumed run redoes any later midpoint with the same net (exact
+    resume) and writes it again. Each write is atomic (a kill leaves the old file or the new one). A step that held
+    its lr (a non-finite loss) has no fresh A_t: the midpoint is then taken at the next step that has one.
+    """
+
+    def __init__(self, schedule: MLRSNet, folder: Path, write: bool):
+        self.schedule, self.folder, self.write = schedule, Path(folder), write
+        self.steps: list[int] | None = None
+        self.pending: set[int] = set()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.steps is not None:
+            return
+        # At the first step, not in on_train_begin: the Trainer restores a resumed run's state after that event.
+        # state.max_steps is the run's length as the Trainer computed it (also for runs given in epochs).
+        self.steps = stage_midpoints(self.schedule.stage_starts, state.max_steps)
+        done = {k for k in range(len(self.steps)) if (self.folder / f"stage-{k}.json").is_file()
+                and json.loads((self.folder / f"stage-{k}.json").read_text())["step"] <= state.global_step}
+        self.pending = set(range(len(self.steps))) - done  # a resumed run keeps the midpoints it had passed
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
-        if not self.write:
+        due = [k for k in sorted(self.pending) if state.global_step >= self.steps[k]]
+        if not due or lr_scheduler is None or lr_scheduler.last_output is None:
             return
-        for k, at in enumerate(self.steps):
-            if state.global_step == at:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                live = {n: t.detach().clone().contiguous() for n, t in self.schedule.stages[-1].state_dict().items()}
-                _atomic_write(self.folder / f"stage-{k}.safetensors", lambda path: save_file(live, path))
-                # A_t of this step: what the run wanted here; the weights go first, so a json means both are there
-                record = {"step": at, "output": float(lr_scheduler.last_output)}
-                _atomic_write(self.folder / f"stage-{k}.json", lambda path: Path(path).write_text(json.dumps(record)))
+        for k in due:
+            self.pending.discard(k)
+            if not self.write:
+                continue
+            self.folder.mkdir(parents=True, exist_ok=True)
+            live = {n: t.detach().clone().contiguous() for n, t in self.schedule.stages[-1].state_dict().items()}
+            record = {"step": state.global_step, "output": float(lr_scheduler.last_output)}
+            _atomic_write(self.folder / f"stage-{k}.safetensors", lambda path, live=live: save_file(live, path))
+            _atomic_write(self.folder / f"stage-{k}.json",  # last: a json means the weights are there
+                          lambda path, record=record: Path(path).write_text(json.dumps(record)))
 
 
 def episode_record(trainer, episode: Episode, seconds: float) -> dict:

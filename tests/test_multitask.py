@@ -1,15 +1,14 @@
 """Multi-task meta-training (MLRSMultiTaskTrainer): weights carry over, each episode starts its own recurrent state,
-a restart mid-way continues exactly, stage snapshots come from the right episodes, bad input is refused."""
+a restart mid-way continues exactly, stages come from the last round's midpoints, bad input is refused."""
 
 import json
 
 import pytest
 import torch
-
-from hf_mlrs import MLRSMultiTaskTrainer, MLRSNet, MLRSTrainer
 from safetensors.torch import load_file
 
-from hf_mlrs.multitask import DONE_NAME, MIDPOINTS_DIR, plan_episodes, stage_midpoints
+from hf_mlrs import MLRSMultiTaskTrainer, MLRSNet, MLRSTrainer
+from hf_mlrs.multitask import DONE_NAME, MIDPOINTS_DIR, median_midpoints, plan_episodes, stage_midpoints
 from tests.testing_utils import raise_at, tiny_args, tiny_bert, tiny_dataset
 
 
@@ -79,6 +78,9 @@ def test_weights_and_meta_optimizer_carry_over_each_episode_learns_from_its_own_
         for name, value in net.stages[k].state_dict().items():
             assert torch.equal(value, chosen[name])
         assert net.provenance["stage_midpoints"][k]["chosen"] == f"episode-{lower:04d}"
+    # Independently: step 1 runs the net the episode started from, from the zero state, on the input 1.0.
+    stage0 = json.loads((folders[3] / "stage-0.json").read_text())["output"]
+    assert stage0 == pytest.approx(first_output(nets[3]), rel=1e-6)
     assert net.provenance["stages_from"].startswith("the last round's 2 runs") and net.provenance["steps"] == 16
     assert net.provenance["pairs"] == ["five/bert", "three/bert"] and len(net.provenance["episode_records"]) == 4
     assert 0 < float(net.stage_switch_losses[1]) < 2  # the mean over the last round's episodes
@@ -93,6 +95,22 @@ def test_weights_and_meta_optimizer_carry_over_each_episode_learns_from_its_own_
     (tmp_path / "episode-0003" / MIDPOINTS_DIR / "stage-1.json").unlink()
     with pytest.raises(ValueError, match="Delete the last round's episode-NNNN folders and rerun"):
         runner(tmp_path).train()
+
+
+def test_median_midpoints_picks_the_middle_net_by_its_output(tmp_path):
+    from safetensors.torch import save_file
+
+    folders = []
+    for i, output in enumerate([0.2, 0.9, 0.5]):
+        folder = tmp_path / f"episode-{i:04d}" / MIDPOINTS_DIR
+        folder.mkdir(parents=True)
+        save_file({"w": torch.full((2,), float(i))}, str(folder / "stage-0.safetensors"))
+        (folder / "stage-0.json").write_text(json.dumps({"step": 5, "output": output}))
+        folders.append(folder)
+    stages, chosen = median_midpoints(folders, 1)
+    assert torch.equal(stages[0]["w"], torch.full((2,), 2.0))
+    assert chosen == [{"outputs": [0.2, 0.9, 0.5], "chosen": "episode-0002"}]
+    assert median_midpoints(folders[:2], 1)[1][0]["chosen"] == "episode-0000"  # the lower of two
 
 
 def test_a_plan_of_one_run_takes_the_papers_snapshots_inside_the_run(tmp_path):
@@ -116,14 +134,20 @@ def test_a_plan_of_one_run_takes_the_papers_snapshots_inside_the_run(tmp_path):
     assert torch.equal(heads[1], half.stages[-1].head.weight)
 
 
-def test_restart_midway_through_the_episode_list_continues_exactly(tmp_path):
+@pytest.mark.parametrize("crash_step", [3, 4])
+def test_restart_midway_through_the_episode_list_continues_exactly(tmp_path, crash_step):
+    """Episode 2 (last round) dies after step 3 (before its step-3 midpoint is written) or step 4 (after it, before
+    checkpoint-4): either way the resumed run keeps the step-1 midpoint, redoes step 3's, and ends bitwise equal."""
     reference = runner(tmp_path / "straight").train()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        runner(tmp_path / "killed", crash=(2, 3)).train()  # episode 2 dies after step 3; checkpoint-2 is complete
+        runner(tmp_path / "killed", crash=(2, crash_step)).train()
     assert (tmp_path / "killed" / "episode-0002" / "checkpoint-2").is_dir()
+    written = (tmp_path / "killed" / "episode-0002" / MIDPOINTS_DIR / "stage-1.json").is_file()
+    assert written == (crash_step == 4)
     restarted = runner(tmp_path / "killed")
     resumed = restarted.train()
     torch.testing.assert_close(resumed.state_dict(), reference.state_dict(), rtol=0, atol=0, equal_nan=True)
+    assert resumed.provenance["stage_midpoints"] == reference.provenance["stage_midpoints"]
     straight = runner(tmp_path / "straight")
     straight.train()  # everything done: reads the records back, trains nothing
     def same(records):  # JSON, so that NaN (no switch loss for stage 0) compares equal to NaN
