@@ -7,7 +7,8 @@ tr(H Sigma) stays): the short-horizon bias that drives every zoo net's lr down w
 
 Here the same exact first-order hypergradient is taken at the average of the recent iterates instead,
 
-    e_{t+1} = beta_t e_t + (1 - beta_t) w_{t+1},      dL_meta(e_{t+1}) / dlog(alpha_t) = (1 - beta_t) <g_meta(e_{t+1}), delta_t>
+    e_{t+1} = beta_t e_t + (1 - beta_t) w_{t+1}
+    dL_meta(e_{t+1}) / dlog(alpha_t) = (1 - beta_t) <g_meta(e_{t+1}), delta_t>
 
 (one buffer more, the average; the step is linear in alpha as before). A step's noise enters e with weight
 (1 - beta) and its curvature penalty with (1 - beta)^2, while the progress of the average is first order: the lr
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -162,7 +162,7 @@ def run(task_name: str, arm: str, seed: int = 0, start_lr: float = 1e-3, model: 
             val_loss.append((float(out.loss), len(val_rows[i:i + 128])))
             if task_name != "lm":
                 correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-    loss_mean = sum(l * n for l, n in val_loss) / sum(n for _, n in val_loss)
+    loss_mean = sum(x * n for x, n in val_loss) / sum(n for _, n in val_loss)
     return {"task": task_name, "arm": arm, "seed": seed, "start_lr": start_lr, "steps": steps,
             "val_loss": loss_mean, "val_accuracy": None if task_name == "lm" else correct / len(val_rows),
             "lrs": lrs, "train_losses": losses, "seconds": seconds}

@@ -195,7 +195,8 @@ def row_line(name: str, c: dict) -> str:
     best = c["best_builtin"]
     versus = "-" if g["zoo_vs_constant"] is None else f"{-g['zoo_vs_constant']:+.2f}"
     budget = f" (budget {c['budget']:.2g}x{', capped' if c.get('capped') else ''})" if c.get("budget") else ""
-    return (f"| {name} | {c['task']}/{c['model']} | {c['relation']}{budget} | "
+    via = f" (as {c['schedule']})" if c.get("schedule", name) != name else ""  # the default: its leave-one-out nets
+    return (f"| {name}{via} | {c['task']}/{c['model']} | {c['relation']}{budget} | "
             f"{c['steps']} | {best[8:]} {show(a[best]['score'])} | {show(a['zoo']['score'])} (gamma "
             f"{a['zoo']['lr']:g}) | {g['zoo']:+.2f} | {versus} | {show(a['learned']['score'])} | "
             f"{g['learned']:+.2f} |")
@@ -310,8 +311,8 @@ def main(argv=None):
     stem.with_suffix(".md").write_text(f"# Transfer ({options.device})\n\nCommands, in order (results accumulate):\n\n"
                                        f"{listed}\n\n{table}\n")
     print(table)
-    if options.write_cards:
-        write_cards(rows, command)
+    if options.write_cards:  # only the rows measured by this command: the card records it as theirs
+        write_cards([row for row in rows if row["row"] in {name for name, _, _ in measured}], command)
     return {"rows": rows, "targets": met}
 
 
