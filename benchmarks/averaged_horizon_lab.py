@@ -40,7 +40,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import quality  # noqa: E402  (also puts recipes/ on sys.path)
+import horizon_probe  # noqa: E402  (the plain-loop setup and held-out gradient shared with the probe)
 
 
 def horizon(step: int, total: int, h_max: int) -> int:
@@ -52,26 +52,13 @@ def run(task_name: str, arm: str, seed: int = 0, start_lr: float = 1e-3, model: 
         max_steps: int | None = None) -> dict:
     import torch
     from torch.utils.data import DataLoader
-    from transformers import default_data_collator, set_seed
 
     from hf_mlrs.config import MLRSTrainingArguments, learned_scale
-    from hf_mlrs.data import split_meta_set
 
-    from tasks import load_task
-
-    spec = quality.TASKS[task_name]
-    set_seed(seed)
-    task = load_task(task_name, model or spec["model"], max_train=spec["max_train"], max_test=spec["max_test"], seed=0,
-                     max_length=spec["max_length"] or 128)
-    train, val = quality.split_validation(task)
-    train, meta = split_meta_set(train, 0.1, seed)
-    collate = task.data_collator or default_data_collator
-    rows = lambda data: [data[i] for i in range(len(data))]  # noqa: E731
-    train_rows, meta_rows, val_rows = rows(train), rows(meta), rows(val)
+    setup = horizon_probe.plain_setup(task_name, seed, model)
+    spec, collate, net, params = setup.spec, setup.collate, setup.net, setup.params
+    train_rows, meta_rows, val_rows = setup.train_rows, setup.meta_rows, setup.val_rows
     steps = max_steps or math.ceil(len(train_rows) / spec["batch"]) * spec["epochs"]
-    net = task.model
-    net.train()
-    params = [p for p in net.parameters() if p.requires_grad]
 
     kind, _, value = arm.partition(":")
     fixed = kind in ("const", "wsd")
@@ -95,20 +82,7 @@ def run(task_name: str, arm: str, seed: int = 0, start_lr: float = 1e-3, model: 
     def meta_grad(weights):
         """Held-out loss and its gradient at `weights` (a batch as the library's meta batch); buffers untouched."""
         index = torch.randint(len(meta_rows), (min(len(meta_rows), spec["batch"]),), generator=mg).tolist()
-        batch = collate([meta_rows[i] for i in index])
-        saved = [p.detach().clone() for p in params]
-        buffers = [(b, b.detach().clone()) for b in net.buffers()]
-        with torch.no_grad():
-            for p, w in zip(params, weights):
-                p.copy_(w)
-        loss = net(**batch).loss
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        with torch.no_grad():
-            for p, w in zip(params, saved):
-                p.copy_(w)
-            for b, s in buffers:
-                b.copy_(s)
-        return float(loss.detach()), [torch.zeros_like(p) if x is None else x for p, x in zip(params, grads)]
+        return horizon_probe.loss_and_grad_at(net, params, weights, collate([meta_rows[i] for i in index]))
 
     average = [p.detach().clone() for p in params]  # e_t, the averaged iterate
     lrs, gammas, losses = [], [], []

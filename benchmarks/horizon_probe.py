@@ -21,6 +21,7 @@ import json
 import math
 import statistics
 import sys
+import types
 from pathlib import Path
 
 
@@ -32,11 +33,10 @@ import quality  # noqa: E402  (also puts recipes/ on sys.path)
 WINDOWS = (1, 4, 16, 64)
 
 
-def run(task_name: str, lr: float, seed: int = 0, every: int = 16, model: str | None = None,
-        max_steps: int | None = None) -> dict:
-    """One constant-lr run with probes every `every` steps; `model`/`max_steps` override the task's (smoke test)."""
-    import torch
-    from torch.utils.data import DataLoader
+def plain_setup(task_name: str, seed: int, model: str | None = None) -> types.SimpleNamespace:
+    """quality.py's task, splits and model for a plain PyTorch loop, with 10% of the training split held out as the
+    meta set (as MLRSTrainer does): spec, collate, train_rows / meta_rows / val_rows (lists, for the collator), the
+    model in train mode and its trainable parameters. Also used by averaged_horizon_lab.py."""
     from transformers import default_data_collator, set_seed
 
     from hf_mlrs.data import split_meta_set
@@ -49,14 +49,47 @@ def run(task_name: str, lr: float, seed: int = 0, every: int = 16, model: str | 
                      max_length=spec["max_length"] or 128)
     train, val = quality.split_validation(task)
     train, meta = split_meta_set(train, 0.1, seed)
-    collate = task.data_collator or default_data_collator
     rows = lambda data: [data[i] for i in range(len(data))]  # noqa: E731  (lists for the collator)
-    train_rows, meta_rows, val_rows = rows(train), rows(meta), rows(val)
+    net = task.model
+    net.train()
+    return types.SimpleNamespace(spec=spec, collate=task.data_collator or default_data_collator,
+                                 train_rows=rows(train), meta_rows=rows(meta), val_rows=rows(val), net=net,
+                                 params=[p for p in net.parameters() if p.requires_grad])
+
+
+def loss_and_grad_at(net, params, weights, batch, dropout_seed: int | None = None):
+    """Loss and gradient of `net` on `batch` at `weights` (then the parameters and buffers are put back); with
+    `dropout_seed`, the same dropout masks every call."""
+    import torch
+
+    saved = [p.detach().clone() for p in params]
+    buffers = [(b, b.detach().clone()) for b in net.buffers()]
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    if dropout_seed is not None:
+        torch.manual_seed(dropout_seed)
+    loss = net(**batch).loss
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    with torch.no_grad():
+        for p, w in zip(params, saved):
+            p.copy_(w)
+        for b, s in buffers:
+            b.copy_(s)
+    return float(loss.detach()), [torch.zeros_like(p) if x is None else x for p, x in zip(params, grads)]
+
+
+def run(task_name: str, lr: float, seed: int = 0, every: int = 16, model: str | None = None,
+        max_steps: int | None = None) -> dict:
+    """One constant-lr run with probes every `every` steps; `model`/`max_steps` override the task's (smoke test)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    setup = plain_setup(task_name, seed, model)
+    spec, collate, model, params = setup.spec, setup.collate, setup.net, setup.params
+    train_rows, meta_rows, val_rows = setup.train_rows, setup.meta_rows, setup.val_rows
     g = torch.Generator().manual_seed(seed)
     steps = max_steps or math.ceil(len(train_rows) / spec["batch"]) * spec["epochs"]
-    model = task.model
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
     def batches():
@@ -66,20 +99,7 @@ def run(task_name: str, lr: float, seed: int = 0, every: int = 16, model: str | 
 
     def meta_grad(batch, weights):
         """Held-out loss and gradient at `weights` (same dropout masks every call); buffers untouched."""
-        saved = [p.detach().clone() for p in params]
-        buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        with torch.no_grad():
-            for p, w in zip(params, weights):
-                p.copy_(w)
-        torch.manual_seed(12345)
-        loss = model(**batch).loss
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        with torch.no_grad():
-            for p, w in zip(params, saved):
-                p.copy_(w)
-            for b, s in buffers:
-                b.copy_(s)
-        return float(loss.detach()), [torch.zeros_like(p) if x is None else x for p, x in zip(params, grads)]
+        return loss_and_grad_at(model, params, weights, batch, dropout_seed=12345)
 
     def dot(xs, ys):
         return sum(float(torch.dot(x.reshape(-1), y.reshape(-1))) for x, y in zip(xs, ys))
