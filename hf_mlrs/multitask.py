@@ -227,13 +227,13 @@ class MLRSMultiTaskTrainer:
         last = self.output_dir / self.plan[-1].folder / CARRY_DIR
         net = MLRSNet.from_pretrained(last)
         steps = [r["steps"] for r in self.records]
-        final_round = [e for e in self.plan if e.round == self.rounds - 1]
+        last_round = [r for r in self.records if r["round"] == self.rounds - 1]
+        chosen = None
         if not self.one_run:  # one run: the carry already holds the snapshots taken inside it
-            stages, chosen = median_midpoints([self.output_dir / e.folder / MIDPOINTS_DIR for e in final_round],
-                                              net.num_stages)
+            stages, chosen = median_midpoints([self.output_dir / self.plan[r["index"]].folder / MIDPOINTS_DIR
+                                               for r in last_round], net.num_stages)
             for stage, state in zip(net.stages, stages):
                 stage.load_state_dict(state)
-        last_round = [r for r in self.records if r["round"] == self.rounds - 1]
         for k in range(1, net.num_stages):
             values = [r["switch_losses"][k] for r in last_round if math.isfinite(r["switch_losses"][k])]
             net.stage_switch_losses[k] = sum(values) / len(values) if values else float("nan")
@@ -244,10 +244,10 @@ class MLRSMultiTaskTrainer:
             "episodes": len(self.records),
             "steps": sum(steps),
             "stages_from": "inside the run" if self.one_run else
-            f"the last round's {len(final_round)} runs, at the middle of each stage's part: the median net",
+            f"the last round's {len(last_round)} runs, at the middle of each stage's part: the median net",
             "episode_records": [compact(r) for r in self.records],
         }
-        if not self.one_run:
+        if chosen is not None:
             net.provenance["stage_midpoints"] = chosen
         return net.eval()
 
@@ -256,6 +256,11 @@ def stage_midpoints(stage_starts: list[float], max_steps: int) -> list[int]:
     """Global step (1-based) at the middle of each stage's part of a run of `max_steps` steps."""
     ends = list(stage_starts[1:]) + [1.0]
     return [min(max_steps, max(1, round((start + end) / 2 * max_steps))) for start, end in zip(stage_starts, ends)]
+
+
+def midpoint_record(folder: Path, k: int) -> dict:
+    """The step and A_t written with stage k's midpoint net in `folder`."""
+    return json.loads((Path(folder) / f"stage-{k}.json").read_text())
 
 
 def median_midpoints(folders: list[Path], num_stages: int) -> tuple[list[dict], list[dict]]:
@@ -273,7 +278,7 @@ def median_midpoints(folders: list[Path], num_stages: int) -> tuple[list[dict], 
             "command: those episodes run again and take them.")
     stages, chosen = [], []
     for k in range(num_stages):
-        outputs = [json.loads((f / f"stage-{k}.json").read_text())["output"] for f in folders]
+        outputs = [midpoint_record(f, k)["output"] for f in folders]
         median = sorted(range(len(folders)), key=lambda i: outputs[i])[(len(folders) - 1) // 2]
         stages.append(load_file(str(folders[median] / f"stage-{k}.safetensors")))
         chosen.append({"outputs": [round(o, 4) for o in outputs], "chosen": folders[median].parent.name})
@@ -301,7 +306,7 @@ class _MidpointSnapshots(TrainerCallback):
         # state.max_steps is the run's length as the Trainer computed it (also for runs given in epochs).
         self.steps = stage_midpoints(self.schedule.stage_starts, state.max_steps)
         done = {k for k in range(len(self.steps)) if (self.folder / f"stage-{k}.json").is_file()
-                and json.loads((self.folder / f"stage-{k}.json").read_text())["step"] <= state.global_step}
+                and midpoint_record(self.folder, k)["step"] <= state.global_step}
         self.pending = set(range(len(self.steps))) - done  # a resumed run keeps the midpoints it had passed
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
