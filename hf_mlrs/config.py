@@ -55,6 +55,10 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_growth_stop (`float`, *optional*, defaults to `0.0`):
         With a learned gamma: growth stops once Adam's normalised first moment of dL/dlog(gamma), m / sqrt(v) in
         [-1, 1], exceeds this (0: as soon as the averaged hypergradient says a larger lr hurts).
+    mlrs_scale_backoff (`float`, *optional*, defaults to `0.0`):
+        With a learned gamma: when its growth stops, log(gamma) falls by this much once. The averaged
+        hypergradient that stops growth lags the raw one by about 9 meta-updates (Adam's beta1 = 0.9), during which
+        gamma kept growing; `9 * mlrs_scale_growth` undoes that lag.
     mlrs_meta_eval_mode (`bool`, *optional*, defaults to `False`):
         Measure the meta loss in eval mode (BatchNorm running statistics, no dropout) instead of train mode.
     mlrs_cooldown_fraction (`float`, *optional*):
@@ -121,6 +125,9 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_growth_stop: float | None = field(
         default=0.0, metadata={"help": "Learned gamma: the averaged, normalised hypergradient (in [-1, 1]) above "
                                "which growth stops."}
+    )
+    mlrs_scale_backoff: float = field(
+        default=0.0, metadata={"help": "Learned gamma: log(gamma) falls by this much once when growth stops."}
     )
     mlrs_meta_eval_mode: bool = field(
         default=False, metadata={"help": "Measure the meta loss in eval mode (running statistics, no dropout)."}
@@ -219,6 +226,9 @@ class MLRSTrainingArguments(TrainingArguments):
                  "learning_rate.")
         if not self.mlrs_scale_growth >= 0:
             fail("mlrs_scale_growth", f"{self.mlrs_scale_growth} < 0", "Default: 0.1; 0 disables growth.")
+        if not (math.isfinite(self.mlrs_scale_backoff) and self.mlrs_scale_backoff >= 0):
+            fail("mlrs_scale_backoff", f"{self.mlrs_scale_backoff} is not a number >= 0",
+                 "Use e.g. 0.9 (9 growth updates of 0.1) or 0 for none.")
         for name in ("mlrs_min_lr", "mlrs_max_lr"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -272,5 +282,6 @@ def learned_scale(init: float, settings: MLRSTrainingArguments | type[MLRSTraini
         bounds=(settings.mlrs_scale_min, settings.mlrs_scale_max),
         growth=settings.mlrs_scale_growth,
         growth_stop=settings.mlrs_scale_growth_stop,
+        backoff=settings.mlrs_scale_backoff,
         start_update=settings.mlrs_scale_start_update,
     )

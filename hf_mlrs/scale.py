@@ -48,6 +48,9 @@ class LearnedScale:
         growth (`float`, defaults to `0.0`): the growth of s per update in the growth phase (0: no growth phase).
         growth_stop (`float`, defaults to `0.0`): the m / sqrt(v) above which the growth phase ends (0: as soon as
             the averaged hypergradient turns positive, after at least 3 updates); None: at the first positive one.
+        backoff (`float`, defaults to `0.0`): when the growth phase ends, s falls by this much once. The averaged
+            hypergradient that ends it lags the raw one by about beta1 / (1 - beta1) updates (9 at beta1 = 0.9),
+            and growth went on during them: `growth * 9` undoes that lag.
         start_update (`float`, *optional*): a start relative to the model, not to the user's lr: after the first
             step, gamma is reset so that this step moved the weights by `start_update` x their norm (the step is
             linear in the lr, so it is rescaled exactly). Whatever lr the user gave, the run then continues the same.
@@ -66,6 +69,7 @@ class LearnedScale:
         settle_threshold: float = 0.5,
         growth: float = 0.0,
         growth_stop: float | None = 0.0,
+        backoff: float = 0.0,
         start_update: float | None = None,
     ):
         low, high = (float(b) for b in bounds)
@@ -90,6 +94,9 @@ class LearnedScale:
         self.settled = False
         self.growth, self.growth_stop = float(growth), growth_stop
         self.growing = self.growth > 0
+        if not (math.isfinite(backoff) and backoff >= 0):
+            raise ValueError(f"LearnedScale: backoff must be a number >= 0, got {backoff!r}.")
+        self.backoff = float(backoff)
         self.start_update = start_update
         self.calibrated = start_update is None
 
@@ -114,13 +121,16 @@ class LearnedScale:
         m_hat, v_hat = self.m / (1 - beta1**self.t), self.v / (1 - beta2**self.t)
         confidence = m_hat / (math.sqrt(v_hat) + self.eps)  # in [-1, 1]: +1 = every recent signal says "smaller"
         overshoot = g > 0 if self.growth_stop is None else confidence > self.growth_stop
-        if self.growing and self.t >= 3 and overshoot:
+        stopped_now = self.growing and self.t >= 3 and overshoot
+        if stopped_now:
             self.growing, self.settled = False, True  # the held-out loss says the lr is now large enough
         if self.growing:
             step = -self.growth
         else:
             step = self.lr * confidence
         step = min(max(step, -self.max_step), self.max_step)
+        if stopped_now:
+            step += self.backoff  # once: back to about where the raw hypergradient turned
         self.log_gamma = min(max(self.log_gamma - step, self.log_low), self.log_high)
         self.num_updates += 1
         if not self.settled and not self.growing and self.t >= self.settle_after:

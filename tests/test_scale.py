@@ -153,6 +153,24 @@ def test_growth_phase_grows_until_the_hypergradient_says_stop():
     assert values[-1] < values[-2] < values[-3]  # stopped within two updates, then shrinks
 
 
+def test_backoff_undoes_growth_once_when_it_stops():
+    """On the growth stop, log(gamma) falls by `backoff` once, on top of that update's tracking step; never again."""
+    plain, backed = (LearnedScale(1e-4, lr=0.1, growth=0.1, backoff=b, bounds=(1e-6, 1.0)) for b in (0.0, 0.9))
+    for _ in range(12):
+        for scale in (plain, backed):
+            scale.update(-1.0)  # a larger lr helps: both grow alike
+    assert backed.gamma == plain.gamma and backed.growing
+    for g in (2.0, 2.0, 2.0, 2.0, -1.0, 2.0):  # growth stops at some update; the signal then flips and comes back
+        for scale in (plain, backed):
+            scale.update(g)
+        assert backed.log_gamma == pytest.approx(plain.log_gamma - (0.0 if backed.growing else 0.9), abs=1e-12)
+    assert not backed.growing
+    floor = LearnedScale(2e-6, growth=0.1, backoff=5.0, bounds=(1e-6, 1.0))
+    for g in (-1.0, -1.0, -1.0, 3.0):
+        floor.update(g)
+    assert not floor.growing and floor.gamma == pytest.approx(1e-6)  # a large backoff stops at the bound
+
+
 def test_relative_start_makes_the_run_independent_of_learning_rate(tmp_path):
     """The first step is rescaled to move the weights by start_update x their norm: any lr gives the same run."""
     data = least_squares_data()

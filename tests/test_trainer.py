@@ -212,6 +212,8 @@ def test_refuses_meta_training_without_meta_data(tmp_path, dataset):
         ({"mlrs_meta_interval": 0}, "mlrs_meta_interval"),
         ({"mlrs_input_normalization": "zscore"}, "mlrs_input_normalization"),
         ({"mlrs_stage_by": "epoch"}, "mlrs_stage_by"),
+        ({"mlrs_scale_backoff": -0.5}, "mlrs_scale_backoff"),
+        ({"mlrs_scale_backoff": float("nan")}, "mlrs_scale_backoff"),
     ],
 )
 def test_bad_arguments_name_the_field(tmp_path, overrides, field):
