@@ -58,7 +58,7 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_backoff (`float`, *optional*, defaults to `0.0`):
         With a learned gamma: when its growth stops, log(gamma) falls by this much once. The averaged
         hypergradient that stops growth lags the raw one by about 9 meta-updates (Adam's beta1 = 0.9), during which
-        gamma kept growing; `9 * mlrs_scale_growth` undoes that lag.
+        gamma kept growing; `9 * mlrs_scale_growth` undoes that lag. It never takes gamma below its start.
     mlrs_meta_eval_mode (`bool`, *optional*, defaults to `False`):
         Measure the meta loss in eval mode (BatchNorm running statistics, no dropout) instead of train mode.
     mlrs_cooldown_fraction (`float`, *optional*):

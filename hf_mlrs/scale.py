@@ -50,7 +50,7 @@ class LearnedScale:
             the averaged hypergradient turns positive, after at least 3 updates); None: at the first positive one.
         backoff (`float`, defaults to `0.0`): when the growth phase ends, s falls by this much once. The averaged
             hypergradient that ends it lags the raw one by about beta1 / (1 - beta1) updates (9 at beta1 = 0.9),
-            and growth went on during them: `growth * 9` undoes that lag.
+            and growth went on during them: `growth * 9` undoes that lag. Never below the (calibrated) start.
         start_update (`float`, *optional*): a start relative to the model, not to the user's lr: after the first
             step, gamma is reset so that this step moved the weights by `start_update` x their norm (the step is
             linear in the lr, so it is rescaled exactly). Whatever lr the user gave, the run then continues the same.
@@ -129,8 +129,9 @@ class LearnedScale:
         else:
             step = self.lr * confidence
         step = min(max(step, -self.max_step), self.max_step)
-        if stopped_now:
-            step += self.backoff  # once: back to about where the raw hypergradient turned
+        if stopped_now:  # once: back to about where the raw hypergradient turned, never below the start (a stop
+            # after a few updates is as likely noise as a signal, and the start is conservative by design)
+            step += min(self.backoff, max(0.0, self.log_gamma - step - self.initial_log_gamma))
         self.log_gamma = min(max(self.log_gamma - step, self.log_low), self.log_high)
         self.num_updates += 1
         if not self.settled and not self.growing and self.t >= self.settle_after:

@@ -154,7 +154,8 @@ def test_growth_phase_grows_until_the_hypergradient_says_stop():
 
 
 def test_backoff_undoes_growth_once_when_it_stops():
-    """On the growth stop, log(gamma) falls by `backoff` once, on top of that update's tracking step; never again."""
+    """On the growth stop, log(gamma) falls by `backoff` once (never below its start), on top of that update's
+    tracking step; never again."""
     plain, backed = (LearnedScale(1e-4, lr=0.1, growth=0.1, backoff=b, bounds=(1e-6, 1.0)) for b in (0.0, 0.9))
     for _ in range(12):
         for scale in (plain, backed):
@@ -165,10 +166,10 @@ def test_backoff_undoes_growth_once_when_it_stops():
             scale.update(g)
         assert backed.log_gamma == pytest.approx(plain.log_gamma - (0.0 if backed.growing else 0.9), abs=1e-12)
     assert not backed.growing
-    floor = LearnedScale(2e-6, growth=0.1, backoff=5.0, bounds=(1e-6, 1.0))
-    for g in (-1.0, -1.0, -1.0, 3.0):
-        floor.update(g)
-    assert not floor.growing and floor.gamma == pytest.approx(1e-6)  # a large backoff stops at the bound
+    early = LearnedScale(1e-4, growth=0.1, backoff=0.9, bounds=(1e-6, 1.0))
+    for g in (-1.0, -1.0, -1.0, 3.0):  # grown 3 times (0.3), then stopped: back to the start, not below it
+        early.update(g)
+    assert not early.growing and early.gamma == pytest.approx(1e-4, rel=1e-12)
 
 
 def test_relative_start_makes_the_run_independent_of_learning_rate(tmp_path):
