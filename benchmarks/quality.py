@@ -74,9 +74,10 @@ def split_validation(task):
 # Learned-scale arms: "mlrs_learned:<variant>" started from `lr`; each variant is a set of MLRSTrainingArguments.
 LEARNED_VARIANTS = {
     "default": {},  # the library's defaults for mlrs_gamma="learned": what a user gets
-    # session 6: on the growth stop, undo the ~9 updates by which Adam's averaged sign lags the raw hypergradient
-    "b9": dict(mlrs_scale_backoff=0.9),
-    "b5": dict(mlrs_scale_backoff=0.5),
+    # session 6 (RESULTS 3b, rows 25-): growth also stops on 3 of the last 4 raw hypergradients positive ("v3"), and
+    # then returns to the last gamma the raw signal called too small, with fresh Adam moments ("v3b9": at most 0.9)
+    "v3": dict(mlrs_scale_stop_votes=3),
+    "v3b9": dict(mlrs_scale_stop_votes=3, mlrs_scale_backoff=0.9),
     # growth from a start relative to the model, meta-updates every step until the scale settles, then every 4th
     "g1c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2),
     "g4c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_cooldown_fraction=0.2),

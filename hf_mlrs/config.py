@@ -55,10 +55,14 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_growth_stop (`float`, *optional*, defaults to `0.0`):
         With a learned gamma: growth stops once Adam's normalised first moment of dL/dlog(gamma), m / sqrt(v) in
         [-1, 1], exceeds this (0: as soon as the averaged hypergradient says a larger lr hurts).
+    mlrs_scale_stop_votes (`int`, *optional*, defaults to `0`):
+        With a learned gamma: growth also stops once this many of the last `mlrs_scale_stop_votes + 1` raw
+        hypergradients say a larger lr hurts (0: only the averaged one counts, which the large early hypergradients
+        hold negative for dozens of updates after the raw signal has turned).
     mlrs_scale_backoff (`float`, *optional*, defaults to `0.0`):
-        With a learned gamma: when its growth stops, log(gamma) falls by this much once. The averaged
-        hypergradient that stops growth lags the raw one by about 9 meta-updates (Adam's beta1 = 0.9), during which
-        gamma kept growing; `9 * mlrs_scale_growth` undoes that lag. It never takes gamma below its start.
+        With a learned gamma: when its growth stops, gamma returns to the last value whose raw hypergradient still
+        said "larger" (down by at most this much in log, never below its start), and the Adam moments of its
+        tracking restart there.
     mlrs_meta_eval_mode (`bool`, *optional*, defaults to `False`):
         Measure the meta loss in eval mode (BatchNorm running statistics, no dropout) instead of train mode.
     mlrs_cooldown_fraction (`float`, *optional*):
@@ -126,8 +130,13 @@ class MLRSTrainingArguments(TrainingArguments):
         default=0.0, metadata={"help": "Learned gamma: the averaged, normalised hypergradient (in [-1, 1]) above "
                                "which growth stops."}
     )
+    mlrs_scale_stop_votes: int = field(
+        default=0, metadata={"help": "Learned gamma: growth also stops once this many of the last N+1 raw "
+                             "hypergradients are positive (0: off)."}
+    )
     mlrs_scale_backoff: float = field(
-        default=0.0, metadata={"help": "Learned gamma: log(gamma) falls by this much once when growth stops."}
+        default=0.0, metadata={"help": "Learned gamma: when growth stops, back to the last gamma the raw signal "
+                               "called too small, by at most this much in log (0: off)."}
     )
     mlrs_meta_eval_mode: bool = field(
         default=False, metadata={"help": "Measure the meta loss in eval mode (running statistics, no dropout)."}
@@ -226,9 +235,12 @@ class MLRSTrainingArguments(TrainingArguments):
                  "learning_rate.")
         if not self.mlrs_scale_growth >= 0:
             fail("mlrs_scale_growth", f"{self.mlrs_scale_growth} < 0", "Default: 0.1; 0 disables growth.")
+        if not (isinstance(self.mlrs_scale_stop_votes, int) and self.mlrs_scale_stop_votes >= 0):
+            fail("mlrs_scale_stop_votes", f"{self.mlrs_scale_stop_votes!r} is not an integer >= 0",
+                 "Use e.g. 3 (3 of the last 4 raw hypergradients) or 0 for none.")
         if not (math.isfinite(self.mlrs_scale_backoff) and self.mlrs_scale_backoff >= 0):
             fail("mlrs_scale_backoff", f"{self.mlrs_scale_backoff} is not a number >= 0",
-                 "Use e.g. 0.9 (9 growth updates of 0.1) or 0 for none.")
+                 "Use e.g. 0.9 (at most 9 growth updates of 0.1 undone) or 0 for none.")
         for name in ("mlrs_min_lr", "mlrs_max_lr"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -282,6 +294,7 @@ def learned_scale(init: float, settings: MLRSTrainingArguments | type[MLRSTraini
         bounds=(settings.mlrs_scale_min, settings.mlrs_scale_max),
         growth=settings.mlrs_scale_growth,
         growth_stop=settings.mlrs_scale_growth_stop,
+        stop_votes=settings.mlrs_scale_stop_votes,
         backoff=settings.mlrs_scale_backoff,
         start_update=settings.mlrs_scale_start_update,
     )

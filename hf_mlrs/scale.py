@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 
 
-STATE_KEYS = ("log_gamma", "initial_log_gamma", "m", "v", "t", "num_updates", "num_skipped", "settled", "growing",
-              "calibrated")
+STATE_KEYS = ("log_gamma", "initial_log_gamma", "m", "v", "t", "adam_t", "num_updates", "num_skipped", "settled",
+              "growing", "calibrated", "recent_positive", "last_larger")
 
 
 class LearnedScale:
@@ -48,9 +48,13 @@ class LearnedScale:
         growth (`float`, defaults to `0.0`): the growth of s per update in the growth phase (0: no growth phase).
         growth_stop (`float`, defaults to `0.0`): the m / sqrt(v) above which the growth phase ends (0: as soon as
             the averaged hypergradient turns positive, after at least 3 updates); None: at the first positive one.
-        backoff (`float`, defaults to `0.0`): when the growth phase ends, s falls by this much once. The averaged
-            hypergradient that ends it lags the raw one by about beta1 / (1 - beta1) updates (9 at beta1 = 0.9),
-            and growth went on during them: `growth * 9` undoes that lag. Never below the (calibrated) start.
+        stop_votes (`int`, defaults to `0`): growth also ends once `stop_votes` of the last `stop_votes + 1` raw
+            hypergradients are positive (0: only the averaged one counts). Adam's average is weighted by size, and
+            the hypergradient shrinks 10-100x while the loss first falls: the large early "larger" values hold the
+            average negative for dozens of updates after the raw signal has turned.
+        backoff (`float`, defaults to `0.0`): when growth ends, gamma goes back to the last value whose raw
+            hypergradient still said "larger", by at most `backoff` in log and never below the (calibrated) start,
+            and Adam's moments restart there: their history is of a larger hypergradient at a smaller lr.
         start_update (`float`, *optional*): a start relative to the model, not to the user's lr: after the first
             step, gamma is reset so that this step moved the weights by `start_update` x their norm (the step is
             linear in the lr, so it is rescaled exactly). Whatever lr the user gave, the run then continues the same.
@@ -69,6 +73,7 @@ class LearnedScale:
         settle_threshold: float = 0.5,
         growth: float = 0.0,
         growth_stop: float | None = 0.0,
+        stop_votes: int = 0,
         backoff: float = 0.0,
         start_update: float | None = None,
     ):
@@ -97,6 +102,12 @@ class LearnedScale:
         if not (math.isfinite(backoff) and backoff >= 0):
             raise ValueError(f"LearnedScale: backoff must be a number >= 0, got {backoff!r}.")
         self.backoff = float(backoff)
+        if not (isinstance(stop_votes, int) and stop_votes >= 0):
+            raise ValueError(f"LearnedScale: stop_votes must be an integer >= 0, got {stop_votes!r}.")
+        self.stop_votes = stop_votes
+        self.recent_positive: list[bool] = []  # the last stop_votes + 1 raw signs, while growing
+        self.last_larger = self.log_gamma  # the last log(gamma) whose raw hypergradient said "larger"
+        self.adam_t = 0  # Adam's own step count (restarts with its moments)
         self.start_update = start_update
         self.calibrated = start_update is None
 
@@ -116,12 +127,18 @@ class LearnedScale:
         g = min(max(g, -1e150), 1e150)  # g * g must stay finite; Adam's step depends on the sign and relative size
         beta1, beta2 = self.betas
         self.t += 1
+        self.adam_t += 1
         self.m = beta1 * self.m + (1 - beta1) * g
         self.v = beta2 * self.v + (1 - beta2) * g * g
-        m_hat, v_hat = self.m / (1 - beta1**self.t), self.v / (1 - beta2**self.t)
+        m_hat, v_hat = self.m / (1 - beta1**self.adam_t), self.v / (1 - beta2**self.adam_t)
         confidence = m_hat / (math.sqrt(v_hat) + self.eps)  # in [-1, 1]: +1 = every recent signal says "smaller"
         overshoot = g > 0 if self.growth_stop is None else confidence > self.growth_stop
+        if self.growing and self.stop_votes:
+            self.recent_positive = (self.recent_positive + [g > 0])[-(self.stop_votes + 1):]
+            overshoot = overshoot or sum(self.recent_positive) >= self.stop_votes
         stopped_now = self.growing and self.t >= 3 and overshoot
+        if self.growing and g <= 0:
+            self.last_larger = self.log_gamma  # this update's step was taken at this gamma, and it was too small
         if stopped_now:
             self.growing, self.settled = False, True  # the held-out loss says the lr is now large enough
         if self.growing:
@@ -129,9 +146,11 @@ class LearnedScale:
         else:
             step = self.lr * confidence
         step = min(max(step, -self.max_step), self.max_step)
-        if stopped_now:  # once: back to about where the raw hypergradient turned, never below the start (a stop
-            # after a few updates is as likely noise as a signal, and the start is conservative by design)
-            step += min(self.backoff, max(0.0, self.log_gamma - step - self.initial_log_gamma))
+        if stopped_now and self.backoff > 0:  # back to where the raw signal last said "larger"; a fresh Adam there
+            target = max(self.last_larger, self.log_gamma - self.backoff, self.initial_log_gamma)
+            step = max(0.0, self.log_gamma - target)
+            self.m = self.v = 0.0
+            self.adam_t = 0
         self.log_gamma = min(max(self.log_gamma - step, self.log_low), self.log_high)
         self.num_updates += 1
         if not self.settled and not self.growing and self.t >= self.settle_after:
@@ -144,6 +163,7 @@ class LearnedScale:
         if math.isfinite(relative_update) and relative_update > 0:
             log_gamma = self.log_gamma + math.log(self.start_update / relative_update)
             self.log_gamma = self.initial_log_gamma = min(max(log_gamma, self.log_low), self.log_high)
+            self.last_larger = self.log_gamma
         self.calibrated = True
         return self.gamma
 
@@ -151,5 +171,7 @@ class LearnedScale:
         return {key: getattr(self, key) for key in STATE_KEYS}
 
     def load_state_dict(self, state: dict) -> None:
+        # A checkpoint written before the stop votes and the backoff existed: Adam never restarted in it.
+        state = {"adam_t": state.get("t", 0), "recent_positive": [], "last_larger": state.get("log_gamma"), **state}
         for key, value in state.items():
             setattr(self, key, value)

@@ -153,21 +153,34 @@ def test_growth_phase_grows_until_the_hypergradient_says_stop():
     assert values[-1] < values[-2] < values[-3]  # stopped within two updates, then shrinks
 
 
-def test_backoff_undoes_growth_once_when_it_stops():
-    """On the growth stop, log(gamma) falls by `backoff` once (never below its start), on top of that update's
-    tracking step; never again."""
-    plain, backed = (LearnedScale(1e-4, lr=0.1, growth=0.1, backoff=b, bounds=(1e-6, 1.0)) for b in (0.0, 0.9))
-    for _ in range(12):
-        for scale in (plain, backed):
-            scale.update(-1.0)  # a larger lr helps: both grow alike
-    assert backed.gamma == plain.gamma and backed.growing
-    for g in (2.0, 2.0, 2.0, 2.0, -1.0, 2.0):  # growth stops at some update; the signal then flips and comes back
-        for scale in (plain, backed):
-            scale.update(g)
-        assert backed.log_gamma == pytest.approx(plain.log_gamma - (0.0 if backed.growing else 0.9), abs=1e-12)
-    assert not backed.growing
-    early = LearnedScale(1e-4, growth=0.1, backoff=0.9, bounds=(1e-6, 1.0))
-    for g in (-1.0, -1.0, -1.0, 3.0):  # grown 3 times (0.3), then stopped: back to the start, not below it
+def test_stop_votes_end_growth_when_the_raw_signal_turns_although_the_average_has_not():
+    """The hypergradient shrinks 100x while the loss first falls: Adam's average stays negative long after the raw
+    signal turned. With stop_votes=3, 3 of the last 4 raw values positive end the growth."""
+    averaged, voted = (LearnedScale(1e-4, growth=0.1, stop_votes=v, bounds=(1e-6, 1.0)) for v in (0, 3))
+    for g in [-100.0] * 10 + [2.0, -1.0, 2.0, 2.0]:
+        averaged.update(g)
+        voted.update(g)
+    assert averaged.growing  # m is still about -20: the early -100s dominate it
+    assert not voted.growing and voted.settled
+
+
+def test_backoff_returns_to_the_last_gamma_the_raw_signal_called_too_small():
+    scale = LearnedScale(1e-4, lr=0.1, growth=0.1, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0))
+    for g in [-100.0] * 10 + [2.0, -1.0]:  # 12 growth updates; the 12th was taken at 1e-4 * e^1.1 and said "larger"
+        scale.update(g)
+    assert scale.growing and scale.log_gamma == pytest.approx(math.log(1e-4) + 1.2)
+    scale.update(2.0)
+    scale.update(2.0)  # 3 of the last 4 positive: stop, back to e^1.1 (not 0.9 below the current e^1.4)
+    assert not scale.growing and scale.gamma == pytest.approx(1e-4 * math.exp(1.1), rel=1e-12)
+    assert scale.m == 0.0 and scale.v == 0.0 and scale.adam_t == 0  # Adam restarts from there
+    scale.update(3.0)  # and the first tracking step follows the new signal alone: down by lr x 1
+    assert scale.gamma == pytest.approx(1e-4 * math.exp(1.0), rel=1e-9)
+    capped = LearnedScale(1e-4, growth=0.1, stop_votes=3, backoff=0.2, bounds=(1e-6, 1.0))
+    for g in [-100.0] * 5 + [2.0] * 3:
+        capped.update(g)  # "larger" last at e^0.4; stopped at e^0.7: back by the cap 0.2 only
+    assert not capped.growing and capped.gamma == pytest.approx(1e-4 * math.exp(0.5), rel=1e-12)
+    early = LearnedScale(1e-4, growth=0.1, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0))
+    for g in (1.0, 1.0, 1.0):  # no raw signal ever said "larger": back to the start, never below it
         early.update(g)
     assert not early.growing and early.gamma == pytest.approx(1e-4, rel=1e-12)
 
