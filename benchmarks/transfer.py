@@ -17,6 +17,7 @@ the tuned constant everywhere, ahead of the best on >= 1 task; learned within 1 
     python benchmarks/transfer.py --reuse benchmarks/results/quality_cpu.json
     python benchmarks/transfer.py --entries text-bbc --write-cards   # fill the Transfer section of the cards
     python benchmarks/transfer.py --entries lm-bytes --cells bbc/minilm-L2,digits/resnet-small --no-budgets
+    python benchmarks/transfer.py --entries multitask-default --remeasure learned   # after a change of its defaults
     python benchmarks/transfer.py --smoke                   # seconds; run by the test suite
 Results accumulate: a rerun keeps the rows and runs already in results/transfer_<device>.json, so a benchmark can be
 done one entry or a few cells at a time (a kill loses at most the run in progress).
@@ -107,6 +108,8 @@ class Runs:
 
     def __init__(self, options, log):
         self.options, self.log, self.done = options, log, {}
+        self.redo = tuple(a + ":" for a in (getattr(options, "remeasure", None) or "").split(",") if a)
+        self.fresh = set()  # keys run by this invocation
 
     def reuse(self, path: str) -> None:
         for r in json.loads(Path(path).read_text())["runs"]:
@@ -116,12 +119,13 @@ class Runs:
 
     def get(self, task, model, steps, arm, lr, seed, schedule=None) -> dict:
         key = (task, "tiny" if self.options.smoke else model, steps, arm, lr, seed)
-        if key not in self.done:
+        if key not in self.done or (arm.startswith(self.redo) and key not in self.fresh):
             run_arm = {"zoo": "mlrs_transfer", "learned": "mlrs_transfer_learned"}.get(arm.split(":")[0],
                                                                                         arm.replace("builtin", "grid"))
             r = quality.run_one(task, run_arm, lr, seed, self.options, schedule_source=schedule, model=model,
                                 steps=steps)
             self.done[key] = {**r, "arm": arm}
+            self.fresh.add(key)
             self.log(f"{task}/{model} steps={steps} {arm} lr={lr:g} seed={seed} score={quality.score(r):.4f} "
                      f"({r['seconds']:.0f}s)")
         return self.done[key]
@@ -230,6 +234,8 @@ def main(argv=None):
                         "budget is marked so in the table)")
     parser.add_argument("--cells", help="only these task/model cells, e.g. bbc/minilm-L2,digits/resnet-small")
     parser.add_argument("--no-budgets", dest="budgets", action="store_false", help="skip the 1/3x and 3x budget cells")
+    parser.add_argument("--remeasure", help="arms to run again although earlier results hold them, e.g. learned "
+                        "(after a change of the library's learned-scale defaults)")
     parser.add_argument("--write-cards", action="store_true", help="fill each shipped entry's Transfer section")
     parser.add_argument("--plan", action="store_true", help="list the schedules and cells; train nothing")
     parser.add_argument("--smoke", action="store_true", help="a fresh schedule, tiny models, 2 steps, 1 seed")

@@ -63,6 +63,10 @@ def test_transfer_smoke_measures_every_arm_fills_the_card_and_plans_without_sche
     assert "score=" not in capsys.readouterr().out  # the same schedule (same weights): its runs are reused
     assert [c.get("budget") for c in again["rows"][0]["cells"]] == [None, 1 / 3, 3]
     assert again["rows"][0]["cells"][0]["arms"] == row["cells"][0]["arms"]
+    load("transfer").main(["--smoke", "--out", str(tmp_path), "--remeasure", "learned", "--no-budgets"])
+    rerun = [line for line in capsys.readouterr().out.splitlines() if "score=" in line]
+    assert rerun and all(" learned:" in line for line in rerun)  # only the learned arm, once per run
+    assert len(rerun) == len(set(rerun))
 
 
 def test_horizon_probe_measures_consistent_slopes():
