@@ -77,7 +77,8 @@ LEARNED_VARIANTS = {
     # session 6 (RESULTS 3b, rows 25-): growth also stops on 3 of the last 4 raw hypergradients positive ("v3"), and
     # then returns to the last gamma the raw signal called too small, with fresh Adam moments ("v3b9": at most 0.9)
     "v3": dict(mlrs_scale_stop_votes=3),
-    "v3b9": dict(mlrs_scale_stop_votes=3, mlrs_scale_backoff=0.9),
+    "v3b9": dict(mlrs_scale_stop_votes=3, mlrs_scale_backoff=0.9),  # the library default since session 6
+    "s5": dict(mlrs_scale_stop_votes=0, mlrs_scale_backoff=0.0),  # the defaults of sessions 3-5 (rows 23-24)
     # growth from a start relative to the model, meta-updates every step until the scale settles, then every 4th
     "g1c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2),
     "g4c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_cooldown_fraction=0.2),

@@ -55,14 +55,15 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_growth_stop (`float`, *optional*, defaults to `0.0`):
         With a learned gamma: growth stops once Adam's normalised first moment of dL/dlog(gamma), m / sqrt(v) in
         [-1, 1], exceeds this (0: as soon as the averaged hypergradient says a larger lr hurts).
-    mlrs_scale_stop_votes (`int`, *optional*, defaults to `0`):
+    mlrs_scale_stop_votes (`int`, *optional*, defaults to `3`):
         With a learned gamma: growth also stops once this many of the last `mlrs_scale_stop_votes + 1` raw
-        hypergradients say a larger lr hurts (0: only the averaged one counts, which the large early hypergradients
-        hold negative for dozens of updates after the raw signal has turned).
-    mlrs_scale_backoff (`float`, *optional*, defaults to `0.0`):
+        hypergradients say a larger lr hurts (0: only the averaged one counts; the hypergradient shrinks 10-100x
+        while the loss first falls, and its large early values hold the average negative for dozens of updates
+        after the raw signal has turned: an LM's gamma grew 13x past that point, RESULTS.md 3b).
+    mlrs_scale_backoff (`float`, *optional*, defaults to `0.9`):
         With a learned gamma: when its growth stops, gamma returns to the last value whose raw hypergradient still
         said "larger" (down by at most this much in log, never below its start), and the Adam moments of its
-        tracking restart there.
+        tracking restart there (0: no return, no restart).
     mlrs_meta_eval_mode (`bool`, *optional*, defaults to `False`):
         Measure the meta loss in eval mode (BatchNorm running statistics, no dropout) instead of train mode.
     mlrs_cooldown_fraction (`float`, *optional*):
@@ -131,11 +132,11 @@ class MLRSTrainingArguments(TrainingArguments):
                                "which growth stops."}
     )
     mlrs_scale_stop_votes: int = field(
-        default=0, metadata={"help": "Learned gamma: growth also stops once this many of the last N+1 raw "
+        default=3, metadata={"help": "Learned gamma: growth also stops once this many of the last N+1 raw "
                              "hypergradients are positive (0: off)."}
     )
     mlrs_scale_backoff: float = field(
-        default=0.0, metadata={"help": "Learned gamma: when growth stops, back to the last gamma the raw signal "
+        default=0.9, metadata={"help": "Learned gamma: when growth stops, back to the last gamma the raw signal "
                                "called too small, by at most this much in log (0: off)."}
     )
     mlrs_meta_eval_mode: bool = field(
