@@ -30,6 +30,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,19 @@ SIZES = {  # BERT encoders; vocabulary kept small so the transformer body domina
     "base": dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048,
                  vocab_size=8192),
 }
+
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this worker when its parent dies: a worker left running after its parent was killed keeps timing on the
+    shared CPU and spoils every measurement taken next to it (it did once: RESULTS.md 3b, the cost row)."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:  # a dead parent's children are re-parented
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def worker(arm: str, size: str, steps: int, warmup: int, batch: int, seq: int, device: str) -> dict:
@@ -190,6 +204,7 @@ def main(argv=None):
     parser.add_argument("--out", default=str(HERE / "results"))
     options = parser.parse_args(argv)
     if options.worker:
+        exit_with_parent()
         print(json.dumps(worker(options.worker, options.sizes, options.steps, options.warmup, options.batch,
                                 options.seq, options.device)))
         return None

@@ -12,6 +12,7 @@ Arms (AdamW unless said; every arm x every seed):
   mlrs_meta            MLRSTrainer meta-training its schedule on the task itself, gamma = 5e-5
   mlrs_transfer        Trainer + MLRSCallback with a shipped schedule learned on another task, gamma = 5e-5
   mlrs_transfer_tuned  the same with gamma = the tuned linear schedule's peak lr
+With --optimizer sgd every arm uses SGD with momentum 0.9 (lr grid 1e-2..1, learned-scale starts 1e-4..1).
 Reported: final validation/test loss and accuracy (mean +- std over seeds), and steps to reach the target
 validation accuracy, the best tuned arm's mean final validation accuracy (AlgoPerf-style), with a performance
 profile across tasks.
@@ -52,6 +53,23 @@ TASKS = {  # model, data sizes, training length, lr grid, and the shipped schedu
                grid=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2], transfer_from=None, metric="loss"),
 }
 LEARNED_LRS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]  # starting lrs of the learned-scale arms (AdamW): 4 decades
+# --optimizer sgd (SGD with momentum 0.9): the same arms, grids and starting lrs where SGD's useful lrs live
+SGD_GRID = [1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+SGD_LEARNED_LRS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+
+
+def is_sgd(options) -> bool:
+    return getattr(options, "optimizer", "adamw") == "sgd"
+
+
+def grid_of(task_name: str, options) -> list[float]:
+    grid = SGD_GRID if is_sgd(options) else TASKS[task_name]["grid"]
+    return grid[:2] if options.smoke else grid
+
+
+def learned_lrs(options) -> list[float]:
+    lrs = SGD_LEARNED_LRS if is_sgd(options) else LEARNED_LRS
+    return lrs[:2] if options.smoke else lrs
 
 
 def by_loss(task_name: str) -> bool:
@@ -76,9 +94,18 @@ LEARNED_VARIANTS = {
     "default": {},  # the library's defaults for mlrs_gamma="learned": what a user gets
     # session 6 (RESULTS 3b, rows 25-): growth also stops on 3 of the last 4 raw hypergradients positive ("v3"), and
     # then returns to the last gamma the raw signal called too small, with fresh Adam moments ("v3b9": at most 0.9)
-    "v3": dict(mlrs_scale_stop_votes=3),
-    "v3b9": dict(mlrs_scale_stop_votes=3, mlrs_scale_backoff=0.9),  # the library default since session 6
-    "s5": dict(mlrs_scale_stop_votes=0, mlrs_scale_backoff=0.0),  # the defaults of sessions 3-5 (rows 23-24)
+    "v3": dict(mlrs_scale_stop_votes=3, mlrs_scale_backoff=0.0, mlrs_scale_growth_stop=0.0, mlrs_scale_hold=False),
+    "v3b9": dict(mlrs_scale_stop_votes=3, mlrs_scale_backoff=0.9, mlrs_scale_growth_stop=0.0,
+                 mlrs_scale_hold=False),  # the library default of session 6
+    "s5": dict(mlrs_scale_stop_votes=0, mlrs_scale_backoff=0.0, mlrs_scale_growth_stop=0.0,
+               mlrs_scale_hold=False),  # the defaults of sessions 3-5 (rows 23-24)
+    # session 7 (rows 27-): the averaged stop needs m / sqrt(v) above 0.3 / 0.5, not just above 0 (noise at the start)
+    "gs3": dict(mlrs_scale_growth_stop=0.3, mlrs_scale_hold=False),
+    "gs5": dict(mlrs_scale_growth_stop=0.5, mlrs_scale_hold=False),
+    # learn the peak, hold it, anneal in the cooldown (a learned warmup-stable-decay): no meta step after growth ends,
+    # so the greedy one-step signal never drives the lr down mid-run (the short-horizon bias of section 8); the
+    # library default since session 7 (first run as mlrs_meta_interval=10**9, the same schedule of meta steps)
+    "hold": dict(mlrs_scale_growth_stop=0.3, mlrs_scale_hold=True),
     # growth from a start relative to the model, meta-updates every step until the scale settles, then every 4th
     "g1c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2),
     "g4c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_cooldown_fraction=0.2),
@@ -137,7 +164,9 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
                   lr_scheduler_type=schedule, lr_scheduler_kwargs=kwargs, eval_strategy="steps",
                   eval_steps=max(1, steps // 10), logging_steps=max(1, steps // 20), save_strategy="no",
                   report_to="none", disable_tqdm=True, use_cpu=options.device == "cpu",
-                  optim="schedule_free_adamw" if arm == "schedule_free" else "adamw_torch",
+                  optim="sgd" if is_sgd(options) else
+                  "schedule_free_adamw" if arm == "schedule_free" else "adamw_torch",
+                  optim_args="momentum=0.9" if is_sgd(options) else None,
                   dataloader_pin_memory=False)
     data = dict(train_dataset=train, eval_dataset=val, data_collator=task.data_collator,
                 processing_class=task.processing_class,
@@ -175,6 +204,7 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
     curve = [(e["step"], e[key]) for e in history if key in e]
     test = trainer.evaluate(task.test, metric_key_prefix="test")
     return {"task": task_name, "model": model, "arm": arm, "lr": lr, "seed": seed, "steps": steps, "seconds": seconds,
+            "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,  # as applied
             "val_accuracy": None if by_loss(task_name) else curve[-1][1],
             "val_loss": [e["eval_loss"] for e in history if "eval_loss" in e][-1],
             "test_accuracy": test.get("test_accuracy"), "test_loss": test["test_loss"], "val_curve": curve,
@@ -185,7 +215,7 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
 
 def run_task(task_name: str, options, log, earlier: list[dict]) -> list[dict]:
     spec = TASKS[task_name]
-    grid = spec["grid"][:2] if options.smoke else spec["grid"]
+    grid = grid_of(task_name, options)
     seeds = list(range(options.seeds))
     source = spec["transfer_from"]
     if options.smoke:
@@ -220,7 +250,7 @@ def run_task(task_name: str, options, log, earlier: list[dict]) -> list[dict]:
         done = {(r["arm"].split(":")[1], r["lr"]) for r in runs + earlier if r["arm"].startswith(("grid:", "sweep:"))
                 and r["seed"] == 0}
         for schedule in ("constant", "cosine"):
-            for lr in LEARNED_LRS[:2] if options.smoke else LEARNED_LRS:
+            for lr in learned_lrs(options):
                 if (schedule, lr) not in done:
                     record(f"sweep:{schedule}", lr, 0)
     for seed in seeds:
@@ -232,7 +262,7 @@ def run_task(task_name: str, options, log, earlier: list[dict]) -> list[dict]:
             record("mlrs_meta", DEFAULT_LR, seed)
         for arm in arms:
             if arm.startswith(("mlrs_learned:", "mlrs_scale:")):
-                for lr in LEARNED_LRS[:2] if options.smoke else LEARNED_LRS:
+                for lr in learned_lrs(options):
                     record(f"{arm}@{lr:g}", lr, seed)
         if "mlrs_transfer" in arms and source is not None:
             record("mlrs_transfer", DEFAULT_LR, seed, schedule_source=source)
@@ -241,7 +271,7 @@ def run_task(task_name: str, options, log, earlier: list[dict]) -> list[dict]:
     return runs
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], starts: list[float] = LEARNED_LRS) -> dict:
     """Per task and arm: mean/std of the metrics, and steps to the target (AlgoPerf: the best tuned arm's mean final
     validation score: accuracy, or loss for the LM task)."""
     summary = {}
@@ -269,11 +299,11 @@ def summarize(runs: list[dict]) -> dict:
                           "steps_to_target": statistics.median(hits) if len(hits) * 2 > len(rs) else None,
                           "reached_target": f"{len(hits)}/{len(rs)}", "steps": rs[0]["steps"]}
         summary[task] = {"metric": "loss" if by_loss(task) else "accuracy", "target": sign * target, "arms": table,
-                         "learned": learned_scale_table(task, runs, target)}
+                         "learned": learned_scale_table(task, runs, target, starts)}
     return summary
 
 
-def learned_scale_table(task: str, runs: list[dict], best_tuned: float) -> dict:
+def learned_scale_table(task: str, runs: list[dict], best_tuned: float, starts: list[float] = LEARNED_LRS) -> dict:
     """Per learned-scale variant (and, for comparison, constant and cosine at the same starting lrs, seed 0): the
     mean score at each starting lr, the worst, the spread, and the worst gap to the best tuned arm (in points for
     accuracy, in % of the loss for the LM task)."""
@@ -284,7 +314,7 @@ def learned_scale_table(task: str, runs: list[dict], best_tuned: float) -> dict:
         if r["arm"].startswith(("mlrs_learned:", "mlrs_scale:")):
             name = r["arm"].split("@")[0]
         elif r["arm"].startswith(("sweep:", "grid:")) and r["arm"].split(":")[1] in ("constant", "cosine") \
-                and r["lr"] in LEARNED_LRS:
+                and r["lr"] in starts:
             name = "fixed lr: " + r["arm"].split(":")[1]
         else:
             continue
@@ -311,7 +341,7 @@ def performance_profile(summary: dict) -> dict[str, list[float]]:
     return ratios
 
 
-def render(summary: dict, ratios: dict, path_png: Path | None) -> str:
+def render(summary: dict, ratios: dict, path_png: Path | None, starts: list[float] = LEARNED_LRS) -> str:
     lines = []
     for task, result in summary.items():
         lines += [f"\n### {task} (target validation {result['metric']} {result['target']:.4f})\n",
@@ -327,12 +357,12 @@ def render(summary: dict, ratios: dict, path_png: Path | None) -> str:
             unit = "% of the loss" if result["metric"] == "loss" else "accuracy points"
             lines += [f"\n### {task}: learned scale by starting lr (validation {result['metric']}; worst gap to the "
                       f"best tuned arm in {unit})\n",
-                      "| arm | " + " | ".join(f"start {lr:g}" for lr in LEARNED_LRS)
+                      "| arm | " + " | ".join(f"start {lr:g}" for lr in starts)
                       + " | spread | worst gap | seeds |",
-                      "|---" * (len(LEARNED_LRS) + 4) + "|"]
+                      "|---" * (len(starts) + 4) + "|"]
             for name, row in sorted(result["learned"].items()):
                 sign = -1.0 if result["metric"] == "loss" else 1.0
-                cells = [f"{sign * row['per_lr'][lr]:.4f}" if lr in row["per_lr"] else "-" for lr in LEARNED_LRS]
+                cells = [f"{sign * row['per_lr'][lr]:.4f}" if lr in row["per_lr"] else "-" for lr in starts]
                 lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['spread']:.4f} | {row['worst_gap']:.2f} | "
                              f"{row['seeds']} |")
     lines += ["\n### Performance profile (fraction of tasks on which an arm reaches the target within tau x the "
@@ -389,17 +419,25 @@ def main(argv=None):
     parser.add_argument("--arms", default="default,tuned,schedule_free,prodigy,mlrs_meta,mlrs_transfer")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
+                        help="sgd: SGD with momentum 0.9 for every arm, its own lr grid and starting lrs; results "
+                        "go to quality_<device>_sgd.*")
     parser.add_argument("--smoke", action="store_true", help="tiny models, 2 steps, 1 seed, 2 grid values")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--reuse", help="a results JSON whose runs of other arms are kept instead of rerun "
                         "(e.g. the tuned baselines of an earlier run)")
     options = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    adamw_only = {"schedule_free", "prodigy", "mlrs_meta", "mlrs_transfer"} & set(options.arms.split(","))
+    if is_sgd(options) and adamw_only:
+        parser.error(f"--optimizer sgd runs the tuned, sweep, default and mlrs_learned:/mlrs_scale: arms; "
+                     f"{', '.join(sorted(adamw_only))} are AdamW arms: drop them from --arms.")
     if options.smoke:
         options.seeds, options.tasks = 1, "digits"
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"quality_{options.device}{'_smoke' if options.smoke else ''}"
+    stem = out / f"quality_{options.device}{'_sgd' if is_sgd(options) else ''}{'_smoke' if options.smoke else ''}"
+    starts = SGD_LEARNED_LRS if is_sgd(options) else LEARNED_LRS
     runs = []
     if options.reuse:  # keep earlier runs, except those of the arm families this invocation runs on its tasks
         fresh = [a.split(":")[0] for a in options.arms.split(",")]
@@ -407,7 +445,9 @@ def main(argv=None):
             family = "tuned" if r["arm"].startswith("grid:") else r["arm"].split(":")[0].split("@")[0]
             if r["task"] not in options.tasks.split(",") or family not in fresh:
                 runs.append(r)
-    with open(stem.with_suffix(".log"), "w") as log_file:
+    with open(stem.with_suffix(".log"), "a") as log_file:  # appended: a rerun of one arm keeps the others' lines
+        log_file.write(f"# {time.strftime('%Y-%m-%d %H:%M')} python benchmarks/quality.py {' '.join(argv or [])}\n")
+
         def log(line):
             print(line, flush=True)
             log_file.write(line + "\n")
@@ -416,9 +456,9 @@ def main(argv=None):
         for task in options.tasks.split(","):
             runs += run_task(task, options, log, [r for r in runs if r["task"] == task])
             stem.with_suffix(".json").write_text(json.dumps({"runs": runs}))  # keep partial results
-    summary = summarize(runs)
+    summary = summarize(runs, starts)
     ratios = performance_profile(summary)
-    table = render(summary, ratios, None if options.smoke else stem.with_name(stem.name + "_profile.png"))
+    table = render(summary, ratios, None if options.smoke else stem.with_name(stem.name + "_profile.png"), starts)
     if not options.smoke:
         plot_curves(runs, stem.with_name(stem.name + "_curves.png"))
     import torch

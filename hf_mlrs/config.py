@@ -52,9 +52,10 @@ class MLRSTrainingArguments(TrainingArguments):
         along the window's whole displacement (1: the paper's exact one-step lookahead; longer windows are
         first-order in the steps' directions; on the benchmarks they did not help, RESULTS.md 3b). At most the meta
         interval.
-    mlrs_scale_growth_stop (`float`, *optional*, defaults to `0.0`):
+    mlrs_scale_growth_stop (`float`, *optional*, defaults to `0.3`):
         With a learned gamma: growth stops once Adam's normalised first moment of dL/dlog(gamma), m / sqrt(v) in
-        [-1, 1], exceeds this (0: as soon as the averaged hypergradient says a larger lr hurts).
+        [-1, 1], exceeds this (0: as soon as the averaged hypergradient says a larger lr hurts; on a pretrained
+        model its first few values are noise, and 0 stopped one bbc run at a third of the lr it needed).
     mlrs_scale_stop_votes (`int`, *optional*, defaults to `3`):
         With a learned gamma: growth also stops once this many of the last `mlrs_scale_stop_votes + 1` raw
         hypergradients say a larger lr hurts (0: only the averaged one counts; the hypergradient shrinks 10-100x
@@ -64,6 +65,15 @@ class MLRSTrainingArguments(TrainingArguments):
         With a learned gamma: when its growth stops, gamma returns to the last value whose raw hypergradient still
         said "larger" (down by at most this much in log, never below its start), and the Adam moments of its
         tracking restart there (0: no return, no restart).
+    mlrs_scale_hold (`bool`, *optional*):
+        With a learned gamma: once its growth has stopped, no more meta steps: gamma and the net hold until the
+        cooldown anneals the lr (a warmup-stable-decay whose peak is learned). The one-step signal finds the largest
+        lr that still helps, then the net it meta-trains pulls the lr down earlier than a whole run wants
+        (short-horizon bias). False: meta steps every `mlrs_meta_interval` steps to the cooldown, the scale tracking
+        the signal and the net learning its shape (what a schedule meant for reuse needs: `recipes/meta_train.py`
+        and `MLRSMultiTaskTrainer` set it). Defaults to True when the net is meta-trained, False when a frozen
+        `schedule` is applied: there the scale is all that learns, and tracking is how it follows the frozen
+        shape's decay (RESULTS.md 3b, rows 27-29).
     mlrs_meta_eval_mode (`bool`, *optional*, defaults to `False`):
         Measure the meta loss in eval mode (BatchNorm running statistics, no dropout) instead of train mode.
     mlrs_cooldown_fraction (`float`, *optional*):
@@ -128,8 +138,13 @@ class MLRSTrainingArguments(TrainingArguments):
         default=1, metadata={"help": "Steps per meta-update window (1: the paper's one-step lookahead)."}
     )
     mlrs_scale_growth_stop: float | None = field(
-        default=0.0, metadata={"help": "Learned gamma: the averaged, normalised hypergradient (in [-1, 1]) above "
+        default=0.3, metadata={"help": "Learned gamma: the averaged, normalised hypergradient (in [-1, 1]) above "
                                "which growth stops."}
+    )
+    mlrs_scale_hold: bool | None = field(
+        default=None, metadata={"help": "Learned gamma: no meta step once growth has stopped (gamma and the net hold "
+                                "until the cooldown). Default: True when the net is meta-trained, False with a "
+                                "frozen schedule."}
     )
     mlrs_scale_stop_votes: int = field(
         default=3, metadata={"help": "Learned gamma: growth also stops once this many of the last N+1 raw "
@@ -232,10 +247,14 @@ class MLRSTrainingArguments(TrainingArguments):
             fail("mlrs_scale_lr", f"{self.mlrs_scale_lr} is not positive", "Default: 0.1.")
         if self.mlrs_scale_start_update is not None and not 0 < self.mlrs_scale_start_update < 1:
             fail("mlrs_scale_start_update", f"{self.mlrs_scale_start_update} is not in (0, 1)",
-                 "Default: 1e-4 (the first step moves the weights by 0.01% of their norm); None starts at "
+                 "Default: 1e-3 (the first step moves the weights by 0.1% of their norm); None starts at "
                  "learning_rate.")
         if not self.mlrs_scale_growth >= 0:
             fail("mlrs_scale_growth", f"{self.mlrs_scale_growth} < 0", "Default: 0.1; 0 disables growth.")
+        stop = self.mlrs_scale_growth_stop
+        if stop is not None and not (isinstance(stop, (int, float)) and -1 <= stop < 1):
+            fail("mlrs_scale_growth_stop", f"{stop!r} is not in [-1, 1): m / sqrt(v) never exceeds 1",
+                 "Use e.g. 0.3, 0 (as soon as the average turns positive) or None (the first positive one).")
         if not (isinstance(self.mlrs_scale_stop_votes, int) and self.mlrs_scale_stop_votes >= 0):
             fail("mlrs_scale_stop_votes", f"{self.mlrs_scale_stop_votes!r} is not an integer >= 0",
                  "Use e.g. 3 (3 of the last 4 raw hypergradients) or 0 for none.")

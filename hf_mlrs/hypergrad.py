@@ -54,6 +54,8 @@ class MetaLearner:
         settle_interval (`int`, *optional*): with a learned scale, the interval used until the scale has settled
             (see `LearnedScale.settled`); `interval` after that. A window is never longer than its interval.
         stop_step (`int`, *optional*): no meta-update from this (0-based) step on, e.g. during a final cooldown.
+        hold (`bool`, defaults to `False`): with a learned scale, no meta-update once it has settled (its growth has
+            stopped): gamma and the net keep their values, and only `stop_step`'s cooldown changes the lr after.
         take_snapshots (`bool`, defaults to `True`): copy the live net into the earlier stages at fractions of this
             run (the paper's epoch-1/100/200 nets). False leaves the earlier stages alone (the stage switch losses
             are still recorded): a net meta-trained over several runs gets its snapshots from the caller.
@@ -74,6 +76,7 @@ class MetaLearner:
         settle_interval: int | None = None,
         stop_step: int | None = None,
         take_snapshots: bool = True,
+        hold: bool = False,
     ):
         if not 1 <= horizon <= interval:
             raise ValueError(f"MetaLearner: horizon={horizon} must be between 1 and the meta interval ({interval}).")
@@ -83,6 +86,7 @@ class MetaLearner:
         self.shard_group = sharding_group(self.params)
         self.interval = interval
         self.settle_interval = settle_interval
+        self.hold = hold
         self.horizon = horizon
         self.max_steps = max_steps
         self.train_net = train_net
@@ -104,6 +108,10 @@ class MetaLearner:
     def current_interval(self) -> int:
         if self.scale is not None and self.settle_interval and not self.scale.settled:
             return self.settle_interval
+        if self.scale is not None and self.hold and self.scale.settled:
+            # Hold (RESULTS.md 3b, session 7): after the one-step signal has found the largest lr that still helps,
+            # it keeps pulling the lr down, earlier than a whole run wants (the short-horizon bias of Wu et al. 2018)
+            return self.max_steps + 1  # never due again in this run
         return self.interval
 
     def is_due(self, step: int) -> bool:

@@ -108,7 +108,9 @@ class MLRSMultiTaskTrainer:
             that differ for this episode (e.g. `max_steps`, `per_device_train_batch_size`). Called after the
             episode's seed is set, so a model built in it is initialised the same on a restart.
         args (`MLRSTrainingArguments`): settings of every episode; `output_dir` holds the episodes' folders. Set
-            `save_strategy="steps"` and `save_steps` for restarts inside an episode.
+            `save_strategy="steps"` and `save_steps` for restarts inside an episode. Episodes meta-train the net up
+            to their cooldown, so with `mlrs_gamma="learned"` they run with `mlrs_scale_hold=False` (unless an
+            episode's `args` says otherwise).
         rounds (`int`, *optional*, defaults to `1`): passes over the pairs.
 
     After `train()`, `records` holds one dict per episode. Example:
@@ -158,8 +160,9 @@ class MLRSMultiTaskTrainer:
             raise ValueError(f"MLRSMultiTaskTrainer: make_episode({episode.name}) must return 'model' and "
                              f"'train_dataset' and only keys of {sorted(EPISODE_KEYS)}; got {sorted(spec)}.")
         folder = self.output_dir / episode.folder
+        # An episode meta-trains the net to its cooldown: with a learned gamma, no hold once the scale settles
         args = dataclasses.replace(self.args, output_dir=str(folder), seed=episode.seed, run_name=episode.name,
-                                   **spec.pop("args", {}))
+                                   **{"mlrs_scale_hold": False, **spec.pop("args", {})})
         trainer = MLRSTrainer(args=args, schedule=net, continue_meta_training=True, meta_optimizer_state=meta_state,
                               **spec)
         trainer._take_snapshots = self.one_run  # one run: the paper's in-run snapshots (module doc)

@@ -212,6 +212,7 @@ class MLRSTrainer(Trainer):
                     settle_interval=self.args.mlrs_settle_interval,
                     stop_step=num_training_steps - self.lr_scheduler.cooldown_steps,
                     take_snapshots=self._take_snapshots,
+                    hold=self.meta_training if self.args.mlrs_scale_hold is None else self.args.mlrs_scale_hold,
                 )
                 if self._meta_optimizer_state is not None:  # Adam's moments from the previous run (a resumed
                     self.lr_scheduler.meta_learner.load_meta_optimizer_state(self._meta_optimizer_state)  # checkpoint

@@ -52,6 +52,7 @@ RECIPE_DEFAULTS = dict(
     use_cpu=not torch.cuda.is_available(),  # several CPU processes must join one DDP group, not run independently
     logging_steps=10, save_strategy="no", report_to="none", seed=0,
     mlrs_gamma="learned",  # MLRS: no lr to pick (learning_rate is ignored); --mlrs_gamma 2e-4 for a fixed scale
+    mlrs_scale_hold=False,  # this job learns a schedule to reuse: keep meta-training the net after the scale settles
     mlrs_meta_lr=1e-2, mlrs_num_stages=3,
 )
 

@@ -1,8 +1,13 @@
 """The benchmark scripts run end to end in their smoke modes (the full runs are not tests)."""
 
 import importlib.util
+import json
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,12 +28,53 @@ def test_overhead_smoke():
     assert all(r["step_s"] > 0 for r in summary["rows"] if "step_s" in r)
 
 
+def test_overhead_worker_ends_with_its_parent(tmp_path):
+    """A killed overhead.py must not leave its timing worker running: the worker watches its parent."""
+    pid_file = tmp_path / "worker.pid"
+    child = (f"import importlib.util, os, time; spec = importlib.util.spec_from_file_location('o', "
+             f"{str(ROOT / 'benchmarks' / 'overhead.py')!r}); o = importlib.util.module_from_spec(spec); "
+             f"spec.loader.exec_module(o); o.exit_with_parent(0.05); "
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; "
+                               f"subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"])
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the worker never started"
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    def alive(pid):
+        try:
+            return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while alive(worker):
+        assert time.monotonic() < deadline, "the worker outlived its parent"
+        time.sleep(0.05)
+
+
 def test_quality_smoke(tmp_path):
     summary = load("quality").main(["--smoke", "--out", str(tmp_path)])
     arms = set(summary["digits"]["arms"])
     assert {"default:linear", "tuned:linear", "schedule_free", "prodigy", "mlrs_meta", "mlrs_transfer",
             "mlrs_transfer_tuned"} <= arms
     assert (tmp_path / "quality_cpu_smoke.md").read_text().count("| mlrs_") >= 3
+
+
+def test_quality_sgd_runs_every_arm_with_sgd_and_its_own_starting_lrs(tmp_path):
+    quality = load("quality")
+    summary = quality.main(["--smoke", "--optimizer", "sgd", "--arms", "tuned,mlrs_learned:default",
+                            "--out", str(tmp_path)])
+    runs = json.loads((tmp_path / "quality_cpu_sgd_smoke.json").read_text())["runs"]
+    assert runs and {r["optimizer"] for r in runs} == {"SGD"}
+    assert {r["lr"] for r in runs if r["arm"].startswith("mlrs_learned")} == set(quality.SGD_LEARNED_LRS[:2])
+    assert {r["lr"] for r in runs if r["arm"].startswith("grid:")} == set(quality.SGD_GRID[:2])
+    assert "mlrs_learned:default" in summary["digits"]["learned"]
+    with pytest.raises(SystemExit):  # AdamW-only arms are refused, not silently run with AdamW
+        quality.main(["--smoke", "--optimizer", "sgd", "--arms", "prodigy", "--out", str(tmp_path)])
 
 
 def test_fsdp_gpu_script_plans_its_launches_without_a_gpu(capsys):

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from hf_mlrs import MLRSMultiTaskTrainer, MLRSNet, MLRSTrainer
 from hf_mlrs.multitask import DONE_NAME, MIDPOINTS_DIR, median_midpoints, plan_episodes, stage_midpoints
@@ -132,6 +133,24 @@ def test_a_plan_of_one_run_takes_the_papers_snapshots_inside_the_run(tmp_path):
                                 tiny_args(tmp_path / "half", max_steps=4, mlrs_meta_interval=2, mlrs_meta_lr=1e-2,
                                           mlrs_meta_batch_size=8), rounds=1).train()
     assert torch.equal(heads[1], half.stages[-1].head.weight)
+
+
+def test_episodes_with_a_learned_scale_meta_train_the_net_to_the_cooldown(tmp_path):
+    """mlrs_scale_hold defaults to holding when a net is meta-trained (MLRSTrainer's no-lr path); an episode's job
+    is the net, so it keeps meta-updating after the scale settles (hold off), unless its own args say otherwise."""
+    holds = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+            holds.append(lr_scheduler.meta_learner.hold)
+
+    def build(episode):
+        return {"model": tiny_bert(3, seed=episode.seed), "train_dataset": tiny_dataset(160, 3, seed=episode.seed),
+                "callbacks": [Probe()], "args": {"mlrs_scale_hold": True} if episode.index == 1 else {}}
+
+    args = tiny_args(tmp_path, max_steps=2, mlrs_gamma="learned", mlrs_meta_batch_size=8)
+    MLRSMultiTaskTrainer(MLRSNet(stage_starts=[0.0, 0.5]), PAIRS, build, args).train()
+    assert holds == [False, False, True, True]
 
 
 @pytest.mark.parametrize("crash_step", [3, 4])

@@ -352,3 +352,43 @@ def test_cooldown_decays_linearly_and_stops_meta_updates(tmp_path):
     output = torch.sigmoid(torch.tensor(8.0)).item()
     expected = [values[-1] * output * k / 6 for k in (5, 4, 3, 2, 1)]
     torch.testing.assert_close(torch.tensor(lrs[15:]), torch.tensor(expected), rtol=1e-6, atol=0)
+
+
+class NetAndScaleProbe(TrainerCallback):
+    """After every step: the meta-trained net's parameters and whether the scale is still growing."""
+
+    def __init__(self, trainer):
+        self.trainer, self.nets, self.growing = trainer, [], []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.nets.append(torch.cat([p.detach().flatten().clone() for p in self.trainer.schedule.parameters()]))
+        self.growing.append(self.trainer.lr_scheduler.scale.growing)
+
+
+@pytest.mark.parametrize("hold, frozen, holds", [(True, False, True), (False, False, False), (None, False, True),
+                                                 (None, True, False)])
+def test_hold_ends_meta_steps_once_growth_stops(tmp_path, hold, frozen, holds):
+    """mlrs_scale_hold: once the growth phase ends, gamma and the meta-trained net keep their values to the end of
+    the run; without it they keep moving. Its default holds when the net is meta-trained and tracks when a frozen
+    schedule is applied. Noise-free least squares, SGD: the one-step signal turns at about 1 / curvature, reached by
+    growth from 0.1 within the run."""
+    data = least_squares_data()
+    args = learned_args(tmp_path, learning_rate=0.1, optim="sgd", per_device_train_batch_size=64, max_steps=40,
+                        max_grad_norm=0.0, mlrs_scale_growth=0.1, mlrs_settle_interval=1, mlrs_meta_interval=1,
+                        mlrs_meta_lr=1e-2, mlrs_scale_hold=hold)
+    trainer = MLRSTrainer(model=LeastSquares(), args=args, train_dataset=data, meta_dataset=data,
+                          schedule=constant_stages(8.0) if frozen else None)
+    probe = NetAndScaleProbe(trainer)
+    trainer.add_callback(probe)
+    trainer.train()
+    values = gammas(trainer)
+    stop = probe.growing.index(False)  # 0-based step whose meta-update ended the growth
+    assert 3 <= stop < 30 and values[stop] > 2 * values[0]
+    after_values, after_nets = values[stop + 1:], probe.nets[stop:]
+    if holds:
+        assert len(set(after_values)) == 1
+        assert all(torch.equal(net, after_nets[0]) for net in after_nets)
+        assert trainer.lr_scheduler.scale.num_updates == stop + 1
+    else:
+        assert len(set(after_values)) == len(after_values)  # a meta-update every step moved gamma ...
+        assert frozen or not torch.equal(after_nets[0], after_nets[-1])  # ... and the net, unless it is frozen

@@ -214,6 +214,9 @@ def test_refuses_meta_training_without_meta_data(tmp_path, dataset):
         ({"mlrs_stage_by": "epoch"}, "mlrs_stage_by"),
         ({"mlrs_scale_backoff": -0.5}, "mlrs_scale_backoff"),
         ({"mlrs_scale_backoff": float("nan")}, "mlrs_scale_backoff"),
+        ({"mlrs_scale_stop_votes": -1}, "mlrs_scale_stop_votes"),
+        ({"mlrs_scale_growth_stop": 1.0}, "mlrs_scale_growth_stop"),
+        ({"mlrs_scale_stop_votes": 2.5}, "mlrs_scale_stop_votes"),
     ],
 )
 def test_bad_arguments_name_the_field(tmp_path, overrides, field):
