@@ -67,8 +67,14 @@ def grid_of(task_name: str, options) -> list[float]:
     return grid[:2] if options.smoke else grid
 
 
+def starting_lrs(options) -> list[float]:
+    """The learned-scale arms' starting lrs for this optimizer (also the columns of the spread table)."""
+    return SGD_LEARNED_LRS if is_sgd(options) else LEARNED_LRS
+
+
 def learned_lrs(options) -> list[float]:
-    lrs = SGD_LEARNED_LRS if is_sgd(options) else LEARNED_LRS
+    """The starting lrs this invocation runs (the first two in a smoke run)."""
+    lrs = starting_lrs(options)
     return lrs[:2] if options.smoke else lrs
 
 
@@ -437,7 +443,7 @@ def main(argv=None):
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"quality_{options.device}{'_sgd' if is_sgd(options) else ''}{'_smoke' if options.smoke else ''}"
-    starts = SGD_LEARNED_LRS if is_sgd(options) else LEARNED_LRS
+    starts = starting_lrs(options)
     runs = []
     if options.reuse:  # keep earlier runs, except those of the arm families this invocation runs on its tasks
         fresh = [a.split(":")[0] for a in options.arms.split(",")]

@@ -66,12 +66,13 @@ class MLRSTrainingArguments(TrainingArguments):
         said "larger" (down by at most this much in log, never below its start), and the Adam moments of its
         tracking restart there (0: no return, no restart).
     mlrs_scale_hold (`bool`, *optional*):
-        With a learned gamma: once its growth has stopped, no more meta steps: gamma and the net hold until the
-        cooldown anneals the lr (a warmup-stable-decay whose peak is learned). The one-step signal finds the largest
-        lr that still helps, then the net it meta-trains pulls the lr down earlier than a whole run wants
-        (short-horizon bias). False: meta steps every `mlrs_meta_interval` steps to the cooldown, the scale tracking
-        the signal and the net learning its shape (what a schedule meant for reuse needs: `recipes/meta_train.py`
-        and `MLRSMultiTaskTrainer` set it). Defaults to True when the net is meta-trained, False when a frozen
+        With a learned gamma: once it has settled (its growth has stopped; with `mlrs_scale_growth=0`, once its
+        signal no longer agrees in sign), no more meta steps: gamma and the net hold until the cooldown anneals the
+        lr (a warmup-stable-decay whose peak is learned). The one-step signal finds the largest lr that still helps,
+        then the net it meta-trains pulls the lr down earlier than a whole run wants (short-horizon bias). False:
+        meta steps every `mlrs_meta_interval` steps to the cooldown, the scale tracking the signal and the net
+        learning its shape (what a schedule meant for reuse needs: `recipes/meta_train.py` and
+        `MLRSMultiTaskTrainer` set it). Defaults to True when the net is meta-trained, False when a frozen
         `schedule` is applied: there the scale is all that learns, and tracking is how it follows the frozen
         shape's decay (RESULTS.md 3b, rows 27-29).
     mlrs_meta_eval_mode (`bool`, *optional*, defaults to `False`):
