@@ -142,11 +142,12 @@ LEARNED_VARIANTS = {
 
 
 def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_source=None, model: str | None = None,
-            steps: int | None = None) -> dict:
+            steps: int | None = None, overrides: dict | None = None) -> dict:
     """Train one arm on one task with one seed; returns its validation curve and final metrics.
 
     `model` and `steps` override the task's model and its length (benchmarks/transfer.py: other model sizes and
-    budgets). Arm `mlrs_transfer_learned` applies `schedule_source` frozen and learns only its lr scale."""
+    budgets). Arm `mlrs_transfer_learned` applies `schedule_source` frozen and learns only its lr scale. `overrides`
+    replace (Trainer or MLRS) training arguments last (benchmarks/scale_lab.py: one-off designs)."""
     import torch
     from prodigyopt import Prodigy
     from transformers import Trainer, TrainingArguments, set_seed
@@ -174,16 +175,21 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
                   "schedule_free_adamw" if arm == "schedule_free" else "adamw_torch",
                   optim_args="momentum=0.9" if is_sgd(options) else None,
                   dataloader_pin_memory=False)
+    overrides = dict(overrides or {})
+
+    def arguments(cls=TrainingArguments, **extra):
+        return cls(**{**common, **extra, **overrides})
+
     data = dict(train_dataset=train, eval_dataset=val, data_collator=task.data_collator,
                 processing_class=task.processing_class,
                 compute_metrics=None if by_loss(task_name) else accuracy_metric())
     if arm == "mlrs_meta":
-        args = MLRSTrainingArguments(**common, mlrs_meta_interval=2, mlrs_meta_lr=1e-2)
+        args = arguments(MLRSTrainingArguments, mlrs_meta_interval=2, mlrs_meta_lr=1e-2)
         trainer = MLRSTrainer(model=task.model, args=args, **data)
     elif arm.startswith(("mlrs_learned", "mlrs_scale")):  # learned gamma: meta-trained net, or a flat frozen net
         variant = dict(LEARNED_VARIANTS[arm.split(":")[1].split("@")[0]])
         common["lr_scheduler_type"] = "constant"
-        args = MLRSTrainingArguments(**common, mlrs_gamma="learned", mlrs_meta_lr=1e-2, **variant)
+        args = arguments(MLRSTrainingArguments, mlrs_gamma="learned", mlrs_meta_lr=1e-2, **variant)
         flat = None
         if arm.startswith("mlrs_scale"):  # A_t = sigmoid(bias) whatever the loss: only the scale is learned
             flat = MLRSNet(output_bias_init=8.0)  # the head's bias starts at 8; a zero weight ignores the loss
@@ -192,16 +198,16 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
     elif arm == "mlrs_transfer_learned":  # a frozen shape, its scale learned on a held-out 10% (no lr given)
         net = MLRSNet.from_pretrained(schedule_source) if isinstance(schedule_source, str) else schedule_source
         common["lr_scheduler_type"] = "constant"
-        args = MLRSTrainingArguments(**common, mlrs_gamma="learned")
+        args = arguments(MLRSTrainingArguments, mlrs_gamma="learned")
         trainer = MLRSTrainer(model=task.model, args=args, schedule=net, **data)
     elif arm.startswith("mlrs_transfer"):
         net = MLRSNet.from_pretrained(schedule_source) if isinstance(schedule_source, str) else schedule_source
-        trainer = Trainer(model=task.model, args=TrainingArguments(**common), callbacks=[MLRSCallback(net)], **data)
+        trainer = Trainer(model=task.model, args=arguments(), callbacks=[MLRSCallback(net)], **data)
     elif arm == "prodigy":
         optimizer = Prodigy(task.model.parameters(), lr=1.0, weight_decay=0.0)
-        trainer = Trainer(model=task.model, args=TrainingArguments(**common), optimizers=(optimizer, None), **data)
+        trainer = Trainer(model=task.model, args=arguments(), optimizers=(optimizer, None), **data)
     else:
-        trainer = Trainer(model=task.model, args=TrainingArguments(**common), **data)
+        trainer = Trainer(model=task.model, args=arguments(), **data)
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started

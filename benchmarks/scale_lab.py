@@ -6,6 +6,11 @@ scale is learned) or `mlrs_learned:<variant>` (the net is meta-trained too), var
 quality.py. Appends every run's full record to benchmarks/results/scale_lab.jsonl.
 
     python benchmarks/scale_lab.py bbc mlrs_scale:g3c,mlrs_learned:g3c 1e-3 0
+
+An optional fifth argument, a JSON object, overrides training arguments of every run (a one-off design without a new
+variant, or a built-in schedule with a warmup):
+
+    python benchmarks/scale_lab.py fashion tuned:warmup_stable_decay 1e-2 0,1,2 '{"warmup_steps": 0.3}'
 """
 
 import json
@@ -20,20 +25,23 @@ sys.path.insert(0, str(HERE))
 import quality  # noqa: E402
 
 
-def main(task: str, arms: str, lrs: str, seeds: str) -> None:
+def main(task: str, arms: str, lrs: str, seeds: str, overrides: str = "{}") -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     options = types.SimpleNamespace(smoke=False, device="cpu")
     with open(HERE / "results" / "scale_lab.jsonl", "a") as out:
         for arm in arms.split(","):
             for lr in (float(x) for x in lrs.split(",")):
                 for seed in (int(s) for s in seeds.split(",")):
-                    r = quality.run_one(task, arm, lr, seed, options)
+                    r = quality.run_one(task, arm, lr, seed, options, overrides=json.loads(overrides))
                     every = max(1, len(r["gammas"]) // 6)
-                    print(f"{task} {arm:24s} lr={lr:<8.2g} s={seed} val={r['val_accuracy']} test={r['test_accuracy']} "
+                    r["overrides"] = json.loads(overrides)
+                    shown = "" if overrides == "{}" else overrides + " "
+                    print(f"{task} {arm:24s} {shown}lr={lr:<8.2g} s={seed} val={r['val_accuracy']} "
+                          f"test={r['test_accuracy']} "
                           f"vloss={r['val_loss']:.4f} gamma: {[f'{g:.2e}' for _, g in r['gammas'][::every]]} "
                           f"lrs: {[f'{x:.2e}' for _, x in r['lrs'][::every]]} ({r['seconds']:.0f}s)", flush=True)
                     out.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
