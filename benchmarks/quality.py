@@ -10,7 +10,8 @@ Arms (AdamW unless said; every arm x every seed):
   schedule_free        optim="schedule_free_adamw" at its package default lr 2.5e-3, constant schedule (untuned)
   prodigy              Prodigy(lr=1.0), constant schedule (untuned)
   mlrs_meta            MLRSTrainer meta-training its schedule on the task itself, gamma = 5e-5
-  mlrs_transfer        Trainer + MLRSCallback with a shipped schedule learned on another task, gamma = 5e-5
+  mlrs_transfer        Trainer + MLRSCallback with a zoo schedule learned on another task and modality (bbc:
+                       image-fashion; digits, fashion: text-bbc), gamma = 5e-5
   mlrs_transfer_tuned  the same with gamma = the tuned linear schedule's peak lr
 With --optimizer sgd every arm uses SGD with momentum 0.9 (lr grid 1e-2..1, learned-scale starts 1e-4..1).
 Reported: final validation/test loss and accuracy (mean +- std over seeds), and steps to reach the target
@@ -43,11 +44,11 @@ SCHEDULES = ["linear", "cosine", "cosine_with_min_lr", "warmup_stable_decay", "c
 DEFAULT_LR = 5e-5  # TrainingArguments.learning_rate
 TASKS = {  # model, data sizes, training length, lr grid, and the shipped schedule transferred to it
     "bbc": dict(model="minilm-L2", max_train=None, max_test=None, max_length=32, epochs=1, batch=16,
-                grid=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3], transfer_from="resnet-small-digits"),
+                grid=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3], transfer_from="image-fashion"),
     "digits": dict(model="resnet-small", max_train=None, max_test=None, max_length=0, epochs=10, batch=32,
-                   grid=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2], transfer_from="minilm2-bbc"),
+                   grid=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2], transfer_from="text-bbc"),
     "fashion": dict(model="resnet-small", max_train=5000, max_test=2000, max_length=0, epochs=2, batch=64,
-                    grid=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2], transfer_from="resnet-small-digits"),
+                    grid=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2], transfer_from="text-bbc"),
     # causal LM, scored by validation loss (nats per byte), lower is better
     "lm": dict(model="gpt2-small", max_train=6400, max_test=1000, max_length=0, epochs=1, batch=16,
                grid=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2], transfer_from=None, metric="loss"),

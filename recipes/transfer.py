@@ -7,12 +7,13 @@ Both arms train the same model from the same seed with a plain `transformers.Tra
 default arm uses `lr_scheduler_type` (linear decay), the MLR-SNet arm adds `MLRSCallback(schedule)` with
 gamma = learning_rate. Prints a table and saves `comparison.png` (lr and training loss) and `comparison.json`.
 
-    # the schedule meta-trained with 2-layer MiniLM, applied to the full 6-layer model
+    # text-bbc (meta-trained with 2-layer MiniLM on BBC News), applied to the full 6-layer model
     accelerate launch --config_file recipes/accelerate_configs/cpu.yaml recipes/transfer.py \
-        --schedule minilm2-bbc --task bbc --model minilm-L6 --num_train_epochs 1
-    # a schedule from a small ResNet, applied to a 10x larger one
+        --schedule text-bbc --task bbc --model minilm-L6 --num_train_epochs 1
+    # image-fashion (meta-trained with a small ResNet on Fashion-MNIST), applied to a 10x larger ResNet on digits:
+    # a held-out task as well as a larger model
     accelerate launch --config_file recipes/accelerate_configs/cpu.yaml recipes/transfer.py \
-        --schedule resnet-small-digits --task digits --model resnet-large --num_train_epochs 20 --learning_rate 3e-3
+        --schedule image-fashion --task digits --model resnet-large --num_train_epochs 20 --learning_rate 3e-3
 
 --schedule takes a local folder, a shipped name (`python -c "import hf_mlrs.pretrained as p; print(p.available())"`)
 or a Hub repo id.
@@ -31,7 +32,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 @dataclass
 class ScriptArguments:
-    schedule: str = field(default="minilm2-bbc", metadata={"help": "Folder, shipped name or Hub id of a schedule."})
+    schedule: str = field(default="text-bbc", metadata={"help": "Folder, shipped name or Hub id of a schedule."})
     task: str = field(default="bbc", metadata={"help": "bbc, digits or fashion."})
     model: str = field(default="minilm-L6", metadata={"help": "Target model (see recipes/tasks.py), or tiny."})
     baseline: str = field(default="linear", metadata={"help": "lr_scheduler_type of the comparison arm."})

@@ -13,9 +13,9 @@ plot); the others (the leave-one-task-out variants of the multi-task default, us
 `outputs/zoo/<name>/schedule/`. Working files and checkpoints go to `outputs/zoo/<name>/` (`--output_dir`).
 
 Why these settings (issue 10; `benchmarks/RESULTS.md`, sections 2-3b):
-- Length: the schedules shipped before were meta-trained for 192 (bbc) and 1,540 (digits) steps and came out flat.
-  The single-task entries are one run of 5-40x that (many epochs; image-fashion 10 epochs, 5x, to fit a session of
-  machine time), the paper's regime (one long run, three stage
+- Length: the schedules shipped before the zoo (v0.1's, removed in session 8) were meta-trained for 192 (bbc) and
+  1,540 (digits) steps and came out flat. The single-task entries are one run of 5-40x that (many epochs;
+  image-fashion 10 epochs, 5x, to fit a session of machine time), the paper's regime (one long run, three stage
   snapshots); the multi-task default is 5 rounds of whole runs over 5 (task, model) pairs, 14,000 steps in all.
 - gamma (the ceiling of the lr): 2-3x the best tuned peak lr of `benchmarks/quality.py` on that task. At the best lr
   itself the net sits at its ceiling ("wants more", RESULTS section 8) and learns no shape; above it, it has to learn

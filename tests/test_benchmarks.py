@@ -101,9 +101,9 @@ def test_transfer_smoke_measures_every_arm_fills_the_card_and_plans_without_sche
     assert "| smoke | digits/tiny |" in (tmp_path / "smoke_schedule" / "README.md").read_text()
     assert "transfer: held-out tasks: worst gap" in summary_line("smoke", card.provenance)
     capsys.readouterr()
-    load("transfer").main(["--plan", "--entries", "text-bbc,minilm2-bbc", "--out", str(tmp_path)])
+    load("transfer").main(["--plan", "--entries", "text-bbc,image-fashion", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "minilm2-bbc (minilm2-bbc): digits/resnet-small [held-out task, cross-modality]" in out
+    assert "image-fashion (image-fashion): bbc/minilm-L2 [held-out task, cross-modality]" in out
     assert "bbc/minilm-L6 [held-out size]" in out
     again = load("transfer").main(["--smoke", "--out", str(tmp_path)])  # results accumulate: nothing is rerun
     assert "score=" not in capsys.readouterr().out  # the same schedule (same weights): its runs are reused

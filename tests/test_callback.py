@@ -92,7 +92,7 @@ def test_callback_refuses_mlrs_trainer(tmp_path, dataset):
 
 def test_callback_needs_a_schedule():
     with pytest.raises(TypeError, match="needs an MLRSNet"):
-        MLRSCallback("minilm2-bbc")
+        MLRSCallback("text-bbc")
 
 
 def test_a_train_that_raised_leaves_no_stale_tap(tmp_path, dataset):

@@ -220,7 +220,8 @@ def test_shipped_schedules_load_offline_by_short_name():
     from hf_mlrs import pretrained
 
     names = pretrained.available()
-    assert {"minilm2-bbc", "resnet-small-digits"} <= set(names)
+    assert {"text-bbc", "image-fashion", "lm-bytes", "multitask-default"} <= set(names)  # the zoo
+    assert not {"minilm2-bbc", "resnet-small-digits"} & set(names)  # v0.1's two, behind the zoo: removed
     for name in names:
         net = MLRSNet.from_pretrained(name)
         assert net.num_stages == 3 and net.provenance["steps"] > 0
