@@ -143,12 +143,13 @@ LEARNED_VARIANTS = {
 
 
 def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_source=None, model: str | None = None,
-            steps: int | None = None, overrides: dict | None = None) -> dict:
+            steps: int | None = None, overrides: dict | None = None, lr_sequence: list[float] | None = None) -> dict:
     """Train one arm on one task with one seed; returns its validation curve and final metrics.
 
     `model` and `steps` override the task's model and its length (benchmarks/transfer.py: other model sizes and
     budgets). Arm `mlrs_transfer_learned` applies `schedule_source` frozen and learns only its lr scale. `overrides`
-    replace (Trainer or MLRS) training arguments last (benchmarks/scale_lab.py: one-off designs)."""
+    replace (Trainer or MLRS) training arguments last (benchmarks/scale_lab.py: one-off designs). Arm `replay` is a
+    plain Trainer whose step k is taken at `lr_sequence[k]` (benchmarks/replay_lab.py: another run's applied lrs)."""
     import torch
     from prodigyopt import Prodigy
     from transformers import Trainer, TrainingArguments, set_seed
@@ -204,6 +205,18 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
     elif arm.startswith("mlrs_transfer"):
         net = MLRSNet.from_pretrained(schedule_source) if isinstance(schedule_source, str) else schedule_source
         trainer = Trainer(model=task.model, args=arguments(), callbacks=[MLRSCallback(net)], **data)
+    elif arm == "replay":  # HF's own optimizer, stepped through a given lr sequence (no meta step, no held-out set)
+        from torch.optim.lr_scheduler import LambdaLR
+
+        class Replay(Trainer):
+            def create_scheduler(self, num_training_steps, optimizer=None):
+                if self.lr_scheduler is None:
+                    self.lr_scheduler = LambdaLR(optimizer or self.optimizer,
+                                                 lambda k: lr_sequence[min(k, len(lr_sequence) - 1)] / lr)
+                    self._created_lr_scheduler = True
+                return self.lr_scheduler
+
+        trainer = Replay(model=task.model, args=arguments(), **data)
     elif arm == "prodigy":
         optimizer = Prodigy(task.model.parameters(), lr=1.0, weight_decay=0.0)
         trainer = Trainer(model=task.model, args=arguments(), optimizers=(optimizer, None), **data)

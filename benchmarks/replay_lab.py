@@ -1,0 +1,64 @@
+"""Is it the learned lrs, or the machinery around them? Replays a learned-scale run's applied lrs in a plain Trainer.
+
+For each seed: one `mlrs_learned:default` run (MLRSTrainer, start 1e-3, every step logged), then its exact per-step
+lrs in a plain `Trainer` (no meta step, no held-out meta set, all of the training split), and two edits of them:
+`linear_warmup` (the growth phase, up to the step where the lr peaks, replaced by a linear ramp to the same peak) and
+`tuned_peak` (the whole sequence scaled so that its peak is the tuned warmup-stable-decay peak lr of quality.py).
+Appends every run to benchmarks/results/replay_lab.jsonl and prints one line per run.
+
+    python benchmarks/replay_lab.py fashion 0,1,2,3,4
+"""
+
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import quality  # noqa: E402
+
+
+TUNED_PEAK = {"bbc": 3e-4, "digits": 1e-3, "fashion": 1e-2, "lm": 3e-3}  # tuned:warmup_stable_decay, quality.py
+
+
+def applied_lrs(run: dict, steps: int) -> list[float]:
+    """lr of step k (0-based) = the lr logged at step k + 1 (MLRSTrainer logs the lr it applied)."""
+    logged = dict(run["lrs"])
+    assert sorted(logged) == list(range(1, steps + 1)), "the learned run must log every step"
+    return [logged[k + 1] for k in range(steps)]
+
+
+def edits(lrs: list[float], task: str) -> dict[str, list[float]]:
+    body = lrs[: int(0.8 * len(lrs))]  # before the cooldown
+    peak_step = max(range(len(body)), key=body.__getitem__)
+    peak = lrs[peak_step]
+    ramp = [peak * (k + 1) / (peak_step + 1) for k in range(peak_step + 1)]
+    return {"exact": lrs, "linear_warmup": ramp + lrs[peak_step + 1:],
+            "tuned_peak": [x * TUNED_PEAK[task] / peak for x in lrs]}
+
+
+def main(task: str, seeds: str) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    options = types.SimpleNamespace(smoke=False, device="cpu")
+    with open(HERE / "results" / "replay_lab.jsonl", "a") as out:
+        for seed in (int(s) for s in seeds.split(",")):
+            learned = quality.run_one(task, "mlrs_learned:default", 1e-3, seed, options,
+                                      overrides={"logging_steps": 1})
+            lrs = applied_lrs(learned, learned["steps"])
+            runs = {"learned": learned}
+            for name, sequence in edits(lrs, task).items():
+                runs[name] = quality.run_one(task, "replay", 1e-3, seed, options, lr_sequence=sequence)
+                runs[name]["replay"] = name
+            for name, r in runs.items():
+                peak = max(x for _, x in r["lrs"])
+                print(f"{task} s={seed} {name:14s} val={r['val_accuracy'] or r['val_loss']:.4f} "
+                      f"test={r['test_accuracy'] or r['test_loss']:.4f} peak lr {peak:.2e} ({r['seconds']:.0f}s)",
+                      flush=True)
+                out.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
