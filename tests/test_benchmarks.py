@@ -77,6 +77,23 @@ def test_quality_sgd_runs_every_arm_with_sgd_and_its_own_starting_lrs(tmp_path):
         quality.main(["--smoke", "--optimizer", "sgd", "--arms", "prodigy", "--out", str(tmp_path)])
 
 
+def test_replay_steps_through_the_given_lrs_and_the_overrides_reach_the_arguments():
+    """replay_lab.py's replay arm applies exactly the sequence it is given (logged lr == applied lr), and overrides
+    replace training arguments, the Trainer's and the MLRS ones alike."""
+    import types
+
+    quality = load("quality")
+    options = types.SimpleNamespace(smoke=True, device="cpu")
+    replay = quality.run_one("digits", "replay", 1e-3, 0, options, lr_sequence=[3e-3, 7e-4])
+    assert replay["lrs"] == [[1, 3e-3], [2, 7e-4]]
+    assert quality.run_one("digits", "replay", 1e-3, 0, options, lr_sequence=[3e-3, 7e-4],
+                           overrides={"logging_steps": 2})["lrs"] == [[2, 7e-4]]
+    learned = quality.run_one("digits", "mlrs_learned:default", 1e-3, 0, options,
+                              overrides={"mlrs_scale_min": 1e-9, "mlrs_scale_max": 1e-7})
+    lrs = load("replay_lab").applied_lrs(learned, learned["steps"])
+    assert len(lrs) == 2 and all(0 < lr <= 1e-7 for lr in lrs)  # the learned scale kept inside the given bounds
+
+
 def test_fsdp_gpu_script_plans_its_launches_without_a_gpu(capsys):
     summary = load("fsdp_gpu").main(["--print-commands", "--num_processes", "2"])
     labels = [label for label, _ in summary["commands"]]
