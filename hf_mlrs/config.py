@@ -45,6 +45,10 @@ class MLRSTrainingArguments(TrainingArguments):
         hypergradient, averaged, says that a larger lr hurts; 0 disables the growth phase. Slow enough to let the
         first, fast fall of the loss pass: there a one-step lookahead favours a large lr that a model trained from
         scratch does not recover from (x1.22 overshot 5-10x on a byte-level LM, RESULTS.md 3b).
+    mlrs_scale_growth_linear (`float`, *optional*, defaults to `0.0`):
+        With a learned gamma: growth linear in the lr instead of exponential (experimental, RESULTS.md 3b session
+        8): after n meta-updates of the growth phase gamma = start x (1 + n x this); 0 keeps the exponential growth of
+        `mlrs_scale_growth`.
     mlrs_scale_min, mlrs_scale_max (`float`, *optional*, defaults to `1e-8`, `10.0`):
         With a learned gamma: hard bounds on it.
     mlrs_horizon (`int`, *optional*, defaults to `1`):
@@ -132,6 +136,10 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_growth: float = field(
         default=0.1, metadata={"help": "Learned gamma: growth of log(gamma) per meta-update until the hypergradient "
                                "says stop (0: none)."}
+    )
+    mlrs_scale_growth_linear: float = field(
+        default=0.0, metadata={"help": "Learned gamma: growth linear in the lr, gamma = start x (1 + n x this) after "
+                               "n meta-updates (0: exponential growth by mlrs_scale_growth)."}
     )
     mlrs_scale_min: float = field(default=1e-8, metadata={"help": "Learned gamma: lower bound."})
     mlrs_scale_max: float = field(default=10.0, metadata={"help": "Learned gamma: upper bound."})
@@ -252,6 +260,9 @@ class MLRSTrainingArguments(TrainingArguments):
                  "learning_rate.")
         if not self.mlrs_scale_growth >= 0:
             fail("mlrs_scale_growth", f"{self.mlrs_scale_growth} < 0", "Default: 0.1; 0 disables growth.")
+        if not (math.isfinite(self.mlrs_scale_growth_linear) and self.mlrs_scale_growth_linear >= 0):
+            fail("mlrs_scale_growth_linear", f"{self.mlrs_scale_growth_linear} is not a number >= 0",
+                 "Default: 0 (exponential growth); e.g. 1.35 reaches the same 55x of the start at 40 updates.")
         stop = self.mlrs_scale_growth_stop
         if stop is not None and not (isinstance(stop, (int, float)) and -1 <= stop < 1):
             fail("mlrs_scale_growth_stop", f"{stop!r} is not in [-1, 1): m / sqrt(v) never exceeds 1",
@@ -314,6 +325,7 @@ def learned_scale(init: float, settings: MLRSTrainingArguments | type[MLRSTraini
         lr=settings.mlrs_scale_lr,
         bounds=(settings.mlrs_scale_min, settings.mlrs_scale_max),
         growth=settings.mlrs_scale_growth,
+        growth_linear=settings.mlrs_scale_growth_linear,
         growth_stop=settings.mlrs_scale_growth_stop,
         stop_votes=settings.mlrs_scale_stop_votes,
         backoff=settings.mlrs_scale_backoff,

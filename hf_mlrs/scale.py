@@ -55,6 +55,10 @@ class LearnedScale:
         backoff (`float`, defaults to `0.0`): when growth ends, gamma goes back to the last value whose raw
             hypergradient still said "larger", by at most `backoff` in log and never below the (calibrated) start,
             and Adam's moments restart there: their history is of a larger hypergradient at a smaller lr.
+        growth_linear (`float`, defaults to `0.0`): growth linear in the lr instead of exponential: after n updates
+            of the growth phase gamma = start x (1 + growth_linear x n), each update still clipped to `max_step`
+            (0: exponential growth by `growth`). The same multiple of the start is reached at the same update as
+            with exponential growth, with more lr before it (a linear warmup rather than an exponential one).
         start_update (`float`, *optional*): a start relative to the model, not to the user's lr: after the first
             step, gamma is reset so that this step moved the weights by `start_update` x their norm (the step is
             linear in the lr, so it is rescaled exactly). Whatever lr the user gave, the run then continues the same.
@@ -76,6 +80,7 @@ class LearnedScale:
         stop_votes: int = 0,
         backoff: float = 0.0,
         start_update: float | None = None,
+        growth_linear: float = 0.0,
     ):
         low, high = (float(b) for b in bounds)
         if not (0 < low < high and math.isfinite(high)):
@@ -98,7 +103,10 @@ class LearnedScale:
         self.settle_after, self.settle_threshold = settle_after, settle_threshold
         self.settled = False
         self.growth, self.growth_stop = float(growth), growth_stop
-        self.growing = self.growth > 0
+        if not (math.isfinite(growth_linear) and growth_linear >= 0):
+            raise ValueError(f"LearnedScale: growth_linear must be a number >= 0, got {growth_linear!r}.")
+        self.growth_linear = float(growth_linear)
+        self.growing = self.growth > 0 or self.growth_linear > 0
         if not (math.isfinite(backoff) and backoff >= 0):
             raise ValueError(f"LearnedScale: backoff must be a number >= 0, got {backoff!r}.")
         self.backoff = float(backoff)
@@ -141,7 +149,9 @@ class LearnedScale:
             self.last_larger = self.log_gamma  # this update's step was taken at this gamma, and it was too small
         if stopped_now:
             self.growing, self.settled = False, True  # the held-out loss says the lr is now large enough
-        if self.growing:
+        if self.growing and self.growth_linear:  # gamma = start x (1 + c n) after this, the n-th, update
+            step = self.log_gamma - (self.initial_log_gamma + math.log1p(self.growth_linear * (self.num_updates + 1)))
+        elif self.growing:
             step = -self.growth
         else:
             step = self.lr * confidence

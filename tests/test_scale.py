@@ -153,6 +153,22 @@ def test_growth_phase_grows_until_the_hypergradient_says_stop():
     assert values[-1] < values[-2] < values[-3]  # stopped within two updates, then shrinks
 
 
+def test_linear_growth_is_linear_in_the_lr_within_the_step_clip_and_stops_the_same_way():
+    """growth_linear: gamma = start x (1 + c n) after n growth updates; each update still moves log(gamma) by at most
+    max_step, and the first one to reach the line again sits on it."""
+    scale = LearnedScale(1e-4, growth_linear=1.0, max_step=0.5, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0))
+    gammas = [scale.update(-1.0) for _ in range(8)]
+    assert gammas[0] == pytest.approx(1e-4 * math.exp(0.5), rel=1e-12)  # the line says 2x: clipped to e^0.5
+    assert gammas[1] == pytest.approx(1e-4 * math.exp(1.0), rel=1e-12)  # 3x: clipped again
+    for n in range(3, 9):  # from the 3rd update on the line (n + 1 <= e^(0.5 n)) is within the clip
+        assert gammas[n - 1] == pytest.approx(1e-4 * (1 + n), rel=1e-12)
+    for _ in range(3):
+        scale.update(2.0)  # 3 of the last 4 raw values positive: stop, back to the last gamma that said "larger":
+    assert not scale.growing and scale.gamma == pytest.approx(1e-4 * 8, rel=1e-12)  # the 8th update's, 8x
+    with pytest.raises(ValueError, match="growth_linear"):
+        LearnedScale(1e-4, growth_linear=-1.0)
+
+
 def test_stop_votes_end_growth_when_the_raw_signal_turns_although_the_average_has_not():
     """The hypergradient shrinks 100x while the loss first falls: Adam's average stays negative long after the raw
     signal turned. With stop_votes=3, 3 of the last 4 raw values positive end the growth."""

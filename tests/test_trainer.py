@@ -217,6 +217,8 @@ def test_refuses_meta_training_without_meta_data(tmp_path, dataset):
         ({"mlrs_scale_stop_votes": -1}, "mlrs_scale_stop_votes"),
         ({"mlrs_scale_growth_stop": 1.0}, "mlrs_scale_growth_stop"),
         ({"mlrs_scale_stop_votes": 2.5}, "mlrs_scale_stop_votes"),
+        ({"mlrs_scale_growth_linear": -1.0}, "mlrs_scale_growth_linear"),
+        ({"mlrs_scale_growth_linear": float("inf")}, "mlrs_scale_growth_linear"),
     ],
 )
 def test_bad_arguments_name_the_field(tmp_path, overrides, field):
