@@ -46,9 +46,10 @@ class MLRSTrainingArguments(TrainingArguments):
         first, fast fall of the loss pass: there a one-step lookahead favours a large lr that a model trained from
         scratch does not recover from (x1.22 overshot 5-10x on a byte-level LM, RESULTS.md 3b).
     mlrs_scale_growth_linear (`float`, *optional*, defaults to `0.0`):
-        With a learned gamma: growth linear in the lr instead of exponential (experimental, RESULTS.md 3b session
-        8): after n meta-updates of the growth phase gamma = start x (1 + n x this); 0 keeps the exponential growth of
-        `mlrs_scale_growth`.
+        With a learned gamma (experimental, RESULTS.md 3b session 8): once 3 held-out hypergradients in a row say
+        "larger", each growth update adds this multiple of the start to gamma instead of multiplying it by
+        exp(`mlrs_scale_growth`): a linear warmup while the signal agrees, exponential growth when it does not.
+        0 keeps the exponential growth.
     mlrs_scale_min, mlrs_scale_max (`float`, *optional*, defaults to `1e-8`, `10.0`):
         With a learned gamma: hard bounds on it.
     mlrs_horizon (`int`, *optional*, defaults to `1`):
@@ -138,8 +139,8 @@ class MLRSTrainingArguments(TrainingArguments):
                                "says stop (0: none)."}
     )
     mlrs_scale_growth_linear: float = field(
-        default=0.0, metadata={"help": "Learned gamma: growth linear in the lr, gamma = start x (1 + n x this) after "
-                               "n meta-updates (0: exponential growth by mlrs_scale_growth)."}
+        default=0.0, metadata={"help": "Learned gamma: once 3 hypergradients in a row say 'larger', growth adds this "
+                               "multiple of the start per meta-update (0: exponential growth only)."}
     )
     mlrs_scale_min: float = field(default=1e-8, metadata={"help": "Learned gamma: lower bound."})
     mlrs_scale_max: float = field(default=10.0, metadata={"help": "Learned gamma: upper bound."})
@@ -262,7 +263,7 @@ class MLRSTrainingArguments(TrainingArguments):
             fail("mlrs_scale_growth", f"{self.mlrs_scale_growth} < 0", "Default: 0.1; 0 disables growth.")
         if not (math.isfinite(self.mlrs_scale_growth_linear) and self.mlrs_scale_growth_linear >= 0):
             fail("mlrs_scale_growth_linear", f"{self.mlrs_scale_growth_linear} is not a number >= 0",
-                 "Default: 0 (exponential growth); e.g. 1.35 reaches the same 55x of the start at 40 updates.")
+                 "Default: 0 (exponential growth only); e.g. 1.35 adds 1.35 x the start per meta-update.")
         stop = self.mlrs_scale_growth_stop
         if stop is not None and not (isinstance(stop, (int, float)) and -1 <= stop < 1):
             fail("mlrs_scale_growth_stop", f"{stop!r} is not in [-1, 1): m / sqrt(v) never exceeds 1",

@@ -22,8 +22,10 @@ from __future__ import annotations
 import math
 
 
+LINEAR_AFTER = 3  # raw hypergradients in a row that must say "larger" before growth turns linear
+
 STATE_KEYS = ("log_gamma", "initial_log_gamma", "m", "v", "t", "adam_t", "num_updates", "num_skipped", "settled",
-              "growing", "calibrated", "recent_positive", "last_larger")
+              "growing", "calibrated", "recent_positive", "last_larger", "larger_streak")
 
 
 class LearnedScale:
@@ -55,10 +57,12 @@ class LearnedScale:
         backoff (`float`, defaults to `0.0`): when growth ends, gamma goes back to the last value whose raw
             hypergradient still said "larger", by at most `backoff` in log and never below the (calibrated) start,
             and Adam's moments restart there: their history is of a larger hypergradient at a smaller lr.
-        growth_linear (`float`, defaults to `0.0`): growth linear in the lr instead of exponential: after n updates
-            of the growth phase gamma = start x (1 + growth_linear x n), each update still clipped to `max_step`
-            (0: exponential growth by `growth`). The same multiple of the start is reached at the same update as
-            with exponential growth, with more lr before it (a linear warmup rather than an exponential one).
+        growth_linear (`float`, defaults to `0.0`): growth linear in the lr while the signal agrees: once the last
+            `LINEAR_AFTER` raw hypergradients in a row said "larger", each growth update adds growth_linear x the
+            start to gamma (still clipped to `max_step`) instead of multiplying it by exp(growth); a sign that
+            disagrees returns to exponential growth (0: always exponential). From scratch, where the early signal
+            says "larger" every time, this is a linear warmup to wherever the signal stops it; a pretrained model
+            whose signal is noise near its start keeps the gentle exponential growth.
         start_update (`float`, *optional*): a start relative to the model, not to the user's lr: after the first
             step, gamma is reset so that this step moved the weights by `start_update` x their norm (the step is
             linear in the lr, so it is rescaled exactly). Whatever lr the user gave, the run then continues the same.
@@ -107,6 +111,7 @@ class LearnedScale:
             raise ValueError(f"LearnedScale: growth_linear must be a number >= 0, got {growth_linear!r}.")
         self.growth_linear = float(growth_linear)
         self.growing = self.growth > 0 or self.growth_linear > 0
+        self.larger_streak = 0  # raw hypergradients in a row that said "larger"
         if not (math.isfinite(backoff) and backoff >= 0):
             raise ValueError(f"LearnedScale: backoff must be a number >= 0, got {backoff!r}.")
         self.backoff = float(backoff)
@@ -149,8 +154,9 @@ class LearnedScale:
             self.last_larger = self.log_gamma  # this update's step was taken at this gamma, and it was too small
         if stopped_now:
             self.growing, self.settled = False, True  # the held-out loss says the lr is now large enough
-        if self.growing and self.growth_linear:  # gamma = start x (1 + c n) after this, the n-th, update
-            step = self.log_gamma - (self.initial_log_gamma + math.log1p(self.growth_linear * (self.num_updates + 1)))
+        self.larger_streak = self.larger_streak + 1 if g <= 0 else 0
+        if self.growing and self.growth_linear and self.larger_streak >= LINEAR_AFTER:  # + c x start, not x e^growth
+            step = self.log_gamma - math.log(self.gamma + self.growth_linear * math.exp(self.initial_log_gamma))
         elif self.growing:
             step = -self.growth
         else:
@@ -182,6 +188,7 @@ class LearnedScale:
 
     def load_state_dict(self, state: dict) -> None:
         # A checkpoint written before the stop votes and the backoff existed: Adam never restarted in it.
-        state = {"adam_t": state.get("t", 0), "recent_positive": [], "last_larger": state.get("log_gamma"), **state}
+        state = {"adam_t": state.get("t", 0), "recent_positive": [], "last_larger": state.get("log_gamma"),
+                 "larger_streak": 0, **state}
         for key, value in state.items():
             setattr(self, key, value)

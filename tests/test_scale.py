@@ -153,20 +153,28 @@ def test_growth_phase_grows_until_the_hypergradient_says_stop():
     assert values[-1] < values[-2] < values[-3]  # stopped within two updates, then shrinks
 
 
-def test_linear_growth_is_linear_in_the_lr_within_the_step_clip_and_stops_the_same_way():
-    """growth_linear: gamma = start x (1 + c n) after n growth updates; each update still moves log(gamma) by at most
-    max_step, and the first one to reach the line again sits on it."""
-    scale = LearnedScale(1e-4, growth_linear=1.0, max_step=0.5, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0))
-    gammas = [scale.update(-1.0) for _ in range(8)]
-    assert gammas[0] == pytest.approx(1e-4 * math.exp(0.5), rel=1e-12)  # the line says 2x: clipped to e^0.5
-    assert gammas[1] == pytest.approx(1e-4 * math.exp(1.0), rel=1e-12)  # 3x: clipped again
-    for n in range(3, 9):  # from the 3rd update on the line (n + 1 <= e^(0.5 n)) is within the clip
-        assert gammas[n - 1] == pytest.approx(1e-4 * (1 + n), rel=1e-12)
-    for _ in range(3):
-        scale.update(2.0)  # 3 of the last 4 raw values positive: stop, back to the last gamma that said "larger":
-    assert not scale.growing and scale.gamma == pytest.approx(1e-4 * 8, rel=1e-12)  # the 8th update's, 8x
+def test_linear_growth_adds_the_start_while_the_signal_agrees_and_is_exponential_otherwise():
+    """growth_linear: after 3 raw hypergradients in a row that say "larger", each growth update adds c x start to
+    gamma (within the max_step clip); a disagreeing sign returns to exponential growth until 3 agree again."""
+    start, e = 1e-4, math.exp
+    scale = LearnedScale(start, growth=0.1, growth_linear=1.0, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0))
+    gammas = [scale.update(-1.0) for _ in range(6)]
+    assert gammas[1] == pytest.approx(start * e(0.2), rel=1e-12)  # two exponential updates first
+    assert gammas[2] == pytest.approx(gammas[1] * e(0.5), rel=1e-12)  # then + start: 1.22 -> 2.22 is clipped to e^0.5
+    assert gammas[5] == pytest.approx(gammas[2] + 3 * start, rel=1e-12)  # and +1 x start per update after
+    noisy = scale.update(2.0)  # one "smaller": growth goes on (1 of the last 4), exponentially
+    assert scale.growing and noisy == pytest.approx(gammas[5] * e(0.1), rel=1e-12)
+    again = [scale.update(-1.0) for _ in range(3)]  # the streak restarts: 2 exponential, then linear
+    assert again[1] == pytest.approx(noisy * e(0.2), rel=1e-12)
+    assert again[2] == pytest.approx(again[1] + start, rel=1e-12)
+    scale.update(2.0)
+    scale.update(2.0)  # the averaged signal turns: stop, back to the gamma whose hypergradient last said "larger"
+    assert not scale.growing and scale.gamma == pytest.approx(again[1], rel=1e-12)
+    clipped = LearnedScale(start, growth=0.1, growth_linear=100.0, max_step=0.5)
+    jumps = [clipped.update(-1.0) for _ in range(3)]
+    assert jumps[2] == pytest.approx(jumps[1] * e(0.5), rel=1e-12)  # +100 x start is clipped to a factor e^0.5
     with pytest.raises(ValueError, match="growth_linear"):
-        LearnedScale(1e-4, growth_linear=-1.0)
+        LearnedScale(start, growth_linear=-1.0)
 
 
 def test_stop_votes_end_growth_when_the_raw_signal_turns_although_the_average_has_not():
