@@ -113,6 +113,9 @@ LEARNED_VARIANTS = {
     # so the greedy one-step signal never drives the lr down mid-run (the short-horizon bias of section 8); the
     # library default since session 7 (first run as mlrs_meta_interval=10**9, the same schedule of meta steps)
     "hold": dict(mlrs_scale_growth_stop=0.3, mlrs_scale_hold=True),
+    # session 8 (RESULTS 3b): growth linear in the lr (+1.35 x the start per meta step) once 3 raw hypergradients in
+    # a row say "larger", exponential otherwise (a linear warmup from scratch, the gentle growth on a pretrained model)
+    "lin": dict(mlrs_scale_growth_linear=1.35),
     # growth from a start relative to the model, meta-updates every step until the scale settles, then every 4th
     "g1c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2),
     "g4c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_cooldown_fraction=0.2),
