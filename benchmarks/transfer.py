@@ -236,7 +236,9 @@ def main(argv=None):
     parser.add_argument("--no-budgets", dest="budgets", action="store_false", help="skip the 1/3x and 3x budget cells")
     parser.add_argument("--remeasure", help="arms to run again although earlier results hold them, e.g. learned "
                         "(after a change of the library's learned-scale defaults)")
-    parser.add_argument("--write-cards", action="store_true", help="fill each shipped entry's Transfer section")
+    parser.add_argument("--write-cards", action="store_true", help="fill each shipped entry's Transfer section "
+                        "(cells not measured yet are trained first: to refresh the cards only, give --entries and "
+                        "--cells of measured cells)")
     parser.add_argument("--plan", action="store_true", help="list the schedules and cells; train nothing")
     parser.add_argument("--smoke", action="store_true", help="a fresh schedule, tiny models, 2 steps, 1 seed")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -266,7 +268,7 @@ def main(argv=None):
     if len(missing) == len(measured) and not options.plan:
         raise FileNotFoundError(f"No schedule at {missing}: meta-train them first (`python recipes/zoo.py --entry "
                                 "NAME`, see benchmarks/run_all.sh), or leave them out with --entries.")
-    with open(stem.with_suffix(".log"), "a") as log_file:
+    with open(os.devnull if options.plan else stem.with_suffix(".log"), "a") as log_file:  # a plan trains nothing
         def log(line):
             print(line, flush=True)
             log_file.write(line + "\n")

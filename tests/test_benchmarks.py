@@ -122,6 +122,7 @@ def test_transfer_smoke_measures_every_arm_fills_the_card_and_plans_without_sche
     out = capsys.readouterr().out
     assert "image-fashion (image-fashion): bbc/minilm-L2 [held-out task, cross-modality]" in out
     assert "bbc/minilm-L6 [held-out size]" in out
+    assert not (tmp_path / "transfer_cpu.log").exists()  # a plan trains nothing and leaves the results' log alone
     again = load("transfer").main(["--smoke", "--out", str(tmp_path)])  # results accumulate: nothing is rerun
     assert "score=" not in capsys.readouterr().out  # the same schedule (same weights): its runs are reused
     assert [c.get("budget") for c in again["rows"][0]["cells"]] == [None, 1 / 3, 3]
