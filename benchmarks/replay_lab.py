@@ -21,7 +21,10 @@ sys.path.insert(0, str(HERE))
 import quality  # noqa: E402
 
 
-TUNED_PEAK = {"bbc": 3e-4, "digits": 1e-3, "fashion": 1e-2, "lm": 3e-3}  # tuned:warmup_stable_decay, quality.py
+def tuned_peak(task: str) -> float:
+    """The peak lr quality.py tuned for warmup-stable-decay on this task (its committed results)."""
+    summary = json.loads((HERE / "results" / "quality_cpu.json").read_text())["summary"]
+    return summary[task]["arms"]["tuned:warmup_stable_decay"]["lr"]
 
 
 def applied_lrs(run: dict, steps: int) -> list[float]:
@@ -37,7 +40,7 @@ def edits(lrs: list[float], task: str) -> dict[str, list[float]]:
     peak = lrs[peak_step]
     ramp = [peak * (k + 1) / (peak_step + 1) for k in range(peak_step + 1)]
     return {"exact": lrs, "linear_warmup": ramp + lrs[peak_step + 1:],
-            "tuned_peak": [x * TUNED_PEAK[task] / peak for x in lrs]}
+            "tuned_peak": [x * tuned_peak(task) / peak for x in lrs]}
 
 
 def main(task: str, seeds: str) -> None:

@@ -28,14 +28,14 @@ import quality  # noqa: E402
 def main(task: str, arms: str, lrs: str, seeds: str, overrides: str = "{}") -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     options = types.SimpleNamespace(smoke=False, device="cpu")
+    shown, overrides = ("" if overrides == "{}" else overrides + " "), json.loads(overrides)
     with open(HERE / "results" / "scale_lab.jsonl", "a") as out:
         for arm in arms.split(","):
             for lr in (float(x) for x in lrs.split(",")):
                 for seed in (int(s) for s in seeds.split(",")):
-                    r = quality.run_one(task, arm, lr, seed, options, overrides=json.loads(overrides))
+                    r = quality.run_one(task, arm, lr, seed, options, overrides=overrides)
                     every = max(1, len(r["gammas"]) // 6)
-                    r["overrides"] = json.loads(overrides)
-                    shown = "" if overrides == "{}" else overrides + " "
+                    r["overrides"] = overrides
                     print(f"{task} {arm:24s} {shown}lr={lr:<8.2g} s={seed} val={r['val_accuracy']} "
                           f"test={r['test_accuracy']} "
                           f"vloss={r['val_loss']:.4f} gamma: {[f'{g:.2e}' for _, g in r['gammas'][::every]]} "
