@@ -99,6 +99,8 @@ def split_validation(task):
 # Learned-scale arms: "mlrs_learned:<variant>" started from `lr`; each variant is a set of MLRSTrainingArguments.
 LEARNED_VARIANTS = {
     "default": {},  # the library's defaults for mlrs_gamma="learned": what a user gets
+    # the library default of sessions 7-8: growth exponential throughout, no margin (before session 9)
+    "exp": {},
     # session 6 (RESULTS 3b, rows 25-): growth also stops on 3 of the last 4 raw hypergradients positive ("v3"), and
     # then returns to the last gamma the raw signal called too small, with fresh Adam moments ("v3b9": at most 0.9)
     "v3": dict(mlrs_scale_stop_votes=3, mlrs_scale_backoff=0.0, mlrs_scale_growth_stop=0.0, mlrs_scale_hold=False),
@@ -114,8 +116,9 @@ LEARNED_VARIANTS = {
     # library default since session 7 (first run as mlrs_meta_interval=10**9, the same schedule of meta steps)
     "hold": dict(mlrs_scale_growth_stop=0.3, mlrs_scale_hold=True),
     # session 8 (RESULTS 3b): growth linear in the lr (+1.35 x the start per meta step) once 3 raw hypergradients in
-    # a row say "larger", exponential otherwise (a linear warmup from scratch, the gentle growth on a pretrained model)
-    "lin": dict(mlrs_scale_growth_linear=1.35),
+    # a row say "larger", exponential otherwise (a linear warmup from scratch, the gentle growth on a pretrained
+    # model); results/quality_lin/. Since session 9 the gate is 5 in a row (hf_mlrs.scale.LINEAR_AFTER), the default
+    "lin": dict(mlrs_scale_growth_linear=1.35, mlrs_scale_margin=1.0),
     # growth from a start relative to the model, meta-updates every step until the scale settles, then every 4th
     "g1c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2),
     "g4c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_cooldown_fraction=0.2),
@@ -143,6 +146,10 @@ LEARNED_VARIANTS = {
     "h1": dict(mlrs_meta_interval=1, mlrs_horizon=1, mlrs_scale_start_update=None, mlrs_scale_growth=0.0),
     "h4": dict(mlrs_meta_interval=4, mlrs_horizon=4, mlrs_scale_start_update=None, mlrs_scale_growth=0.0),
 }
+# Every variant but "default" and "lin" ran with exponential growth and no margin (mlrs_scale_growth_linear=0,
+# mlrs_scale_margin=1: the defaults before session 9): pinned, so that each stays the design its results measured.
+for _name in set(LEARNED_VARIANTS) - {"default", "lin"}:
+    LEARNED_VARIANTS[_name] = {"mlrs_scale_growth_linear": 0.0, "mlrs_scale_margin": 1.0, **LEARNED_VARIANTS[_name]}
 
 
 def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_source=None, model: str | None = None,
@@ -151,8 +158,10 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
 
     `model` and `steps` override the task's model and its length (benchmarks/transfer.py: other model sizes and
     budgets). Arm `mlrs_transfer_learned` applies `schedule_source` frozen and learns only its lr scale. `overrides`
-    replace (Trainer or MLRS) training arguments last (benchmarks/scale_lab.py: one-off designs). Arm `replay` is a
-    plain Trainer whose step k is taken at `lr_sequence[k]` (benchmarks/replay_lab.py: another run's applied lrs)."""
+    replace (Trainer or MLRS) training arguments last (benchmarks/scale_lab.py: one-off designs); among them
+    `meta_from_train: True` draws the meta batches from the training data instead of a held-out share. Arm `replay`
+    is a plain Trainer whose step k is taken at `lr_sequence[k]` (benchmarks/replay_lab.py: another run's applied
+    lrs)."""
     import torch
     from prodigyopt import Prodigy
     from transformers import Trainer, TrainingArguments, set_seed
@@ -181,6 +190,9 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
                   optim_args="momentum=0.9" if is_sgd(options) else None,
                   dataloader_pin_memory=False)
     overrides = dict(overrides or {})
+    # not a training argument: the meta batches drawn from the training data itself instead of a held-out share (in
+    # another order than the training batches: the meta sampler's seed could otherwise repeat the sampler's order)
+    meta_from_train = overrides.pop("meta_from_train", False)
 
     def arguments(cls=TrainingArguments, **extra):
         return cls(**{**common, **extra, **overrides})
@@ -199,7 +211,8 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
         if arm.startswith("mlrs_scale"):  # A_t = sigmoid(bias) whatever the loss: only the scale is learned
             flat = MLRSNet(output_bias_init=8.0)  # the head's bias starts at 8; a zero weight ignores the loss
             torch.nn.init.zeros_(flat.stages[0].head.weight)
-        trainer = MLRSTrainer(model=task.model, args=args, schedule=flat, **data)
+        trainer = MLRSTrainer(model=task.model, args=args, schedule=flat,
+                              meta_dataset=train.shuffle(seed=10_007 + seed) if meta_from_train else None, **data)
     elif arm == "mlrs_transfer_learned":  # a frozen shape, its scale learned on a held-out 10% (no lr given)
         net = MLRSNet.from_pretrained(schedule_source) if isinstance(schedule_source, str) else schedule_source
         common["lr_scheduler_type"] = "constant"
@@ -455,7 +468,11 @@ def main(argv=None):
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--reuse", help="a results JSON whose runs of other arms are kept instead of rerun "
                         "(e.g. the tuned baselines of an earlier run)")
+    parser.add_argument("--report", action="store_true", help="train nothing: rewrite the tables and plots from "
+                        "the runs of --reuse (e.g. after relabelling runs whose design became the default)")
     options = parser.parse_args(argv)
+    if options.report and not options.reuse:
+        parser.error("--report rewrites the results of --reuse: give --reuse RESULTS.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     adamw_only = {"schedule_free", "prodigy", "mlrs_meta", "mlrs_transfer"} & set(options.arms.split(","))
     if is_sgd(options) and adamw_only:
@@ -469,7 +486,7 @@ def main(argv=None):
     starts = starting_lrs(options)
     runs = []
     if options.reuse:  # keep earlier runs, except those of the arm families this invocation runs on its tasks
-        fresh = [a.split(":")[0] for a in options.arms.split(",")]
+        fresh = [] if options.report else [a.split(":")[0] for a in options.arms.split(",")]
         for r in json.loads(Path(options.reuse).read_text())["runs"]:
             family = "tuned" if r["arm"].startswith("grid:") else r["arm"].split(":")[0].split("@")[0]
             if r["task"] not in options.tasks.split(",") or family not in fresh:
@@ -482,7 +499,7 @@ def main(argv=None):
             log_file.write(line + "\n")
             log_file.flush()
 
-        for task in options.tasks.split(","):
+        for task in [] if options.report else options.tasks.split(","):
             runs += run_task(task, options, log, [r for r in runs if r["task"] == task])
             stem.with_suffix(".json").write_text(json.dumps({"runs": runs}))  # keep partial results
     summary = summarize(runs, starts)

@@ -1,16 +1,20 @@
 """Is it the learned lrs, or the machinery around them? Replays a learned-scale run's applied lrs in a plain Trainer.
 
-For each seed: one `mlrs_learned:default` run (MLRSTrainer, start 1e-3, every step logged), then its exact per-step
-lrs in a plain `Trainer` (no meta step, no held-out meta set, all of the training split), and two edits of them:
-`linear_warmup` (the growth phase, up to the step where the lr peaks, replaced by a linear ramp to the same peak) and
-`tuned_peak` (the whole sequence scaled so that its peak is the tuned warmup-stable-decay peak lr of quality.py).
+For each seed: one `mlrs_learned:<variant>` run (quality.py's LEARNED_VARIANTS, `default` unless given; MLRSTrainer,
+start 1e-3, every step logged), then its exact per-step lrs in a plain `Trainer` (no meta step, no held-out meta set,
+all of the training split), and edits of them: `linear_warmup` (the growth phase, up to the step where the lr peaks,
+replaced by a linear ramp to the same peak), `tuned_peak` (the whole sequence scaled so that its peak is the tuned
+warmup-stable-decay peak lr of quality.py), `capped` (every lr above the held one, the median of the middle 40% of
+the run, cut to it: the growth's overshoot before its stop removed) and `capped_085` (that, x 0.85).
 Appends every run to benchmarks/results/replay_lab.jsonl and prints one line per run.
 
     python benchmarks/replay_lab.py fashion 0,1,2,3,4
+    python benchmarks/replay_lab.py lm 0,1,2 lin
 """
 
 import json
 import os
+import statistics
 import sys
 import types
 from pathlib import Path
@@ -39,16 +43,19 @@ def edits(lrs: list[float], task: str) -> dict[str, list[float]]:
     peak_step = max(range(len(body)), key=body.__getitem__)
     peak = lrs[peak_step]
     ramp = [peak * (k + 1) / (peak_step + 1) for k in range(peak_step + 1)]
+    held = statistics.median(lrs[int(0.3 * len(lrs)):int(0.7 * len(lrs))])
+    capped = [min(x, held) for x in lrs]
     return {"exact": lrs, "linear_warmup": ramp + lrs[peak_step + 1:],
-            "tuned_peak": [x * tuned_peak(task) / peak for x in lrs]}
+            "tuned_peak": [x * tuned_peak(task) / peak for x in lrs],
+            "capped": capped, "capped_085": [0.85 * x for x in capped]}
 
 
-def main(task: str, seeds: str) -> None:
+def main(task: str, seeds: str, variant: str = "default") -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     options = types.SimpleNamespace(smoke=False, device="cpu")
     with open(HERE / "results" / "replay_lab.jsonl", "a") as out:
         for seed in (int(s) for s in seeds.split(",")):
-            learned = quality.run_one(task, "mlrs_learned:default", 1e-3, seed, options,
+            learned = quality.run_one(task, f"mlrs_learned:{variant}", 1e-3, seed, options,
                                       overrides={"logging_steps": 1})
             lrs = applied_lrs(learned, learned["steps"])
             runs = {"learned": learned}
@@ -64,4 +71,4 @@ def main(task: str, seeds: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

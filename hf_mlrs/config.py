@@ -45,11 +45,12 @@ class MLRSTrainingArguments(TrainingArguments):
         hypergradient, averaged, says that a larger lr hurts; 0 disables the growth phase. Slow enough to let the
         first, fast fall of the loss pass: there a one-step lookahead favours a large lr that a model trained from
         scratch does not recover from (x1.22 overshot 5-10x on a byte-level LM, RESULTS.md 3b).
-    mlrs_scale_growth_linear (`float`, *optional*, defaults to `0.0`):
-        With a learned gamma (experimental, RESULTS.md 3b session 8): once 3 held-out hypergradients in a row say
-        "larger", each growth update adds this multiple of the start to gamma instead of multiplying it by
-        exp(`mlrs_scale_growth`): a linear warmup while the signal agrees, exponential growth when it does not.
-        0 keeps the exponential growth.
+    mlrs_scale_growth_linear (`float`, *optional*, defaults to `1.35`):
+        With a learned gamma: once 5 held-out hypergradients in a row say "larger", each growth update adds this
+        multiple of the start to gamma instead of multiplying it by exp(`mlrs_scale_growth`): a linear warmup
+        while the signal agrees, exponential growth when it does not. An exponential ramp spends most of the growth
+        phase at a tiny lr (1.7 accuracy points on Fashion-MNIST against a linear ramp to the same peak, RESULTS.md
+        3b session 8); 0 keeps the exponential growth (the default before session 9).
     mlrs_scale_min, mlrs_scale_max (`float`, *optional*, defaults to `1e-8`, `10.0`):
         With a learned gamma: hard bounds on it.
     mlrs_horizon (`int`, *optional*, defaults to `1`):
@@ -70,6 +71,11 @@ class MLRSTrainingArguments(TrainingArguments):
         With a learned gamma: when its growth stops, gamma returns to the last value whose raw hypergradient still
         said "larger" (down by at most this much in log, never below its start), and the Adam moments of its
         tracking restart there (0: no return, no restart).
+    mlrs_scale_margin (`float`, *optional*, defaults to `0.8`):
+        With a learned gamma: when its growth stops, gamma (after the backoff) is multiplied by this factor in
+        (0, 1]. The one-step signal stops growth near the largest lr that helps right now, the edge of stability of
+        a model trained from scratch: a byte-level LM held there spiked on 1 seed in 3-5, held 15-20% lower on none
+        (RESULTS.md 3b, session 9). 1: no margin.
     mlrs_scale_hold (`bool`, *optional*):
         With a learned gamma: once it has settled (its growth has stopped; with `mlrs_scale_growth=0`, once its
         signal no longer agrees in sign), no more meta steps: gamma and the net hold until the cooldown anneals the
@@ -139,7 +145,7 @@ class MLRSTrainingArguments(TrainingArguments):
                                "says stop (0: none)."}
     )
     mlrs_scale_growth_linear: float = field(
-        default=0.0, metadata={"help": "Learned gamma: once 3 hypergradients in a row say 'larger', growth adds this "
+        default=1.35, metadata={"help": "Learned gamma: once 5 hypergradients in a row say 'larger', growth adds this "
                                "multiple of the start per meta-update (0: exponential growth only)."}
     )
     mlrs_scale_min: float = field(default=1e-8, metadata={"help": "Learned gamma: lower bound."})
@@ -163,6 +169,10 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_backoff: float = field(
         default=0.9, metadata={"help": "Learned gamma: when growth stops, back to the last gamma the raw signal "
                                "called too small, by at most this much in log (0: off)."}
+    )
+    mlrs_scale_margin: float = field(
+        default=0.8, metadata={"help": "Learned gamma: when growth stops, gamma (after the backoff) times this factor "
+                               "in (0, 1] (1: none)."}
     )
     mlrs_meta_eval_mode: bool = field(
         default=False, metadata={"help": "Measure the meta loss in eval mode (running statistics, no dropout)."}
@@ -274,6 +284,8 @@ class MLRSTrainingArguments(TrainingArguments):
         if not (math.isfinite(self.mlrs_scale_backoff) and self.mlrs_scale_backoff >= 0):
             fail("mlrs_scale_backoff", f"{self.mlrs_scale_backoff} is not a number >= 0",
                  "Use e.g. 0.9 (at most 9 growth updates of 0.1 undone) or 0 for none.")
+        if not (math.isfinite(self.mlrs_scale_margin) and 0 < self.mlrs_scale_margin <= 1):
+            fail("mlrs_scale_margin", f"{self.mlrs_scale_margin} is not in (0, 1]", "Use e.g. 0.8, or 1 for none.")
         for name in ("mlrs_min_lr", "mlrs_max_lr"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -330,5 +342,6 @@ def learned_scale(init: float, settings: MLRSTrainingArguments | type[MLRSTraini
         growth_stop=settings.mlrs_scale_growth_stop,
         stop_votes=settings.mlrs_scale_stop_votes,
         backoff=settings.mlrs_scale_backoff,
+        margin=settings.mlrs_scale_margin,
         start_update=settings.mlrs_scale_start_update,
     )

@@ -22,7 +22,10 @@ from __future__ import annotations
 import math
 
 
-LINEAR_AFTER = 3  # raw hypergradients in a row that must say "larger" before growth turns linear
+# Raw hypergradients in a row that must say "larger" before growth turns linear. From scratch the signal agrees every
+# time; on a pretrained model near its start it is noise, and 3 in a row happen by chance (1 in 8): the linear step
+# that followed (+1.35 x start at 1.2 x start: x1.65) collapsed a frozen-shape bbc run (RESULTS 3b, session 9).
+LINEAR_AFTER = 5
 
 STATE_KEYS = ("log_gamma", "initial_log_gamma", "m", "v", "t", "adam_t", "num_updates", "num_skipped", "settled",
               "growing", "calibrated", "recent_positive", "last_larger", "larger_streak")
@@ -58,11 +61,15 @@ class LearnedScale:
             hypergradient still said "larger", by at most `backoff` in log and never below the (calibrated) start,
             and Adam's moments restart there: their history is of a larger hypergradient at a smaller lr.
         growth_linear (`float`, defaults to `0.0`): growth linear in the lr while the signal agrees: once the last
-            `LINEAR_AFTER` raw hypergradients in a row said "larger", each growth update adds growth_linear x the
+            `LINEAR_AFTER` (5) raw hypergradients in a row said "larger", each growth update adds growth_linear x the
             start to gamma (still clipped to `max_step`) instead of multiplying it by exp(growth); a sign that
             disagrees returns to exponential growth (0: always exponential). From scratch, where the early signal
             says "larger" every time, this is a linear warmup to wherever the signal stops it; a pretrained model
             whose signal is noise near its start keeps the gentle exponential growth.
+        margin (`float`, defaults to `1.0`): when growth stops, gamma (after the backoff) is multiplied by this
+            factor in (0, 1]. The one-step signal stops growth near the largest lr that still helps *now*; held there
+            for a whole run, a model trained from scratch can sit at its edge of stability (a byte-level LM spiked
+            on some seeds and not on others at the same peak).
         start_update (`float`, *optional*): a start relative to the model, not to the user's lr: after the first
             step, gamma is reset so that this step moved the weights by `start_update` x their norm (the step is
             linear in the lr, so it is rescaled exactly). Whatever lr the user gave, the run then continues the same.
@@ -85,6 +92,7 @@ class LearnedScale:
         backoff: float = 0.0,
         start_update: float | None = None,
         growth_linear: float = 0.0,
+        margin: float = 1.0,
     ):
         low, high = (float(b) for b in bounds)
         if not (0 < low < high and math.isfinite(high)):
@@ -110,11 +118,14 @@ class LearnedScale:
         if not (math.isfinite(growth_linear) and growth_linear >= 0):
             raise ValueError(f"LearnedScale: growth_linear must be a number >= 0, got {growth_linear!r}.")
         self.growth_linear = float(growth_linear)
-        self.growing = self.growth > 0 or self.growth_linear > 0
+        self.growing = self.growth > 0  # growth_linear shapes a growth phase; mlrs_scale_growth=0 means none
         self.larger_streak = 0  # raw hypergradients in a row that said "larger"
         if not (math.isfinite(backoff) and backoff >= 0):
             raise ValueError(f"LearnedScale: backoff must be a number >= 0, got {backoff!r}.")
         self.backoff = float(backoff)
+        if not (math.isfinite(margin) and 0 < margin <= 1):
+            raise ValueError(f"LearnedScale: margin must be in (0, 1], got {margin!r}.")
+        self.margin = float(margin)
         if not (isinstance(stop_votes, int) and stop_votes >= 0):
             raise ValueError(f"LearnedScale: stop_votes must be an integer >= 0, got {stop_votes!r}.")
         self.stop_votes = stop_votes
@@ -167,6 +178,8 @@ class LearnedScale:
             step = max(0.0, self.log_gamma - target)
             self.m = self.v = 0.0
             self.adam_t = 0
+        if stopped_now:
+            step -= math.log(self.margin)  # below the stop by the margin (a factor; 1: none)
         self.log_gamma = min(max(self.log_gamma - step, self.log_low), self.log_high)
         self.num_updates += 1
         if not self.settled and not self.growing and self.t >= self.settle_after:

@@ -61,7 +61,17 @@ def test_quality_smoke(tmp_path):
     arms = set(summary["digits"]["arms"])
     assert {"default:linear", "tuned:linear", "schedule_free", "prodigy", "mlrs_meta", "mlrs_transfer",
             "mlrs_transfer_tuned"} <= arms
-    assert (tmp_path / "quality_cpu_smoke.md").read_text().count("| mlrs_") >= 3
+    table = (tmp_path / "quality_cpu_smoke.md").read_text()
+    assert table.count("| mlrs_") >= 3
+    # --report trains nothing and rewrites the same tables from the runs it is given
+    report = tmp_path / "report"
+    again = load("quality").main(["--smoke", "--report", "--reuse", str(tmp_path / "quality_cpu_smoke.json"),
+                                  "--out", str(report)])
+    assert json.loads(json.dumps(again, default=str)) == json.loads(json.dumps(summary, default=str))
+    runs = lambda folder: json.loads((folder / "quality_cpu_smoke.json").read_text())["runs"]  # noqa: E731
+    assert runs(report) == runs(tmp_path)  # the same runs, timings included: none was trained again
+    body = lambda text: text.split("Command:")[1].split("\n", 1)[1]  # noqa: E731 (the command line differs)
+    assert body((report / "quality_cpu_smoke.md").read_text()) == body(table)
 
 
 def test_quality_sgd_runs_every_arm_with_sgd_and_its_own_starting_lrs(tmp_path):

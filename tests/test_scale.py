@@ -154,25 +154,29 @@ def test_growth_phase_grows_until_the_hypergradient_says_stop():
 
 
 def test_linear_growth_adds_the_start_while_the_signal_agrees_and_is_exponential_otherwise():
-    """growth_linear: after 3 raw hypergradients in a row that say "larger", each growth update adds c x start to
-    gamma (within the max_step clip); a disagreeing sign returns to exponential growth until 3 agree again."""
+    """growth_linear: after LINEAR_AFTER raw hypergradients in a row that say "larger", each growth update adds c x
+    start to gamma (within the max_step clip); a disagreeing sign returns to exponential growth until enough agree."""
+    from hf_mlrs.scale import LINEAR_AFTER as n
+
     start, e = 1e-4, math.exp
     scale = LearnedScale(start, growth=0.1, growth_linear=1.0, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0))
-    gammas = [scale.update(-1.0) for _ in range(6)]
-    assert gammas[1] == pytest.approx(start * e(0.2), rel=1e-12)  # two exponential updates first
-    assert gammas[2] == pytest.approx(gammas[1] * e(0.5), rel=1e-12)  # then + start: 1.22 -> 2.22 is clipped to e^0.5
-    assert gammas[5] == pytest.approx(gammas[2] + 3 * start, rel=1e-12)  # and +1 x start per update after
+    gammas = [scale.update(-1.0) for _ in range(n + 3)]
+    assert gammas[n - 2] == pytest.approx(start * e(0.1 * (n - 1)), rel=1e-12)  # n - 1 exponential updates first
+    assert start / gammas[n - 2] > e(0.5) - 1  # then + start would be more than a factor e^0.5: clipped to it
+    assert gammas[n - 1] == pytest.approx(gammas[n - 2] * e(0.5), rel=1e-12)
+    assert gammas[n + 2] == pytest.approx(gammas[n - 1] + 3 * start, rel=1e-12)  # and +1 x start per update after
     noisy = scale.update(2.0)  # one "smaller": growth goes on (1 of the last 4), exponentially
-    assert scale.growing and noisy == pytest.approx(gammas[5] * e(0.1), rel=1e-12)
-    again = [scale.update(-1.0) for _ in range(3)]  # the streak restarts: 2 exponential, then linear
-    assert again[1] == pytest.approx(noisy * e(0.2), rel=1e-12)
-    assert again[2] == pytest.approx(again[1] + start, rel=1e-12)
-    scale.update(2.0)
-    scale.update(2.0)  # the averaged signal turns: stop, back to the gamma whose hypergradient last said "larger"
-    assert not scale.growing and scale.gamma == pytest.approx(again[1], rel=1e-12)
+    assert scale.growing and noisy == pytest.approx(gammas[-1] * e(0.1), rel=1e-12)
+    again = [scale.update(-1.0) for _ in range(n)]  # the streak restarts: n - 1 exponential, then linear
+    assert again[n - 2] == pytest.approx(noisy * e(0.1 * (n - 1)), rel=1e-12)
+    assert again[n - 1] == pytest.approx(again[n - 2] + start, rel=1e-12)
+    for _ in range(4):  # the signal turns: growth stops, back to the gamma whose hypergradient last said "larger"
+        if scale.growing:
+            scale.update(2.0)
+    assert not scale.growing and scale.gamma == pytest.approx(again[n - 2], rel=1e-12)
     clipped = LearnedScale(start, growth=0.1, growth_linear=100.0, max_step=0.5)
-    jumps = [clipped.update(-1.0) for _ in range(3)]
-    assert jumps[2] == pytest.approx(jumps[1] * e(0.5), rel=1e-12)  # +100 x start is clipped to a factor e^0.5
+    jumps = [clipped.update(-1.0) for _ in range(n)]
+    assert jumps[n - 1] == pytest.approx(jumps[n - 2] * e(0.5), rel=1e-12)  # +100 x start is clipped to e^0.5
     with pytest.raises(ValueError, match="growth_linear"):
         LearnedScale(start, growth_linear=-1.0)
 
@@ -207,6 +211,24 @@ def test_backoff_returns_to_the_last_gamma_the_raw_signal_called_too_small():
     for g in (1.0, 1.0, 1.0):  # no raw signal ever said "larger": back to the start, never below it
         early.update(g)
     assert not early.growing and early.gamma == pytest.approx(1e-4, rel=1e-12)
+
+
+def test_margin_lowers_the_stopped_gamma_once_by_its_factor():
+    """margin: when growth stops, gamma after the backoff is multiplied by the margin, once; tracking then moves it
+    by its usual Adam step, and a margin of 1 leaves every value bitwise as without one."""
+    signals = [-100.0] * 10 + [2.0, -1.0, 2.0, 2.0, 3.0, -1.0]
+    plain, low = (LearnedScale(1e-4, growth=0.1, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0), margin=m)
+                  for m in (1.0, 0.8))
+    unset = LearnedScale(1e-4, growth=0.1, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0))
+    for k, g in enumerate(signals):
+        a, b, c = plain.update(g), low.update(g), unset.update(g)
+        assert a == c  # margin 1: bitwise the scale without a margin
+        stopped = k >= 13  # the 14th update stops the growth (3 of the last 4 raw values positive)
+        assert b == pytest.approx(a * (0.8 if stopped else 1.0), rel=1e-12)
+    assert not low.growing and low.gamma < 1e-4 * math.exp(1.1)  # tracking after the stop, below it
+    for bad in (0.0, 1.5, float("nan")):  # a factor in (0, 1]
+        with pytest.raises(ValueError, match="margin"):
+            LearnedScale(1e-4, margin=bad)
 
 
 def test_relative_start_makes_the_run_independent_of_learning_rate(tmp_path):
@@ -379,13 +401,15 @@ def test_cooldown_decays_linearly_and_stops_meta_updates(tmp_path):
 
 
 class NetAndScaleProbe(TrainerCallback):
-    """After every step: the meta-trained net's parameters and whether the scale is still growing."""
+    """After every step: the trained (last) stage's parameters and whether the scale is still growing (the earlier
+    stages receive snapshots of it at fixed fractions of the run, hold or not)."""
 
     def __init__(self, trainer):
         self.trainer, self.nets, self.growing = trainer, [], []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.nets.append(torch.cat([p.detach().flatten().clone() for p in self.trainer.schedule.parameters()]))
+        live = self.trainer.schedule.stages[-1]
+        self.nets.append(torch.cat([p.detach().flatten().clone() for p in live.parameters()]))
         self.growing.append(self.trainer.lr_scheduler.scale.growing)
 
 
