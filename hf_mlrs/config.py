@@ -71,11 +71,13 @@ class MLRSTrainingArguments(TrainingArguments):
         With a learned gamma: when its growth stops, gamma returns to the last value whose raw hypergradient still
         said "larger" (down by at most this much in log, never below its start), and the Adam moments of its
         tracking restart there (0: no return, no restart).
-    mlrs_scale_margin (`float`, *optional*, defaults to `0.8`):
+    mlrs_scale_margin (`float`, *optional*):
         With a learned gamma: when its growth stops, gamma (after the backoff) is multiplied by this factor in
         (0, 1]. The one-step signal stops growth near the largest lr that helps right now, the edge of stability of
         a model trained from scratch: a byte-level LM held there spiked on 1 seed in 3-5, held 15-20% lower on none
-        (RESULTS.md 3b, session 9). 1: no margin.
+        (RESULTS.md 3b, session 9). Defaults to 0.8 when the scale then holds (`mlrs_scale_hold`), 1 (none) when it
+        tracks the signal, as with a frozen schedule: tracking moves it anyway, and a frozen shape that decays the lr
+        under-trains a pretrained model with a smaller scale.
     mlrs_scale_hold (`bool`, *optional*):
         With a learned gamma: once it has settled (its growth has stopped; with `mlrs_scale_growth=0`, once its
         signal no longer agrees in sign), no more meta steps: gamma and the net hold until the cooldown anneals the
@@ -170,9 +172,9 @@ class MLRSTrainingArguments(TrainingArguments):
         default=0.9, metadata={"help": "Learned gamma: when growth stops, back to the last gamma the raw signal "
                                "called too small, by at most this much in log (0: off)."}
     )
-    mlrs_scale_margin: float = field(
-        default=0.8, metadata={"help": "Learned gamma: when growth stops, gamma (after the backoff) times this factor "
-                               "in (0, 1] (1: none)."}
+    mlrs_scale_margin: float | None = field(
+        default=None, metadata={"help": "Learned gamma: when growth stops, gamma (after the backoff) times this "
+                                "factor in (0, 1]. Default: 0.8 when the scale then holds, 1 (none) when it tracks."}
     )
     mlrs_meta_eval_mode: bool = field(
         default=False, metadata={"help": "Measure the meta loss in eval mode (running statistics, no dropout)."}
@@ -284,7 +286,8 @@ class MLRSTrainingArguments(TrainingArguments):
         if not (math.isfinite(self.mlrs_scale_backoff) and self.mlrs_scale_backoff >= 0):
             fail("mlrs_scale_backoff", f"{self.mlrs_scale_backoff} is not a number >= 0",
                  "Use e.g. 0.9 (at most 9 growth updates of 0.1 undone) or 0 for none.")
-        if not (math.isfinite(self.mlrs_scale_margin) and 0 < self.mlrs_scale_margin <= 1):
+        if self.mlrs_scale_margin is not None and not (
+                math.isfinite(self.mlrs_scale_margin) and 0 < self.mlrs_scale_margin <= 1):
             fail("mlrs_scale_margin", f"{self.mlrs_scale_margin} is not in (0, 1]", "Use e.g. 0.8, or 1 for none.")
         for name in ("mlrs_min_lr", "mlrs_max_lr"):
             value = getattr(self, name)
@@ -330,9 +333,13 @@ class MLRSTrainingArguments(TrainingArguments):
 
 
 def learned_scale(init: float, settings: MLRSTrainingArguments | type[MLRSTrainingArguments] = MLRSTrainingArguments,
-                  ) -> LearnedScale:
+                  hold: bool = False) -> LearnedScale:
     """The LearnedScale of the `mlrs_scale_*` settings of `settings` (an instance, or the class for its defaults):
-    one place that maps the arguments onto the scale, for MLRSTrainer and MLRSCallback alike."""
+    one place that maps the arguments onto the scale, for MLRSTrainer and MLRSCallback alike. `hold`: whether the
+    scale holds once its growth stops (the margin's default depends on it)."""
+    margin = settings.mlrs_scale_margin
+    if margin is None:
+        margin = 0.8 if hold else 1.0
     return LearnedScale(
         init,
         lr=settings.mlrs_scale_lr,
@@ -342,6 +349,6 @@ def learned_scale(init: float, settings: MLRSTrainingArguments | type[MLRSTraini
         growth_stop=settings.mlrs_scale_growth_stop,
         stop_votes=settings.mlrs_scale_stop_votes,
         backoff=settings.mlrs_scale_backoff,
-        margin=settings.mlrs_scale_margin,
+        margin=margin,
         start_update=settings.mlrs_scale_start_update,
     )

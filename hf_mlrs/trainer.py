@@ -184,8 +184,9 @@ class MLRSTrainer(Trainer):
             base = getattr(optimizer, "optimizer", optimizer)  # under AcceleratedOptimizer
             _require_lr_linear(type(base), base.defaults, self.args)  # whichever way the optimizer was made
             gamma = self.args.mlrs_gamma_value
+            hold = self.meta_training if self.args.mlrs_scale_hold is None else self.args.mlrs_scale_hold
             if gamma == "learned":
-                gamma = learned_scale(self.args.learning_rate, self.args)
+                gamma = learned_scale(self.args.learning_rate, self.args, hold=hold)
             self.lr_scheduler = MLRSScheduler(
                 optimizer,
                 self.schedule,
@@ -212,7 +213,7 @@ class MLRSTrainer(Trainer):
                     settle_interval=self.args.mlrs_settle_interval,
                     stop_step=num_training_steps - self.lr_scheduler.cooldown_steps,
                     take_snapshots=self._take_snapshots,
-                    hold=self.meta_training if self.args.mlrs_scale_hold is None else self.args.mlrs_scale_hold,
+                    hold=hold,
                 )
                 if self._meta_optimizer_state is not None:  # Adam's moments from the previous run (a resumed
                     self.lr_scheduler.meta_learner.load_meta_optimizer_state(self._meta_optimizer_state)  # checkpoint

@@ -226,6 +226,9 @@ def test_margin_lowers_the_stopped_gamma_once_by_its_factor():
         stopped = k >= 13  # the 14th update stops the growth (3 of the last 4 raw values positive)
         assert b == pytest.approx(a * (0.8 if stopped else 1.0), rel=1e-12)
     assert not low.growing and low.gamma < 1e-4 * math.exp(1.1)  # tracking after the stop, below it
+    from hf_mlrs.config import learned_scale
+
+    assert learned_scale(1e-3, hold=True).margin == 0.8 and learned_scale(1e-3).margin == 1.0  # the defaults
     for bad in (0.0, 1.5, float("nan")):  # a factor in (0, 1]
         with pytest.raises(ValueError, match="margin"):
             LearnedScale(1e-4, margin=bad)
@@ -430,6 +433,7 @@ def test_hold_ends_meta_steps_once_growth_stops(tmp_path, hold, frozen, holds):
     trainer.add_callback(probe)
     trainer.train()
     values = gammas(trainer)
+    assert trainer.lr_scheduler.scale.margin == (0.8 if holds else 1.0)  # the margin's default follows the hold
     stop = probe.growing.index(False)  # 0-based step whose meta-update ended the growth
     assert 3 <= stop < 30 and values[stop] > 2 * values[0]
     after_values, after_nets = values[stop + 1:], probe.nets[stop:]
