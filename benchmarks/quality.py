@@ -119,6 +119,9 @@ LEARNED_VARIANTS = {
     # a row say "larger", exponential otherwise (a linear warmup from scratch, the gentle growth on a pretrained
     # model); results/quality_lin/. Since session 9 the gate is 5 in a row (hf_mlrs.scale.LINEAR_AFTER), the default
     "lin": dict(mlrs_scale_growth_linear=1.35, mlrs_scale_margin=1.0),
+    # the library default of session 9: the gated linear growth (gate 5) and the margin 0.8 when the scale holds, the
+    # held-out share never trained on (session 10's default returns it to training once no meta step is left)
+    "s9": {},
     # growth from a start relative to the model, meta-updates every step until the scale settles, then every 4th
     "g1c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2),
     "g4c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_cooldown_fraction=0.2),
@@ -146,10 +149,13 @@ LEARNED_VARIANTS = {
     "h1": dict(mlrs_meta_interval=1, mlrs_horizon=1, mlrs_scale_start_update=None, mlrs_scale_growth=0.0),
     "h4": dict(mlrs_meta_interval=4, mlrs_horizon=4, mlrs_scale_start_update=None, mlrs_scale_growth=0.0),
 }
-# Every variant but "default" and "lin" ran with exponential growth and no margin (mlrs_scale_growth_linear=0,
-# mlrs_scale_margin=1: the defaults before session 9): pinned, so that each stays the design its results measured.
-for _name in set(LEARNED_VARIANTS) - {"default", "lin"}:
+# Every variant but "default", "lin" and "s9" ran with exponential growth and no margin (mlrs_scale_growth_linear=0,
+# mlrs_scale_margin=1: the defaults before session 9), and every variant but "default" without the held-out share's
+# return to training (before session 10): pinned, so that each stays the design its results measured.
+for _name in set(LEARNED_VARIANTS) - {"default", "lin", "s9"}:
     LEARNED_VARIANTS[_name] = {"mlrs_scale_growth_linear": 0.0, "mlrs_scale_margin": 1.0, **LEARNED_VARIANTS[_name]}
+for _name in set(LEARNED_VARIANTS) - {"default"}:
+    LEARNED_VARIANTS[_name] = {"mlrs_release_meta_share": False, **LEARNED_VARIANTS[_name]}
 
 
 def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_source=None, model: str | None = None,
@@ -159,7 +165,9 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
     `model` and `steps` override the task's model and its length (benchmarks/transfer.py: other model sizes and
     budgets). Arm `mlrs_transfer_learned` applies `schedule_source` frozen and learns only its lr scale. `overrides`
     replace (Trainer or MLRS) training arguments last (benchmarks/scale_lab.py: one-off designs); among them
-    `meta_from_train: True` draws the meta batches from the training data instead of a held-out share. Arm `replay`
+    `meta_from_train: True` draws the meta batches from the training data instead of a held-out share, and
+    `without_meta_share: True` trains any arm on only the part MLRSTrainer trains on (the rest is its held-out meta
+    set; same number of steps), to measure what the held-out share costs. Arm `replay`
     is a plain Trainer whose step k is taken at `lr_sequence[k]` (benchmarks/replay_lab.py: another run's applied
     lrs)."""
     import torch
@@ -193,6 +201,10 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
     # not a training argument: the meta batches drawn from the training data itself instead of a held-out share (in
     # another order than the training batches: the meta sampler's seed could otherwise repeat the sampler's order)
     meta_from_train = overrides.pop("meta_from_train", False)
+    if overrides.pop("without_meta_share", False):  # the 90% MLRSTrainer keeps (its default split and seed)
+        from hf_mlrs.data import split_meta_set
+
+        train = split_meta_set(train, MLRSTrainingArguments("/tmp/unused").mlrs_meta_fraction, seed)[0]
 
     def arguments(cls=TrainingArguments, **extra):
         return cls(**{**common, **extra, **overrides})

@@ -10,6 +10,10 @@ Appends every run to benchmarks/results/replay_lab.jsonl and prints one line per
 
     python benchmarks/replay_lab.py fashion 0,1,2,3,4
     python benchmarks/replay_lab.py lm 0,1,2 lin
+    python benchmarks/replay_lab.py fashion 0,1,2 default '{"without_meta_share": true}'
+
+A fourth argument, a JSON object, overrides the replays' training arguments (quality.run_one's `overrides`; e.g.
+`without_meta_share`: replay on only the part of the training split the learned run trained on).
 """
 
 import json
@@ -50,7 +54,7 @@ def edits(lrs: list[float], task: str) -> dict[str, list[float]]:
             "capped": capped, "capped_085": [0.85 * x for x in capped]}
 
 
-def main(task: str, seeds: str, variant: str = "default") -> None:
+def main(task: str, seeds: str, variant: str = "default", overrides: str = "{}") -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     options = types.SimpleNamespace(smoke=False, device="cpu")
     with open(HERE / "results" / "replay_lab.jsonl", "a") as out:
@@ -60,8 +64,10 @@ def main(task: str, seeds: str, variant: str = "default") -> None:
             lrs = applied_lrs(learned, learned["steps"])
             runs = {"learned": learned}
             for name, sequence in edits(lrs, task).items():
-                runs[name] = quality.run_one(task, "replay", 1e-3, seed, options, lr_sequence=sequence)
+                runs[name] = quality.run_one(task, "replay", 1e-3, seed, options, lr_sequence=sequence,
+                                             overrides=json.loads(overrides))
                 runs[name]["replay"] = name
+                runs[name]["overrides"] = json.loads(overrides)
             for name, r in runs.items():
                 peak = max(x for _, x in r["lrs"])
                 print(f"{task} s={seed} {name:14s} val={r['val_accuracy'] or r['val_loss']:.4f} "
@@ -71,4 +77,4 @@ def main(task: str, seeds: str, variant: str = "default") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

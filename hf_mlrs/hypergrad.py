@@ -115,6 +115,10 @@ class MetaLearner:
             return self.max_steps + 1  # never due again in this run
         return self.interval
 
+    def finished(self, step: int) -> bool:
+        """Whether no meta-update is left in the run from 0-based step `step` on (a scale that holds, a cooldown)."""
+        return step >= self.stop_step or self.next_due >= self.stop_step
+
     def is_due(self, step: int) -> bool:
         """Whether optimizer step `step` (0-based) ends a window and carries a meta-update."""
         return step == self.next_due < self.stop_step

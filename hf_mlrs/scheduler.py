@@ -118,6 +118,7 @@ class MLRSScheduler(LRScheduler):
         self.cooldown_steps = cooldown_steps
         self.num_labels = num_labels
         self.meta_learner = None  # set by MLRSTrainer while meta-training: its state rides in our state_dict
+        self.meta_share = None  # set by MLRSTrainer when the held-out share can rejoin training: its state too
         # Per-run state: everything below is in state_dict() for exact resume.
         self.hidden: State = schedule.init_state("cpu")
         self.num_observed = 0
@@ -328,6 +329,8 @@ class MLRSScheduler(LRScheduler):
         state = {**self.run_state(), "schedule": {k: v.clone() for k, v in self.schedule.state_dict().items()}}
         if self.meta_learner is not None:
             state["meta_learner"] = self.meta_learner.state_dict()
+        if self.meta_share is not None:
+            state["meta_share"] = self.meta_share.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -340,3 +343,5 @@ class MLRSScheduler(LRScheduler):
         self.load_run_state(state)
         if self.meta_learner is not None and "meta_learner" in state:
             self.meta_learner.load_state_dict(state["meta_learner"])
+        if self.meta_share is not None and "meta_share" in state:
+            self.meta_share.load_state_dict(state["meta_share"])

@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback
 from . import __version__
 from .checkpoints import checkpoint_problem, checkpoint_to_resume, nothing_left_to_train, save_checkpoint_safely
 from .config import MLRSTrainingArguments, learned_scale
-from .data import split_meta_set
+from .data import MetaShareSampler, split_meta_indices, subset
 from .hypergrad import MetaLearner, lr_linearity_problem
 from .integration import (
     StepLossMeter,
@@ -129,6 +129,7 @@ class MLRSTrainer(Trainer):
         super().__init__(*positional, **kwargs)
         # Why: the schedule must read the real mean loss, not one multiplied by accumulation steps x processes.
         fix_loss_scaling(self)
+        self._meta_share = None  # a MetaShareSampler when the held-out share can rejoin training (_setup_meta_set)
         if self.meta_learning:
             problem = meta_training_problem(self.accelerator)
             if problem:
@@ -222,8 +223,17 @@ class MLRSTrainer(Trainer):
                                                    eval_mode=self.args.mlrs_meta_eval_mode)
             if self.meta_learning:
                 self._meta_step.set_meta_data(self.meta_dataset, self._meta_batch_size, self.args.seed)
+                self.lr_scheduler.meta_share = self._meta_share  # its release is part of the checkpointed state
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    # Why: once no meta step is left, the held-out share rejoins training; the loader must see the whole dataset.
+    def get_train_dataloader(self):
+        if self._meta_share is None:
+            return super().get_train_dataloader()
+        return self._get_dataloader(dataset=self._whole_train_dataset, description="Training",
+                                    batch_size=self._train_batch_size, sampler_fn=lambda _: self._meta_share,
+                                    is_training=True)
 
     # Why: the schedule reads the loss of each step, which only training_step sees.
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -277,9 +287,14 @@ class MLRSTrainer(Trainer):
                 raise ValueError(
                     "MLRSTrainer: holding out a meta set needs a train_dataset with a length; pass meta_dataset=..."
                 )
-            self.train_dataset, meta_dataset = split_meta_set(
-                self.train_dataset, self.args.mlrs_meta_fraction, self.args.seed
-            )
+            whole = self.train_dataset
+            train, meta = split_meta_indices(whole, self.args.mlrs_meta_fraction, self.args.seed)
+            self.train_dataset, meta_dataset = subset(whole, train), subset(whole, meta)
+            args = self.args
+            if args.mlrs_release_meta_share and args.train_sampling_strategy == "random" and (
+                    args.mlrs_gamma == "learned" or args.mlrs_cooldown_fraction > 0):  # a run whose meta steps end
+                seed = args.data_seed if args.data_seed is not None else args.seed
+                self._meta_share, self._whole_train_dataset = MetaShareSampler(train, len(whole), seed), whole
         batch_size = self.args.mlrs_meta_batch_size or self.args.per_device_train_batch_size
         if len(meta_dataset) < batch_size:
             raise ValueError(
@@ -357,8 +372,11 @@ class _MLRSHooks(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         scheduler = self.trainer.lr_scheduler
-        if scheduler.meta_learner is not None and scheduler.meta_learner.train_net:
-            scheduler.meta_learner.record_stages(state.global_step, scheduler.loss_ema)
+        learner = scheduler.meta_learner
+        if learner is not None and learner.train_net:
+            learner.record_stages(state.global_step, scheduler.loss_ema)
+        if scheduler.meta_share is not None and learner.finished(state.global_step):
+            scheduler.meta_share.release()  # no meta batch is drawn again: the share trains from the next epoch
 
 
 def meta_training_problem(accelerator) -> str | None:

@@ -35,6 +35,7 @@ def test_two_processes_keep_identical_lrs_nets_and_models(tmp_path, gamma):
     else:  # the learned scale: the same on both ranks (in "identical"), calibrated, then grown or tracked
         assert verdict["scale"]["calibrated"] and verdict["scale"]["num_updates"] >= 4
         assert len(set(verdict["gammas"])) > 3
+        assert verdict["released_from"] in (1, 2)  # the held-out share trained in epoch 2 at least, on both ranks
     assert verdict["lr_range"][1] > verdict["lr_range"][0]  # the lr moved, so identical lrs mean something
     # Meta steps (every 2nd) cost no extra gradient all-reduce: only the scalars of the hypergradient travel.
     per_step = verdict["allreduces_per_step"]

@@ -49,7 +49,10 @@ class CountAllReduces(TrainerCallback):
 def main(out_path, gamma):
     torch.set_num_threads(1)
     dataset = tiny_dataset(n=203)  # 203 - 20 held out: the last batch of each epoch is uneven across 2 ranks
-    learned = dict(mlrs_gamma="learned", mlrs_settle_interval=1, mlrs_horizon=2) if gamma == "learned" else {}
+    # learned: no meta step is left once the scale holds, or at the latest when the cooldown starts at step 7 of 14
+    # (epoch 1 of 3, 6 steps each): the held-out share rejoins training from the next epoch, alike on both ranks
+    learned = dict(mlrs_gamma="learned", mlrs_settle_interval=1, mlrs_horizon=2,
+                   mlrs_cooldown_fraction=0.5) if gamma == "learned" else {}
     trainer = MLRSTrainer(
         model=tiny_bert(),
         args=tiny_args(os.path.dirname(out_path) + "/ddp", max_steps=14, per_device_train_batch_size=8,
@@ -69,6 +72,7 @@ def main(out_path, gamma):
         "gammas": [e["mlrs/gamma"] for e in trainer.state.log_history if "mlrs/gamma" in e],
         "scale": trainer.lr_scheduler.run_state()["scale"],
         "allreduces_per_step": counter.per_step,
+        "released_from": trainer._meta_share.released_from if trainer._meta_share is not None else None,
     }
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
