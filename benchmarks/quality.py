@@ -122,6 +122,9 @@ LEARNED_VARIANTS = {
     # the library default of session 9: the gated linear growth (gate 5) and the margin 0.8 when the scale holds, the
     # held-out share never trained on (session 10's default returns it to training once no meta step is left)
     "s9": {},
+    # session 10's first step: the held-out share returned to training after the hold, growth still stoppable from
+    # its 3rd update (the default then moved to 10: mlrs_scale_min_growth)
+    "release": {},
     # growth from a start relative to the model, meta-updates every step until the scale settles, then every 4th
     "g1c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=1, mlrs_cooldown_fraction=0.2),
     "g4c": dict(mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_cooldown_fraction=0.2),
@@ -149,13 +152,16 @@ LEARNED_VARIANTS = {
     "h1": dict(mlrs_meta_interval=1, mlrs_horizon=1, mlrs_scale_start_update=None, mlrs_scale_growth=0.0),
     "h4": dict(mlrs_meta_interval=4, mlrs_horizon=4, mlrs_scale_start_update=None, mlrs_scale_growth=0.0),
 }
-# Every variant but "default", "lin" and "s9" ran with exponential growth and no margin (mlrs_scale_growth_linear=0,
-# mlrs_scale_margin=1: the defaults before session 9), and every variant but "default" without the held-out share's
-# return to training (before session 10): pinned, so that each stays the design its results measured.
-for _name in set(LEARNED_VARIANTS) - {"default", "lin", "s9"}:
+# Pinned, so that each variant stays the design its results measured: every variant but "default", "lin", "s9" and
+# "release" ran with exponential growth and no margin (mlrs_scale_growth_linear=0, mlrs_scale_margin=1: the defaults
+# before session 9), every variant but "default" and "release" without the held-out share's return to training, and
+# every variant but "default" with a stop possible from the 3rd growth update (before session 10).
+for _name in set(LEARNED_VARIANTS) - {"default", "lin", "s9", "release"}:
     LEARNED_VARIANTS[_name] = {"mlrs_scale_growth_linear": 0.0, "mlrs_scale_margin": 1.0, **LEARNED_VARIANTS[_name]}
-for _name in set(LEARNED_VARIANTS) - {"default"}:
+for _name in set(LEARNED_VARIANTS) - {"default", "release"}:
     LEARNED_VARIANTS[_name] = {"mlrs_release_meta_share": False, **LEARNED_VARIANTS[_name]}
+for _name in set(LEARNED_VARIANTS) - {"default"}:  # before session 10 a stop could end the growth at update 3
+    LEARNED_VARIANTS[_name] = {"mlrs_scale_min_growth": 3, **LEARNED_VARIANTS[_name]}
 
 
 def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_source=None, model: str | None = None,

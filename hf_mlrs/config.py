@@ -67,6 +67,12 @@ class MLRSTrainingArguments(TrainingArguments):
         hypergradients say a larger lr hurts (0: only the averaged one counts; the hypergradient shrinks 10-100x
         while the loss first falls, and its large early values hold the average negative for dozens of updates
         after the raw signal has turned: an LM's gamma grew 13x past that point, RESULTS.md 3b).
+    mlrs_scale_min_growth (`int`, *optional*, defaults to `10`):
+        With a learned gamma: the fewest growth updates before a stop can end the growth phase (10 updates: at least
+        x2.7 the start). The start is deliberately conservative (5x below the lr that wrecks a pretrained MiniLM),
+        and on a pretrained model the first raw hypergradients are noise: with 3, stop votes read from them ended
+        the growth at its third update on 2 of 10 bbc seeds, which then trained at the start's lr (0.73 and 0.79
+        against 0.92 tuned; RESULTS.md 3b, session 10). From scratch the signal turns after 30-50 updates.
     mlrs_scale_backoff (`float`, *optional*, defaults to `0.9`):
         With a learned gamma: when its growth stops, gamma returns to the last value whose raw hypergradient still
         said "larger" (down by at most this much in log, never below its start), and the Adam moments of its
@@ -175,6 +181,10 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_stop_votes: int = field(
         default=3, metadata={"help": "Learned gamma: growth also stops once this many of the last N+1 raw "
                              "hypergradients are positive (0: off)."}
+    )
+    mlrs_scale_min_growth: int = field(
+        default=10, metadata={"help": "Learned gamma: the fewest growth updates before a stop can end the growth "
+                             "phase."}
     )
     mlrs_scale_backoff: float = field(
         default=0.9, metadata={"help": "Learned gamma: when growth stops, back to the last gamma the raw signal "
@@ -296,6 +306,9 @@ class MLRSTrainingArguments(TrainingArguments):
         if not (isinstance(self.mlrs_scale_stop_votes, int) and self.mlrs_scale_stop_votes >= 0):
             fail("mlrs_scale_stop_votes", f"{self.mlrs_scale_stop_votes!r} is not an integer >= 0",
                  "Use e.g. 3 (3 of the last 4 raw hypergradients) or 0 for none.")
+        if not (isinstance(self.mlrs_scale_min_growth, int) and self.mlrs_scale_min_growth >= 1):
+            fail("mlrs_scale_min_growth", f"{self.mlrs_scale_min_growth!r} is not an integer >= 1",
+                 "Use e.g. 3 or 10.")
         if not (math.isfinite(self.mlrs_scale_backoff) and self.mlrs_scale_backoff >= 0):
             fail("mlrs_scale_backoff", f"{self.mlrs_scale_backoff} is not a number >= 0",
                  "Use e.g. 0.9 (at most 9 growth updates of 0.1 undone) or 0 for none.")
@@ -361,6 +374,7 @@ def learned_scale(init: float, settings: MLRSTrainingArguments | type[MLRSTraini
         growth_linear=settings.mlrs_scale_growth_linear,
         growth_stop=settings.mlrs_scale_growth_stop,
         stop_votes=settings.mlrs_scale_stop_votes,
+        min_growth=settings.mlrs_scale_min_growth,
         backoff=settings.mlrs_scale_backoff,
         margin=margin,
         start_update=settings.mlrs_scale_start_update,

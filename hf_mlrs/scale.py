@@ -66,6 +66,8 @@ class LearnedScale:
             disagrees returns to exponential growth (0: always exponential). From scratch, where the early signal
             says "larger" every time, this is a linear warmup to wherever the signal stops it; a pretrained model
             whose signal is noise near its start keeps the gentle exponential growth.
+        min_growth (`int`, defaults to `3`): the fewest updates before a stop can end the growth phase (on a
+            pretrained model the first raw hypergradients are noise, and stop votes read from them end it by chance).
         margin (`float`, defaults to `1.0`): when growth stops, gamma (after the backoff) is multiplied by this
             factor in (0, 1]. The one-step signal stops growth near the largest lr that still helps *now*; held there
             for a whole run, a model trained from scratch can sit at its edge of stability (a byte-level LM spiked
@@ -93,6 +95,7 @@ class LearnedScale:
         start_update: float | None = None,
         growth_linear: float = 0.0,
         margin: float = 1.0,
+        min_growth: int = 3,
     ):
         low, high = (float(b) for b in bounds)
         if not (0 < low < high and math.isfinite(high)):
@@ -129,6 +132,9 @@ class LearnedScale:
         if not (isinstance(stop_votes, int) and stop_votes >= 0):
             raise ValueError(f"LearnedScale: stop_votes must be an integer >= 0, got {stop_votes!r}.")
         self.stop_votes = stop_votes
+        if not (isinstance(min_growth, int) and min_growth >= 1):
+            raise ValueError(f"LearnedScale: min_growth must be an integer >= 1, got {min_growth!r}.")
+        self.min_growth = min_growth
         self.recent_positive: list[bool] = []  # the last stop_votes + 1 raw signs, while growing
         self.last_larger = self.log_gamma  # the last log(gamma) whose raw hypergradient said "larger"
         self.adam_t = 0  # Adam's own step count (restarts with its moments)
@@ -160,7 +166,7 @@ class LearnedScale:
         if self.growing and self.stop_votes:
             self.recent_positive = (self.recent_positive + [g > 0])[-(self.stop_votes + 1):]
             overshoot = overshoot or sum(self.recent_positive) >= self.stop_votes
-        stopped_now = self.growing and self.t >= 3 and overshoot
+        stopped_now = self.growing and self.t >= self.min_growth and overshoot
         if self.growing and g <= 0:
             self.last_larger = self.log_gamma  # this update's step was taken at this gamma, and it was too small
         if stopped_now:

@@ -192,6 +192,21 @@ def test_stop_votes_end_growth_when_the_raw_signal_turns_although_the_average_ha
     assert not voted.growing and voted.settled
 
 
+@pytest.mark.parametrize("min_growth", [3, 10])
+def test_no_stop_before_min_growth_updates(min_growth):
+    """A pretrained model's first raw hypergradients are noise: with min_growth, "smaller" from the first update on
+    (votes and average alike) ends the growth only at update min_growth, having grown by exp(growth) per update."""
+    scale = LearnedScale(1e-4, growth=0.1, stop_votes=3, bounds=(1e-6, 1.0), min_growth=min_growth)
+    growing, before = [], []
+    for _ in range(12):
+        before.append(scale.gamma)
+        scale.update(5.0)
+        growing.append(scale.growing)
+    stop = growing.index(False)  # 0-based: the update that ended the growth
+    assert stop == min_growth - 1
+    assert math.isclose(before[stop], 1e-4 * math.exp(0.1 * stop), rel_tol=1e-9)  # grown at every update before
+
+
 def test_backoff_returns_to_the_last_gamma_the_raw_signal_called_too_small():
     scale = LearnedScale(1e-4, lr=0.1, growth=0.1, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0))
     for g in [-100.0] * 10 + [2.0, -1.0]:  # 12 growth updates; the 12th was taken at 1e-4 * e^1.1 and said "larger"

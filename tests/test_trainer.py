@@ -217,6 +217,7 @@ def test_refuses_meta_training_without_meta_data(tmp_path, dataset):
         ({"mlrs_scale_stop_votes": -1}, "mlrs_scale_stop_votes"),
         ({"mlrs_scale_growth_stop": 1.0}, "mlrs_scale_growth_stop"),
         ({"mlrs_scale_stop_votes": 2.5}, "mlrs_scale_stop_votes"),
+        ({"mlrs_scale_min_growth": 0}, "mlrs_scale_min_growth"),
         ({"mlrs_scale_growth_linear": -1.0}, "mlrs_scale_growth_linear"),
         ({"mlrs_scale_margin": 0.0}, "mlrs_scale_margin"),
         ({"mlrs_scale_margin": 1.2}, "mlrs_scale_margin"),
