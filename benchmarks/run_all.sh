@@ -28,6 +28,22 @@ python benchmarks/quality.py --tasks bbc,digits,fashion --arms sweep,mlrs_learne
 python benchmarks/quality.py --tasks lm --arms tuned,sweep,schedule_free,prodigy,mlrs_learned:default \
   --reuse benchmarks/results/quality_cpu.json
 
+# The same with SGD (momentum 0.9, starts 1e-4..1; bbc not run), section 3b.
+python benchmarks/quality.py --optimizer sgd --tasks digits,fashion,lm --arms tuned,sweep,mlrs_learned:default \
+  --reuse benchmarks/results/quality_cpu_sgd.json
+# Session 10 (section 3b): what the held-out share costs on fashion, and 10 seeds at start 1e-3 (about 25 minutes).
+S=0,1,2,3,4,5,6,7,8,9
+python benchmarks/scale_lab.py fashion tuned:warmup_stable_decay 1e-2 $S '{"without_meta_share": true}'
+python benchmarks/replay_lab.py fashion $S s9
+python benchmarks/replay_lab.py fashion $S s9 '{"without_meta_share": true}'
+python benchmarks/scale_lab.py digits tuned:linear 1e-2 $S
+python benchmarks/scale_lab.py fashion tuned:warmup_stable_decay 1e-2 $S
+python benchmarks/scale_lab.py bbc tuned:cosine_with_min_lr 1e-3 $S
+python benchmarks/scale_lab.py lm tuned:warmup_stable_decay 3e-3 $S
+for task in bbc digits fashion lm; do
+  python benchmarks/scale_lab.py "$task" mlrs_learned:default,mlrs_learned:s9 1e-3 $S
+done
+
 # Where the one-step and k-step hypergradients point at a constant lr (section 3b, session 3; about 15 minutes).
 rm -f benchmarks/results/horizon_probe.jsonl
 python benchmarks/horizon_probe.py lm 1e-3,3e-3,1e-2,3e-2,5e-2
