@@ -224,6 +224,8 @@ class MLRSTrainer(Trainer):
             if self.meta_learning:
                 self._meta_step.set_meta_data(self.meta_dataset, self._meta_batch_size, self.args.seed)
                 self.lr_scheduler.meta_share = self._meta_share  # its release is part of the checkpointed state
+                if self._meta_share is not None:
+                    self._meta_share.released_from = None  # a new run holds it out (a checkpoint loads its own)
             self._created_lr_scheduler = True
         return self.lr_scheduler
 

@@ -1,6 +1,7 @@
 """The held-out meta share rejoins training once no meta step is left in the run (MetaShareSampler)."""
 
 import torch
+from transformers import TrainerCallback
 
 from hf_mlrs import MLRSTrainer
 from hf_mlrs.data import MetaShareSampler, split_meta_indices
@@ -74,6 +75,29 @@ def test_held_out_share_rejoins_training_from_the_epoch_after_the_scale_holds(tm
             assert not trained_meta, f"step {step} trained on held-out examples before the release"
     assert any({round(v, 5) for v in ids} & meta_ids for _, ids in trainer.seen)
     assert sum(len(ids) for _, ids in trainer.seen) == 8 * 72  # every epoch is as long as the training part
+
+
+class ReleaseAtStart(TrainerCallback):
+    """The share's release epoch as a run starts (after its scheduler is made and any checkpoint loaded)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.seen = trainer, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.seen.append(self.trainer._meta_share.released_from)
+
+
+def test_a_second_train_holds_the_share_out_again_until_its_own_release(tmp_path):
+    trainer, meta_ids = held_out_run(tmp_path)
+    probe = ReleaseAtStart(trainer)
+    trainer.add_callback(probe)
+    trainer.train()
+    first = trainer._meta_share.released_from
+    trainer.seen = []
+    trainer.train()  # a new run: a new scale, which grows and holds again before the share is released
+    assert probe.seen == [None, None] and first is not None  # not the first run's release
+    early = [ids for step, ids in trainer.seen if step < 5 * trainer._meta_share.released_from]
+    assert early and not any({round(v, 5) for v in ids} & meta_ids for ids in early)
 
 
 def test_release_can_be_turned_off_and_needs_a_share_held_out_by_the_trainer(tmp_path):
