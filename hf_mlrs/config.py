@@ -68,8 +68,9 @@ class MLRSTrainingArguments(TrainingArguments):
         while the loss first falls, and its large early values hold the average negative for dozens of updates
         after the raw signal has turned: an LM's gamma grew 13x past that point, RESULTS.md 3b).
     mlrs_scale_min_growth (`int`, *optional*, defaults to `10`):
-        With a learned gamma: the fewest growth updates before a stop can end the growth phase (10 updates: at least
-        x2.7 the start). The start is deliberately conservative (5x below the lr that wrecks a pretrained MiniLM),
+        With a learned gamma: the update from which a stop can end the growth phase (10: after 9 growth updates, at
+        least x2.5 the start; the backoff may still return to the last gamma the raw signal called too small). The
+        start is deliberately conservative (5x below the lr that wrecks a pretrained MiniLM),
         and on a pretrained model the first raw hypergradients are noise: with 3, stop votes read from them ended
         the growth at its third update on 2 of 10 bbc seeds, which then trained at the start's lr (0.73 and 0.79
         against 0.92 tuned; RESULTS.md 3b, session 10). From scratch the signal turns after 30-50 updates.
@@ -183,8 +184,8 @@ class MLRSTrainingArguments(TrainingArguments):
                              "hypergradients are positive (0: off)."}
     )
     mlrs_scale_min_growth: int = field(
-        default=10, metadata={"help": "Learned gamma: the fewest growth updates before a stop can end the growth "
-                             "phase."}
+        default=10, metadata={"help": "Learned gamma: the update from which a stop can end the growth phase (10: "
+                              "after 9 growth updates)."}
     )
     mlrs_scale_backoff: float = field(
         default=0.9, metadata={"help": "Learned gamma: when growth stops, back to the last gamma the raw signal "

@@ -66,8 +66,9 @@ class LearnedScale:
             disagrees returns to exponential growth (0: always exponential). From scratch, where the early signal
             says "larger" every time, this is a linear warmup to wherever the signal stops it; a pretrained model
             whose signal is noise near its start keeps the gentle exponential growth.
-        min_growth (`int`, defaults to `3`): the fewest updates before a stop can end the growth phase (on a
-            pretrained model the first raw hypergradients are noise, and stop votes read from them end it by chance).
+        min_growth (`int`, defaults to `3`): the update (counted from 1) from which a stop can end the growth phase
+            (on a pretrained model the first raw hypergradients are noise, and stop votes read from them end it by
+            chance).
         margin (`float`, defaults to `1.0`): when growth stops, gamma (after the backoff) is multiplied by this
             factor in (0, 1]. The one-step signal stops growth near the largest lr that still helps *now*; held there
             for a whole run, a model trained from scratch can sit at its edge of stability (a byte-level LM spiked

@@ -357,6 +357,14 @@ class _MLRSHooks(TrainerCallback):
         if self.trainer._nothing_to_train:
             control.should_training_stop = True
 
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        # Why: the Trainer's set_epoch does not reach the sampler through a resumed (skip_first_batches) loader of
+        # several processes (a BatchSamplerShard has no .sampler); the epoch is the Trainer's own formula for it.
+        share = self.trainer._meta_share
+        if share is not None and train_dataloader is not None:
+            steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+            share.set_epoch(state.global_step // steps_per_epoch)
+
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.trainer._nothing_to_train:  # the epoch that was not trained must not save, evaluate or log either
             control.should_save = control.should_evaluate = control.should_log = False

@@ -290,3 +290,20 @@ def test_kill_anywhere_two_processes(tmp_path):
     print("kill-anywhere, 2 processes:", json.dumps(counts, indent=1))
     assert not counts["problems"], counts["problems"]
     assert counts["exact"] == 1 and counts["mid_save_kills"] >= 1
+
+
+def test_two_processes_resume_mid_epoch_with_the_meta_share_sampler(tmp_path):
+    """A learned gamma draws the training order with the held-out share's sampler. Killed after step 9 and resumed
+    from checkpoint-8, in the middle of epoch 1 (7 steps per epoch), 2 processes must finish exactly as a run never
+    killed: the resumed epoch's order is that epoch's, although its loader skips batches."""
+    run = launched_run(tmp_path)
+    code, expected = run("learned", tmp_path / "reference", "none")
+    assert code == 0
+    code, _ = run("learned", tmp_path / "killed", "step:9")
+    assert code == -9
+    code, resumed = run("learned", tmp_path / "killed", "none")
+    assert code == 0 and len(resumed) == len(expected) == 2
+    for got, want in zip(resumed, expected):
+        assert got["lrs"] == want["lrs"] and got["steps"] == want["steps"] == STEPS
+        assert all(torch.equal(a, b) for a, b in zip(got["net"], want["net"]))
+        assert all(torch.equal(a, b) for a, b in zip(got["model"], want["model"]))

@@ -21,7 +21,8 @@ STEPS, SAVE_EVERY, KILL_AT = 12, 4, 6
 
 
 def build(mode: str, output_dir: str):
-    """The run under test; `mode` is meta, meta_ga2 (gradient accumulation 2) or transfer (Trainer + callback)."""
+    """The run under test; `mode` is meta, meta_ga2 (gradient accumulation 2), learned (a learned gamma: the training
+    order is drawn by the held-out share's sampler) or transfer (Trainer + callback)."""
     torch.set_num_threads(1)
     common = dict(max_steps=STEPS, save_strategy="steps", save_steps=SAVE_EVERY, logging_steps=1,
                   gradient_accumulation_steps=2 if mode == "meta_ga2" else 1, per_device_train_batch_size=8)
@@ -32,7 +33,8 @@ def build(mode: str, output_dir: str):
         args = TrainingArguments(output_dir, report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
                                  learning_rate=1e-3, **common)
         return Trainer(model=model, args=args, train_dataset=data, callbacks=[MLRSCallback(schedule)])
-    args = tiny_args(output_dir, mlrs_meta_interval=2, mlrs_meta_lr=1e-2, **common)
+    learned = dict(mlrs_gamma="learned") if mode == "learned" else {}  # the held-out share's own sampler too
+    args = tiny_args(output_dir, mlrs_meta_interval=2, mlrs_meta_lr=1e-2, **common, **learned)
     return MLRSTrainer(model=model, args=args, train_dataset=data)
 
 
