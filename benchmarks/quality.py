@@ -210,7 +210,7 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
     if overrides.pop("without_meta_share", False):  # the 90% MLRSTrainer keeps (its default split and seed)
         from hf_mlrs.data import split_meta_set
 
-        train = split_meta_set(train, MLRSTrainingArguments("/tmp/unused").mlrs_meta_fraction, seed)[0]
+        train = split_meta_set(train, MLRSTrainingArguments.mlrs_meta_fraction, seed)[0]  # the class holds the default
 
     def arguments(cls=TrainingArguments, **extra):
         return cls(**{**common, **extra, **overrides})

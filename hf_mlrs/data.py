@@ -86,7 +86,9 @@ class MetaShareSampler(torch.utils.data.Sampler):
         self.epoch = 0
         self.released_from: int | None = None  # the first epoch that draws from the whole dataset
 
-    def set_epoch(self, epoch: int) -> None:  # called by the Trainer (through Accelerate) before each epoch
+    # Called before each epoch by the Trainer (through Accelerate) and by MLRSTrainer's epoch hook, which also reaches
+    # it through a resumed loader of several processes.
+    def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def release(self) -> None:
