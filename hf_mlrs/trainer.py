@@ -233,9 +233,17 @@ class MLRSTrainer(Trainer):
     def get_train_dataloader(self):
         if self._meta_share is None:
             return super().get_train_dataloader()
-        return self._get_dataloader(dataset=self._whole_train_dataset, description="Training",
-                                    batch_size=self._train_batch_size, sampler_fn=lambda _: self._meta_share,
-                                    is_training=True)
+        self._share_loader = self._get_dataloader(
+            dataset=self._whole_train_dataset, description="Training", batch_size=self._train_batch_size,
+            sampler_fn=lambda _: self._meta_share, is_training=True)
+        return self._share_loader
+
+    # Why: that loader's dataset is the whole split, but an epoch draws only the training part's length; the Trainer's
+    # "Num examples", epoch count and samples per second come from this number.
+    def num_examples(self, dataloader) -> int:
+        if self._meta_share is not None and dataloader is getattr(self, "_share_loader", None):
+            return len(self._meta_share)
+        return super().num_examples(dataloader)
 
     # Why: the schedule reads the loss of each step, which only training_step sees.
     def training_step(self, model, inputs, num_items_in_batch=None):

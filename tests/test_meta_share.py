@@ -75,6 +75,8 @@ def test_held_out_share_rejoins_training_from_the_epoch_after_the_scale_holds(tm
             assert not trained_meta, f"step {step} trained on held-out examples before the release"
     assert any({round(v, 5) for v in ids} & meta_ids for _, ids in trainer.seen)
     assert sum(len(ids) for _, ids in trainer.seen) == 8 * 72  # every epoch is as long as the training part
+    # the Trainer's "Num examples" and samples per second count an epoch's examples, not the whole split's 80
+    assert trainer.num_examples(trainer.get_train_dataloader()) == 72
 
 
 class ReleaseAtStart(TrainerCallback):
