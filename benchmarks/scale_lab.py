@@ -11,6 +11,7 @@ An optional fifth argument, a JSON object, overrides training arguments of every
 variant, or a built-in schedule with a warmup):
 
     python benchmarks/scale_lab.py fashion tuned:warmup_stable_decay 1e-2 0,1,2 '{"warmup_steps": 0.3}'
+    python benchmarks/scale_lab.py lm mlrs_learned:default 1e-2 0,1,2 '{"optimizer": "sgd"}'   # quality.py's SGD
 """
 
 import json
@@ -27,8 +28,9 @@ import quality  # noqa: E402
 
 def main(task: str, arms: str, lrs: str, seeds: str, overrides: str = "{}") -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    options = types.SimpleNamespace(smoke=False, device="cpu")
     shown, overrides = ("" if overrides == "{}" else overrides + " "), json.loads(overrides)
+    # not a training argument: quality.py's optimizer ("sgd": SGD with momentum 0.9, as `--optimizer sgd`)
+    options = types.SimpleNamespace(smoke=False, device="cpu", optimizer=overrides.pop("optimizer", "adamw"))
     with open(HERE / "results" / "scale_lab.jsonl", "a") as out:
         for arm in arms.split(","):
             for lr in (float(x) for x in lrs.split(",")):
