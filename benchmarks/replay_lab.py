@@ -13,7 +13,10 @@ Appends every run to benchmarks/results/replay_lab.jsonl and prints one line per
     python benchmarks/replay_lab.py fashion 0,1,2 default '{"without_meta_share": true}'
 
 A fourth argument, a JSON object, overrides the replays' training arguments (quality.run_one's `overrides`; e.g.
-`without_meta_share`: replay on only the part of the training split the learned run trained on).
+`without_meta_share`: replay on only the part of the training split the learned run trained on). A fifth, a
+comma-separated list of edits, replays only those:
+
+    python benchmarks/replay_lab.py lm 0,1,2,3,4,5,6,7,8,9 default '{}' exact,capped
 """
 
 import json
@@ -54,7 +57,7 @@ def edits(lrs: list[float], task: str) -> dict[str, list[float]]:
             "capped": capped, "capped_085": [0.85 * x for x in capped]}
 
 
-def main(task: str, seeds: str, variant: str = "default", overrides: str = "{}") -> None:
+def main(task: str, seeds: str, variant: str = "default", overrides: str = "{}", only: str = "") -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     options = types.SimpleNamespace(smoke=False, device="cpu")
     with open(HERE / "results" / "replay_lab.jsonl", "a") as out:
@@ -64,6 +67,8 @@ def main(task: str, seeds: str, variant: str = "default", overrides: str = "{}")
             lrs = applied_lrs(learned, learned["steps"])
             runs = {"learned": learned}
             for name, sequence in edits(lrs, task).items():
+                if only and name not in only.split(","):
+                    continue
                 runs[name] = quality.run_one(task, "replay", 1e-3, seed, options, lr_sequence=sequence,
                                              overrides=json.loads(overrides))
                 runs[name]["replay"] = name
@@ -77,4 +82,4 @@ def main(task: str, seeds: str, variant: str = "default", overrides: str = "{}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
