@@ -74,10 +74,6 @@ class MLRSTrainingArguments(TrainingArguments):
         and on a pretrained model the first raw hypergradients are noise: with 3, stop votes read from them ended
         the growth at its third update on 2 of 10 bbc seeds, which then trained at the start's lr (0.73 and 0.79
         against 0.92 tuned; RESULTS.md 3b, session 10). From scratch the signal turns after 30-50 updates.
-    mlrs_scale_pause (`bool`, *optional*, defaults to `False`):
-        With a learned gamma: during growth, an update whose raw hypergradient says "smaller" leaves gamma where it
-        is, instead of growing it by exp(`mlrs_scale_growth`) until the stop: less overshoot past the lr where the
-        signal turned (RESULTS.md 3b, session 11).
     mlrs_scale_backoff (`float`, *optional*, defaults to `0.9`):
         With a learned gamma: when its growth stops, gamma returns to the last value whose raw hypergradient still
         said "larger" (down by at most this much in log, never below its start), and the Adam moments of its
@@ -190,10 +186,6 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_min_growth: int = field(
         default=10, metadata={"help": "Learned gamma: the update from which a stop can end the growth phase (10: "
                               "after 9 growth updates)."}
-    )
-    mlrs_scale_pause: bool = field(
-        default=False, metadata={"help": "Learned gamma: growth only on updates whose raw hypergradient says "
-                                 "'larger'; one that says 'smaller' leaves gamma as it is."}
     )
     mlrs_scale_backoff: float = field(
         default=0.9, metadata={"help": "Learned gamma: when growth stops, back to the last gamma the raw signal "
@@ -384,7 +376,6 @@ def learned_scale(init: float, settings: MLRSTrainingArguments | type[MLRSTraini
         growth_stop=settings.mlrs_scale_growth_stop,
         stop_votes=settings.mlrs_scale_stop_votes,
         min_growth=settings.mlrs_scale_min_growth,
-        pause=settings.mlrs_scale_pause,
         backoff=settings.mlrs_scale_backoff,
         margin=margin,
         start_update=settings.mlrs_scale_start_update,

@@ -66,11 +66,6 @@ class LearnedScale:
             disagrees returns to exponential growth (0: always exponential). From scratch, where the early signal
             says "larger" every time, this is a linear warmup to wherever the signal stops it; a pretrained model
             whose signal is noise near its start keeps the gentle exponential growth.
-        pause (`bool`, defaults to `False`): growth only on a "larger" vote: an update whose raw hypergradient says
-            "smaller" leaves gamma where it is (without it, growth goes on by exp(growth) until the stop). The stop
-            needs `stop_votes` positive signs, so without the pause gamma overshoots the lr where the signal turned
-            for several updates; on a byte-level LM trained from scratch those few steps above the lr it then held
-            cost 0.02-0.05 nats per seed (a replay with the overshoot cut, RESULTS.md 3b, session 11).
         min_growth (`int`, defaults to `3`): the update (counted from 1) from which a stop can end the growth phase
             (on a pretrained model the first raw hypergradients are noise, and stop votes read from them end it by
             chance).
@@ -102,7 +97,6 @@ class LearnedScale:
         growth_linear: float = 0.0,
         margin: float = 1.0,
         min_growth: int = 3,
-        pause: bool = False,
     ):
         low, high = (float(b) for b in bounds)
         if not (0 < low < high and math.isfinite(high)):
@@ -142,7 +136,6 @@ class LearnedScale:
         if not (isinstance(min_growth, int) and min_growth >= 1):
             raise ValueError(f"LearnedScale: min_growth must be an integer >= 1, got {min_growth!r}.")
         self.min_growth = min_growth
-        self.pause = bool(pause)
         self.recent_positive: list[bool] = []  # the last stop_votes + 1 raw signs, while growing
         self.last_larger = self.log_gamma  # the last log(gamma) whose raw hypergradient said "larger"
         self.adam_t = 0  # Adam's own step count (restarts with its moments)
@@ -183,7 +176,7 @@ class LearnedScale:
         if self.growing and self.growth_linear and self.larger_streak >= LINEAR_AFTER:  # + c x start, not x e^growth
             step = self.log_gamma - math.log(self.gamma + self.growth_linear * math.exp(self.initial_log_gamma))
         elif self.growing:
-            step = 0.0 if self.pause and g > 0 else -self.growth
+            step = -self.growth
         else:
             step = self.lr * confidence
         step = min(max(step, -self.max_step), self.max_step)

@@ -207,22 +207,6 @@ def test_no_stop_before_min_growth_updates(min_growth):
     assert math.isclose(before[stop], 1e-4 * math.exp(0.1 * stop), rel_tol=1e-9)  # grown at every update before
 
 
-def test_pause_grows_only_on_a_larger_vote():
-    """With pause, a raw "smaller" during growth leaves gamma where it is; without, growth goes on by exp(growth)."""
-    signs = [-1.0, 2.0, -1.0, 2.0, -1.0, -1.0, 2.0, -1.0]  # never 3 of 4 positive: no stop
-    kwargs = dict(growth=0.1, stop_votes=3, growth_stop=0.99, bounds=(1e-6, 1.0))  # the average never stops it
-    paused = LearnedScale(1e-4, pause=True, **kwargs)
-    plain = LearnedScale(1e-4, **kwargs)
-    for g in signs:
-        before = paused.gamma
-        paused.update(g)
-        plain.update(g)
-        assert paused.growing and plain.growing
-        assert paused.gamma == pytest.approx(before * (math.exp(0.1) if g < 0 else 1.0), rel=1e-12)
-    assert paused.gamma == pytest.approx(1e-4 * math.exp(0.1 * 5), rel=1e-12)  # 5 "larger" votes of 8
-    assert plain.gamma == pytest.approx(1e-4 * math.exp(0.1 * 8), rel=1e-12)
-
-
 def test_backoff_returns_to_the_last_gamma_the_raw_signal_called_too_small():
     scale = LearnedScale(1e-4, lr=0.1, growth=0.1, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0))
     for g in [-100.0] * 10 + [2.0, -1.0]:  # 12 growth updates; the 12th was taken at 1e-4 * e^1.1 and said "larger"
