@@ -65,9 +65,13 @@ def main(task: str, seeds: str, variant: str = "default", overrides: str = "{}",
             learned = quality.run_one(task, f"mlrs_learned:{variant}", 1e-3, seed, options,
                                       overrides={"logging_steps": 1})
             lrs = applied_lrs(learned, learned["steps"])
-            runs = {"learned": learned}
-            for name, sequence in edits(lrs, task).items():
-                if only and name not in only.split(","):
+            runs, edited = {"learned": learned}, edits(lrs, task)
+            wanted = only.split(",") if only else list(edited)
+            unknown = set(wanted) - set(edited)
+            if unknown:
+                raise ValueError(f"replay_lab: unknown edits {sorted(unknown)}; edits: {sorted(edited)}.")
+            for name, sequence in edited.items():
+                if name not in wanted:
                     continue
                 runs[name] = quality.run_one(task, "replay", 1e-3, seed, options, lr_sequence=sequence,
                                              overrides=json.loads(overrides))

@@ -130,6 +130,7 @@ class MLRSTrainer(Trainer):
         # Why: the schedule must read the real mean loss, not one multiplied by accumulation steps x processes.
         fix_loss_scaling(self)
         self._meta_share = None  # a MetaShareSampler when the held-out share can rejoin training (_setup_meta_set)
+        self._share_loader = None  # the training loader drawn by it (get_train_dataloader), for num_examples
         if self.meta_learning:
             problem = meta_training_problem(self.accelerator)
             if problem:
@@ -241,7 +242,7 @@ class MLRSTrainer(Trainer):
     # Why: that loader's dataset is the whole split, but an epoch draws only the training part's length; the Trainer's
     # "Num examples", epoch count and samples per second come from this number.
     def num_examples(self, dataloader) -> int:
-        if self._meta_share is not None and dataloader is getattr(self, "_share_loader", None):
+        if self._share_loader is not None and dataloader is self._share_loader:
             return len(self._meta_share)
         return super().num_examples(dataloader)
 
