@@ -116,10 +116,14 @@ def main(script_args: ScriptArguments, training_args: MLRSTrainingArguments, com
          extra_provenance: dict | None = None):
     """Meta-train, save the schedule; `command` and `extra_provenance` (e.g. a zoo entry's name) go into its card."""
     from meta_train import shareable  # recipes/meta_train.py: command lines without this machine's paths
+    from transformers import set_seed
 
     from hf_mlrs import MLRSMultiTaskTrainer, MLRSNet, __version__, pretrained
 
     pairs = parse_pairs(script_args.pairs)
+    # The net's initial weights come from the global RNG: seed it, or the same command meta-trains another net (each
+    # episode seeds its own model and data; only this net was left to chance until session 12).
+    set_seed(training_args.seed)
     net = MLRSNet(hidden_size=training_args.mlrs_hidden_size, output_bias_init=training_args.mlrs_output_bias_init,
                   input_normalization=training_args.mlrs_input_normalization,
                   stage_starts=[k / training_args.mlrs_num_stages for k in range(training_args.mlrs_num_stages)])

@@ -51,6 +51,19 @@ def test_smoke_build_writes_a_card_with_provenance_and_a_transfer_placeholder_an
                if not a.isnan().any())
 
 
+def test_the_same_command_meta_trains_the_same_net(tmp_path):
+    # The initial net of a multi-task run was drawn from whatever the global RNG held (session 12): two runs of one
+    # command gave two nets. Draw something in between, as any earlier code in the process would.
+    import torch
+
+    first, _ = zoo.main(["--entry", "multitask-without-bbc", "--smoke", "--output_dir", str(tmp_path / "a")])
+    torch.rand(7)
+    second, _ = zoo.main(["--entry", "multitask-without-bbc", "--smoke", "--output_dir", str(tmp_path / "b")])
+    assert first.state_dict().keys() == second.state_dict().keys()
+    for name, a in first.state_dict().items():
+        assert torch.allclose(a, second.state_dict()[name], rtol=0, atol=0, equal_nan=True), name  # bit for bit
+
+
 def test_bad_entries_are_refused(tmp_path):
     with pytest.raises(ValueError, match="Unknown zoo entry 'txt'"):
         zoo.main(["--entry", "txt"])
