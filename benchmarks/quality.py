@@ -162,6 +162,9 @@ for _name in set(LEARNED_VARIANTS) - {"default", "release"}:
     LEARNED_VARIANTS[_name] = {"mlrs_release_meta_share": False, **LEARNED_VARIANTS[_name]}
 for _name in set(LEARNED_VARIANTS) - {"default"}:  # before session 10 a stop could end the growth at update 3
     LEARNED_VARIANTS[_name] = {"mlrs_scale_min_growth": 3, **LEARNED_VARIANTS[_name]}
+# session 12: the session-10 default, and when the growth stops the model is rewound to its starting weights and
+# trains again from there at the found gamma (hf_mlrs/rewind.py; the growth's steps are spent as a probe)
+LEARNED_VARIANTS["rewind"] = {"mlrs_scale_rewind": True}
 
 
 def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_source=None, model: str | None = None,

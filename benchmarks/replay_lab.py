@@ -5,7 +5,9 @@ start 1e-3, every step logged), then its exact per-step lrs in a plain `Trainer`
 all of the training split), and edits of them: `linear_warmup` (the growth phase, up to the step where the lr peaks,
 replaced by a linear ramp to the same peak), `tuned_peak` (the whole sequence scaled so that its peak is the tuned
 warmup-stable-decay peak lr of quality.py), `capped` (every lr above the held one, the median of the middle 40% of
-the run, cut to it: the growth's overshoot before its stop removed) and `capped_085` (that, x 0.85).
+the run, cut to it: the growth's overshoot before its stop removed), `capped_085` (that, x 0.85) and `restart` (the
+held lr from the first step, the run's cooldown kept: no growth phase at all; `restart_counted`: the same, shorter by
+the steps the growth took, as if they were spent).
 Appends every run to benchmarks/results/replay_lab.jsonl and prints one line per run.
 
     python benchmarks/replay_lab.py fashion 0,1,2,3,4
@@ -52,9 +54,17 @@ def edits(lrs: list[float], task: str) -> dict[str, list[float]]:
     ramp = [peak * (k + 1) / (peak_step + 1) for k in range(peak_step + 1)]
     held = statistics.median(lrs[int(0.3 * len(lrs)):int(0.7 * len(lrs))])
     capped = [min(x, held) for x in lrs]
+    # The held lr from the first step on (the growth phase replaced by it), the run's own cooldown kept: what a run
+    # would do that probes the scale, restores the weights it started from and trains again at the found scale.
+    restart = [held if k < int(0.8 * len(lrs)) else x for k, x in enumerate(capped)]
+    # The same with the probe's steps counted in the budget: a run of the steps left after the hold began (fresh
+    # weights and optimizer), at the held lr until the same cooldown.
+    probe = next((k for k in range(peak_step, len(lrs)) if abs(lrs[k] - held) <= 0.02 * held), peak_step)
+    restart_counted = restart[probe:]
     return {"exact": lrs, "linear_warmup": ramp + lrs[peak_step + 1:],
             "tuned_peak": [x * tuned_peak(task) / peak for x in lrs],
-            "capped": capped, "capped_085": [0.85 * x for x in capped]}
+            "capped": capped, "capped_085": [0.85 * x for x in capped], "restart": restart,
+            "restart_counted": restart_counted}
 
 
 def main(task: str, seeds: str, variant: str = "default", overrides: str = "{}", only: str = "") -> None:
@@ -74,7 +84,7 @@ def main(task: str, seeds: str, variant: str = "default", overrides: str = "{}",
                 if name not in wanted:
                     continue
                 runs[name] = quality.run_one(task, "replay", 1e-3, seed, options, lr_sequence=sequence,
-                                             overrides=json.loads(overrides))
+                                             steps=len(sequence), overrides=json.loads(overrides))
                 runs[name]["replay"] = name
                 runs[name]["overrides"] = json.loads(overrides)
             for name, r in runs.items():
@@ -83,6 +93,7 @@ def main(task: str, seeds: str, variant: str = "default", overrides: str = "{}",
                       f"test={r['test_accuracy'] or r['test_loss']:.4f} peak lr {peak:.2e} ({r['seconds']:.0f}s)",
                       flush=True)
                 out.write(json.dumps(r) + "\n")
+                out.flush()  # a killed lab loses at most the run in progress
 
 
 if __name__ == "__main__":

@@ -95,6 +95,12 @@ class MLRSTrainingArguments(TrainingArguments):
         `MLRSMultiTaskTrainer` set it). Defaults to True when the net is meta-trained, False when a frozen
         `schedule` is applied: there the scale is all that learns, and tracking is how it follows the frozen
         shape's decay (RESULTS.md 3b, rows 27-29).
+    mlrs_scale_rewind (`bool`, *optional*, defaults to `False`):
+        With a learned gamma that holds: when its growth stops, put the model's starting weights back and clear the
+        optimizer's state, so the run trains from its start at the found gamma and the growth was only a probe (its
+        steps count in `max_steps`; typically 30-50). Removes the cost of the growth's ramp and overshoot (RESULTS.md
+        3b, session 12). Keeps one copy of the model's state in CPU memory (and in checkpoints) until the rewind.
+        Not under FSDP2.
     mlrs_meta_eval_mode (`bool`, *optional*, defaults to `False`):
         Measure the meta loss in eval mode (BatchNorm running statistics, no dropout) instead of train mode.
     mlrs_cooldown_fraction (`float`, *optional*):
@@ -195,6 +201,10 @@ class MLRSTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Learned gamma: when growth stops, gamma (after the backoff) times this "
                                 "factor in (0, 1]. Default: 0.8 when the scale then holds, 1 (none) when it tracks."}
     )
+    mlrs_scale_rewind: bool = field(
+        default=False, metadata={"help": "Learned gamma that holds: when growth stops, rewind the model to its "
+                                 "starting weights (optimizer state cleared) and train from there at the found gamma."}
+    )
     mlrs_meta_eval_mode: bool = field(
         default=False, metadata={"help": "Measure the meta loss in eval mode (running statistics, no dropout)."}
     )
@@ -285,6 +295,10 @@ class MLRSTrainingArguments(TrainingArguments):
         elif self.mlrs_gamma != "auto" and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             fail("learning_rate", f"{self.learning_rate} cannot serve as gamma (or its start)",
                  "Set a positive learning_rate.")
+        if self.mlrs_scale_rewind and (not learned or self.mlrs_scale_hold is False):
+            fail("mlrs_scale_rewind", "rewinds to the start once a learned gamma stops growing and holds, and this "
+                 f"run has mlrs_gamma={self.mlrs_gamma!r}, mlrs_scale_hold={self.mlrs_scale_hold!r}",
+                 "Set mlrs_gamma='learned' (and leave mlrs_scale_hold unset or True), or drop mlrs_scale_rewind.")
         if not (0 < self.mlrs_scale_min < self.mlrs_scale_max and math.isfinite(self.mlrs_scale_max)):
             fail("mlrs_scale_min",
                  f"bounds ({self.mlrs_scale_min}, {self.mlrs_scale_max}) are not 0 < min < max < inf",

@@ -119,6 +119,7 @@ class MLRSScheduler(LRScheduler):
         self.num_labels = num_labels
         self.meta_learner = None  # set by MLRSTrainer while meta-training: its state rides in our state_dict
         self.meta_share = None  # set by MLRSTrainer when the held-out share can rejoin training: its state too
+        self.rewind = None  # set by MLRSTrainer with mlrs_scale_rewind: the starting weights until the rewind, too
         # Per-run state: everything below is in state_dict() for exact resume.
         self.hidden: State = schedule.init_state("cpu")
         self.num_observed = 0
@@ -331,6 +332,8 @@ class MLRSScheduler(LRScheduler):
             state["meta_learner"] = self.meta_learner.state_dict()
         if self.meta_share is not None:
             state["meta_share"] = self.meta_share.state_dict()
+        if self.rewind is not None:
+            state["rewind"] = self.rewind.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -345,3 +348,9 @@ class MLRSScheduler(LRScheduler):
             self.meta_learner.load_state_dict(state["meta_learner"])
         if self.meta_share is not None and "meta_share" in state:
             self.meta_share.load_state_dict(state["meta_share"])
+        if self.rewind is not None:
+            if "rewind" not in state:
+                raise ValueError("MLRSScheduler: this checkpoint was written without mlrs_scale_rewind, so it holds "
+                                 "no starting weights to rewind to. Resume with the settings the run was started "
+                                 "with.")
+            self.rewind.load_state_dict(state["rewind"])

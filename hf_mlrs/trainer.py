@@ -38,6 +38,7 @@ from .integration import (
 )
 from .metastep import MetaStep
 from .modeling import MLRSNet
+from .rewind import Rewind
 from .scheduler import MLRSScheduler
 
 
@@ -140,6 +141,9 @@ class MLRSTrainer(Trainer):
                     "one process, then apply the learned schedule frozen at a fixed gamma (schedule=... or "
                     "MLRSCallback), which works under any mode."
                 )
+            if args.mlrs_scale_rewind and self.accelerator.distributed_type == DistributedType.FSDP:
+                raise ValueError("MLRSTrainer: mlrs_scale_rewind keeps the whole model's starting state, which FSDP2 "
+                                 "shards; it is not supported there yet. Drop mlrs_scale_rewind under FSDP2.")
             self._setup_meta_set(meta_dataset)
         if schedule is None:
             schedule = MLRSNet(
@@ -227,6 +231,12 @@ class MLRSTrainer(Trainer):
                 self.lr_scheduler.meta_share = self._meta_share  # its release is part of the checkpointed state
                 if self._meta_share is not None:
                     self._meta_share.released_from = None  # a new run holds it out (a checkpoint loads its own)
+                if self.args.mlrs_scale_rewind:
+                    if not hold:
+                        raise ValueError("MLRSTrainer: mlrs_scale_rewind needs a learned gamma that holds once it "
+                                         "has stopped growing; this run tracks it (mlrs_scale_hold=False, or a frozen "
+                                         "schedule). Set mlrs_scale_hold=True or drop mlrs_scale_rewind.")
+                    self.lr_scheduler.rewind = Rewind()  # the starting weights are kept at on_train_begin
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
@@ -340,6 +350,7 @@ class MLRSTrainer(Trainer):
             "input_normalization": self.schedule.input_normalization,
             "meta_interval": self.args.mlrs_meta_interval,
             "meta_updates": scheduler.meta_learner.num_updates if scheduler and scheduler.meta_learner else 0,
+            "rewound_at_step": scheduler.rewind.step if scheduler and scheduler.rewind else None,
             "lr_history": [[e["step"], e["learning_rate"]] for e in history][-500:],
             "final_metrics": {k: v for e in self.state.log_history for k, v in e.items()
                               if k.startswith(("eval_", "train_loss", "mlrs/meta_loss")) and isinstance(v, float)},
@@ -365,6 +376,12 @@ class _MLRSHooks(TrainerCallback):
         self.trainer._nothing_to_train = nothing_left_to_train(state)
         if self.trainer._nothing_to_train:
             control.should_training_stop = True
+        scheduler = self.trainer.lr_scheduler
+        if scheduler.rewind is not None and not scheduler.rewind.done and scheduler.rewind.weights is None:
+            if scheduler.num_observed:  # resumed: the weights now are the checkpoint's, not the run's start
+                raise ValueError("MLRSTrainer: this run was resumed without the starting weights mlrs_scale_rewind "
+                                 "rewinds to. Resume from a checkpoint of a run started with mlrs_scale_rewind.")
+            scheduler.rewind.keep(self.trainer.accelerator.unwrap_model(self.trainer.model))
 
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
         # Why: the Trainer's set_epoch does not reach the sampler through a resumed (skip_first_batches) loader of
@@ -394,6 +411,14 @@ class _MLRSHooks(TrainerCallback):
         learner = scheduler.meta_learner
         if learner is not None and learner.train_net:
             learner.record_stages(state.global_step, scheduler.loss_ema)
+        rewind = scheduler.rewind
+        if rewind is not None and not rewind.done:
+            if not learner.scale.growing:  # the scale was found, and holds: train again from the start with it
+                trainer = self.trainer
+                rewind.apply(trainer.accelerator.unwrap_model(trainer.model), trainer.optimizer, state.global_step)
+                scheduler.hidden = trainer.schedule.init_state("cpu")  # the net reads the loss curve from its start
+            elif learner.finished(state.global_step):
+                rewind.skip()  # growth reached the cooldown: nothing to rewind to any more
         if scheduler.meta_share is not None and learner.finished(state.global_step):
             scheduler.meta_share.release()  # no meta batch is drawn again: the share trains from the next epoch
 

@@ -52,7 +52,9 @@ def main(out_path, gamma):
     # learned: no meta step is left once the scale holds, or at the latest when the cooldown starts at step 7 of 14
     # (epoch 1 of 3, 6 steps each): the held-out share rejoins training from the next epoch, alike on both ranks
     learned = dict(mlrs_gamma="learned", mlrs_settle_interval=1, mlrs_horizon=2,
-                   mlrs_cooldown_fraction=0.5) if gamma == "learned" else {}
+                   mlrs_cooldown_fraction=0.5) if gamma in ("learned", "rewind") else {}
+    if gamma == "rewind":  # growth stoppable from its 3rd update, so that it stops (and rewinds) before the cooldown
+        learned.update(mlrs_scale_rewind=True, mlrs_scale_min_growth=3)
     trainer = MLRSTrainer(
         model=tiny_bert(),
         args=tiny_args(os.path.dirname(out_path) + "/ddp", max_steps=14, per_device_train_batch_size=8,
@@ -73,6 +75,7 @@ def main(out_path, gamma):
         "scale": trainer.lr_scheduler.run_state()["scale"],
         "allreduces_per_step": counter.per_step,
         "released_from": trainer._meta_share.released_from if trainer._meta_share is not None else None,
+        "rewound_at": trainer.lr_scheduler.rewind.step if trainer.lr_scheduler.rewind is not None else None,
     }
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)

@@ -1,0 +1,100 @@
+"""mlrs_scale_rewind: once the learned scale stops growing, the model is put back to its starting weights (optimizer
+state cleared) and trains again from there at the found gamma."""
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from hf_mlrs import MLRSTrainer, MLRSTrainingArguments
+from tests.test_scale import LeastSquares, gammas, least_squares_data
+from tests.test_trainer import logged_lrs
+from tests.testing_utils import tiny_args
+
+
+class StateProbe(TrainerCallback):
+    """The model's weights and the optimizer's state size at the start and at the end of every step (added after
+    MLRSTrainer's own hooks, so it sees a step after the rewind)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.start, self.after = trainer, None, {}
+
+    def weights(self):
+        return [p.detach().clone() for p in self.trainer.model.parameters()]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.weights()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.after[state.global_step] = (self.weights(), len(self.trainer.optimizer.optimizer.state))
+
+
+def rewind_args(output_dir, **overrides):
+    """AdamW on a noise-free least-squares problem from lr 0.1: the scale grows, stops near step 10, and holds."""
+    values = dict(max_steps=24, mlrs_gamma="learned", mlrs_scale_rewind=True, optim="adamw_torch", learning_rate=0.1,
+                  mlrs_scale_start_update=None, per_device_train_batch_size=64, mlrs_meta_batch_size=64,
+                  max_grad_norm=0.0, weight_decay=0.0)
+    values.update(overrides)
+    return tiny_args(output_dir, **values)
+
+
+def train(output_dir, resume=None, **overrides):
+    data = least_squares_data()
+    trainer = MLRSTrainer(model=LeastSquares(), args=rewind_args(output_dir, **overrides), train_dataset=data,
+                          meta_dataset=data)
+    probe = StateProbe(trainer)
+    trainer.add_callback(probe)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, probe
+
+
+def test_rewind_restores_the_start_and_the_run_then_equals_plain_adamw_from_it(tmp_path):
+    trainer, probe = train(tmp_path)
+    k = trainer.lr_scheduler.rewind.step
+    values = gammas(trainer)
+    assert k is not None and 3 <= k <= 16, k
+    assert values[k - 1] == values[-1] and values[k - 2] != values[k - 1]  # the step whose meta-update stopped it
+    weights, optimizer_state = probe.after[k]
+    assert all(torch.equal(a, b) for a, b in zip(weights, probe.start)) and optimizer_state == 0
+    assert not all(torch.equal(a, b) for a, b in zip(probe.after[k - 1][0], probe.start))  # it had moved
+    assert probe.after[k + 1][1] > 0  # and the optimizer starts again
+    # Independent reference: torch's AdamW from the starting weights, fresh, at the lrs logged after the rewind
+    # (full-batch least squares: every step sees the same data, whatever the order).
+    reference = LeastSquares()
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), probe.start))
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1.0, weight_decay=0.0)
+    data = least_squares_data()
+    x, y = torch.tensor(data["x"]), torch.tensor(data["labels"])
+    for lr in logged_lrs(trainer)[k:]:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad()
+        reference(x, y)["loss"].backward()
+        optimizer.step()
+    for ours, theirs in zip(trainer.model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-5, atol=1e-6)
+    assert trainer.lr_scheduler.state_dict()["rewind"] == {"step": k, "skipped": False, "weights": None}
+
+
+@pytest.mark.parametrize("checkpoint", [4, 12])  # before the rewind (the start rides in it) and after it
+def test_resume_across_the_rewind_is_bitwise_exact(tmp_path, checkpoint):
+    settings = dict(save_strategy="steps", save_steps=4)
+    full, _ = train(tmp_path / "full", **settings)
+    assert 4 < full.lr_scheduler.rewind.step < 12
+    resumed, _ = train(tmp_path / "full", resume=str(tmp_path / "full" / f"checkpoint-{checkpoint}"), **settings)
+    assert resumed.lr_scheduler.rewind.step == full.lr_scheduler.rewind.step
+    assert logged_lrs(resumed)[-8:] == logged_lrs(full)[-8:] and gammas(resumed)[-8:] == gammas(full)[-8:]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), full.model.parameters()))
+
+
+def test_rewind_needs_a_learned_scale_that_holds(tmp_path):
+    with pytest.raises(ValueError, match="mlrs_scale_rewind.*Set mlrs_gamma='learned'"):
+        MLRSTrainingArguments(str(tmp_path), mlrs_scale_rewind=True, use_cpu=True)
+    with pytest.raises(ValueError, match="mlrs_scale_rewind.*mlrs_scale_hold=False"):
+        MLRSTrainingArguments(str(tmp_path), mlrs_scale_rewind=True, mlrs_gamma="learned", mlrs_scale_hold=False,
+                              use_cpu=True)
+
+
+def test_a_growth_that_never_stops_drops_the_kept_weights(tmp_path):
+    trainer, _ = train(tmp_path, learning_rate=1e-4, max_steps=10)  # still growing when the cooldown begins
+    rewind = trainer.lr_scheduler.rewind
+    assert rewind.skipped and rewind.step is None and rewind.weights is None
