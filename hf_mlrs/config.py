@@ -98,9 +98,10 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_rewind (`bool`, *optional*, defaults to `False`):
         With a learned gamma that holds: when its growth stops, put the model's starting weights back and clear the
         optimizer's state, so the run trains from its start at the found gamma and the growth was only a probe (its
-        steps count in `max_steps`; typically 30-50). Removes the cost of the growth's ramp and overshoot (RESULTS.md
-        3b, session 12). Keeps one copy of the model's state in CPU memory (and in checkpoints) until the rewind.
-        Not under FSDP2.
+        steps count in `max_steps`; 10-60 in the benchmarks). Removes the cost of the growth's ramp and overshoot and
+        spends the probe's steps: measured a gain for a language model trained from scratch, a loss for short
+        fine-tuning and image runs whose ramp trained the model (RESULTS.md 3b, session 12). Keeps one copy of the
+        model's state in CPU memory (and in checkpoints) until the rewind. Not under FSDP2.
     mlrs_meta_eval_mode (`bool`, *optional*, defaults to `False`):
         Measure the meta loss in eval mode (BatchNorm running statistics, no dropout) instead of train mode.
     mlrs_cooldown_fraction (`float`, *optional*):

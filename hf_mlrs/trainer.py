@@ -413,7 +413,7 @@ class _MLRSHooks(TrainerCallback):
             learner.record_stages(state.global_step, scheduler.loss_ema)
         rewind = scheduler.rewind
         if rewind is not None and not rewind.done:
-            if not learner.scale.growing:  # the scale was found, and holds: train again from the start with it
+            if learner.scale.settled:  # the scale was found, and holds: train again from the start with it
                 trainer = self.trainer
                 rewind.apply(trainer.accelerator.unwrap_model(trainer.model), trainer.optimizer, state.global_step)
                 scheduler.hidden = trainer.schedule.init_state("cpu")  # the net reads the loss curve from its start

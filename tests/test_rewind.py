@@ -98,3 +98,11 @@ def test_a_growth_that_never_stops_drops_the_kept_weights(tmp_path):
     trainer, _ = train(tmp_path, learning_rate=1e-4, max_steps=10)  # still growing when the cooldown begins
     rewind = trainer.lr_scheduler.rewind
     assert rewind.skipped and rewind.step is None and rewind.weights is None
+
+
+def test_without_a_growth_phase_the_rewind_waits_for_the_scale_to_settle(tmp_path):
+    # mlrs_scale_growth=0: no growth phase; the scale holds once its signal stops agreeing in sign (settled), and only
+    # then is there a found gamma to rewind with.
+    trainer, _ = train(tmp_path, mlrs_scale_growth=0.0, mlrs_settle_interval=1)
+    rewind, scale = trainer.lr_scheduler.rewind, trainer.lr_scheduler.scale
+    assert rewind.step is None or rewind.step >= scale.settle_after, rewind.step
