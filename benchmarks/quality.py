@@ -162,9 +162,16 @@ for _name in set(LEARNED_VARIANTS) - {"default", "release"}:
     LEARNED_VARIANTS[_name] = {"mlrs_release_meta_share": False, **LEARNED_VARIANTS[_name]}
 for _name in set(LEARNED_VARIANTS) - {"default"}:  # before session 10 a stop could end the growth at update 3
     LEARNED_VARIANTS[_name] = {"mlrs_scale_min_growth": 3, **LEARNED_VARIANTS[_name]}
+# Since session 13 the default rewinds after a probe of at most 20% of the run (mlrs_scale_rewind,
+# mlrs_scale_rewind_max_share): every variant above but "default" ran without it.
+for _name in set(LEARNED_VARIANTS) - {"default"}:
+    LEARNED_VARIANTS[_name] = {"mlrs_scale_rewind": False, **LEARNED_VARIANTS[_name]}
+# the default of sessions 10-12 (its runs were recorded as "default" until session 13)
+LEARNED_VARIANTS["s10"] = {"mlrs_scale_rewind": False}
 # session 12: the session-10 default, and when the growth stops the model is rewound to its starting weights and
-# trains again from there at the found gamma (hf_mlrs/rewind.py; the growth's steps are spent as a probe)
-LEARNED_VARIANTS["rewind"] = {"mlrs_scale_rewind": True}
+# trains again from there at the found gamma (hf_mlrs/rewind.py; the growth's steps are spent as a probe), whatever
+# the probe's length
+LEARNED_VARIANTS["rewind"] = {"mlrs_scale_rewind": True, "mlrs_scale_rewind_max_share": 1.0}
 
 
 def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_source=None, model: str | None = None,

@@ -95,13 +95,18 @@ class MLRSTrainingArguments(TrainingArguments):
         `MLRSMultiTaskTrainer` set it). Defaults to True when the net is meta-trained, False when a frozen
         `schedule` is applied: there the scale is all that learns, and tracking is how it follows the frozen
         shape's decay (RESULTS.md 3b, rows 27-29).
-    mlrs_scale_rewind (`bool`, *optional*, defaults to `False`):
+    mlrs_scale_rewind (`bool`, *optional*):
         With a learned gamma that holds: when its growth stops, put the model's starting weights back and clear the
         optimizer's state, so the run trains from its start at the found gamma and the growth was only a probe (its
-        steps count in `max_steps`; 10-60 in the benchmarks). Removes the cost of the growth's ramp and overshoot and
-        spends the probe's steps: measured a gain for a language model trained from scratch, a loss for short
-        fine-tuning and image runs whose ramp trained the model (RESULTS.md 3b, session 12). Keeps one copy of the
-        model's state in CPU memory (and in checkpoints) until the rewind. Not under FSDP2.
+        steps count in `max_steps`; 10-60 in the benchmarks). Only when the probe took at most
+        `mlrs_scale_rewind_max_share` of the run: a short probe costs little, and the held lr from the first step
+        beat the growth's ramp (a model trained from scratch decides in those steps whether it stalls on a
+        plateau); a long probe's steps had trained the model (RESULTS.md 3b, sessions 12-13). Keeps one copy of the
+        model's state in CPU memory (and in checkpoints) until the probe ends. Defaults to on where it applies (a
+        learned gamma that holds, not under FSDP2); False skips the copy.
+    mlrs_scale_rewind_max_share (`float`, *optional*, defaults to 0.2):
+        The longest probe, as a share of the run's optimizer steps, after which the run still rewinds; a growth that
+        stops later goes on from where it is. 1.0 rewinds after any probe.
     mlrs_meta_eval_mode (`bool`, *optional*, defaults to `False`):
         Measure the meta loss in eval mode (BatchNorm running statistics, no dropout) instead of train mode.
     mlrs_cooldown_fraction (`float`, *optional*):
@@ -202,9 +207,14 @@ class MLRSTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Learned gamma: when growth stops, gamma (after the backoff) times this "
                                 "factor in (0, 1]. Default: 0.8 when the scale then holds, 1 (none) when it tracks."}
     )
-    mlrs_scale_rewind: bool = field(
-        default=False, metadata={"help": "Learned gamma that holds: when growth stops, rewind the model to its "
-                                 "starting weights (optimizer state cleared) and train from there at the found gamma."}
+    mlrs_scale_rewind: bool | None = field(
+        default=None, metadata={"help": "Learned gamma that holds: when growth stops within the first "
+                                "mlrs_scale_rewind_max_share of the run, rewind the model to its starting weights "
+                                "(optimizer state cleared) and train from there at the found gamma. Default: on where "
+                                "it applies (a learned gamma that holds, not FSDP2)."}
+    )
+    mlrs_scale_rewind_max_share: float = field(
+        default=0.2, metadata={"help": "Rewind only after a probe of at most this share of the run's steps."}
     )
     mlrs_meta_eval_mode: bool = field(
         default=False, metadata={"help": "Measure the meta loss in eval mode (running statistics, no dropout)."}
@@ -296,6 +306,9 @@ class MLRSTrainingArguments(TrainingArguments):
         elif self.mlrs_gamma != "auto" and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             fail("learning_rate", f"{self.learning_rate} cannot serve as gamma (or its start)",
                  "Set a positive learning_rate.")
+        if not 0 < self.mlrs_scale_rewind_max_share <= 1:
+            fail("mlrs_scale_rewind_max_share", f"{self.mlrs_scale_rewind_max_share} is not a share in (0, 1]",
+                 "Use e.g. 0.2 (rewind only after a probe of at most a fifth of the run) or 1.0 (after any probe).")
         if self.mlrs_scale_rewind and (not learned or self.mlrs_scale_hold is False):
             fail("mlrs_scale_rewind", "rewinds to the start once a learned gamma stops growing and holds, and this "
                  f"run has mlrs_gamma={self.mlrs_gamma!r}, mlrs_scale_hold={self.mlrs_scale_hold!r}",

@@ -4,12 +4,13 @@ A learned gamma that holds (`mlrs_scale_hold`) grows from a conservative start u
 "large enough", then holds. The growth costs the run twice: its ramp trains slowly at lrs far below the one it finds,
 and its last steps overshoot it before the stop is read (RESULTS.md 3b, session 11: 0.4% of the LM's loss each; and
 a model trained from scratch decides in those steps whether it stalls on a plateau). Replayed at the found gamma from
-the first step, the same LM runs end 2% lower (session 12). With `mlrs_scale_rewind`, the
-model's starting weights are kept, and when the growth stops they are put back and the optimizer's state is cleared:
-the steps of the growth become a probe (they count in `max_steps`), and the run trains from its start at the found
-gamma, as a warmup-stable-decay with a learned peak and no warmup. It pays where the ramp was wasted (the LM: -1.7%
-on 10 seeds) and costs the probe's steps where the ramp trained (bbc, Fashion-MNIST: -1.6 to -1.8 points), so it is
-an option, not the default (RESULTS.md 3b, session 12).
+the first step, the same LM runs end 2% lower (session 12). So when the growth stops, the
+model's starting weights are put back and the optimizer's state is cleared: the steps of the growth become a probe
+(they count in `max_steps`), and the run trains from its start at the found gamma, as a warmup-stable-decay with a
+learned peak and no warmup. That pays where the ramp was wasted (the LM: -1.7% on 10 seeds) and costs the probe's
+steps where they were a large part of the run and had trained the model (bbc and Fashion-MNIST probes of 24-38% of
+the run: -1.6 to -9 points), so it happens only after a probe of at most `latest_step` steps (a share of the run,
+`mlrs_scale_rewind_max_share`); a later stop goes on from where it is (RESULTS.md 3b, sessions 12-13).
 
 The kept weights are one copy of the model's state (parameters and buffers) in CPU memory, until the rewind; they
 ride in the scheduler's checkpointed state until then, so a run resumed before its rewind still rewinds to its own
@@ -24,7 +25,9 @@ import torch
 class Rewind:
     """The model's starting state, and whether (and at which step) the run has been rewound to it."""
 
-    def __init__(self):
+    def __init__(self, latest_step: int, required: bool = False):
+        self.latest_step = latest_step  # the last optimizer step after which a stopped growth still rewinds
+        self.required = required  # asked for explicitly: a checkpoint without its state cannot resume the run
         self.weights: dict[str, torch.Tensor] | None = None
         self.step: int | None = None  # the optimizer step (1-based, as the Trainer counts) after which it rewound
         self.skipped = False  # the growth never stopped before the cooldown: nothing to rewind, the copy is dropped
@@ -32,6 +35,10 @@ class Rewind:
     @property
     def done(self) -> bool:
         return self.step is not None or self.skipped
+
+    def due(self, step: int) -> bool:
+        """Whether a growth that stopped after optimizer step `step` still rewinds (else the run goes on)."""
+        return step <= self.latest_step
 
     def skip(self) -> None:
         self.weights, self.skipped = None, True

@@ -349,8 +349,11 @@ class MLRSScheduler(LRScheduler):
         if self.meta_share is not None and "meta_share" in state:
             self.meta_share.load_state_dict(state["meta_share"])
         if self.rewind is not None:
-            if "rewind" not in state:
+            if "rewind" not in state and not self.rewind.required:
+                self.rewind.skip()  # a run started without the rewind (or before it existed) goes on without it
+            elif "rewind" not in state:
                 raise ValueError("MLRSScheduler: this checkpoint was written without mlrs_scale_rewind, so it holds "
                                  "no starting weights to rewind to. Resume with the settings the run was started "
                                  "with.")
-            self.rewind.load_state_dict(state["rewind"])
+            else:
+                self.rewind.load_state_dict(state["rewind"])

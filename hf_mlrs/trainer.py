@@ -141,7 +141,7 @@ class MLRSTrainer(Trainer):
                     "one process, then apply the learned schedule frozen at a fixed gamma (schedule=... or "
                     "MLRSCallback), which works under any mode."
                 )
-            if args.mlrs_scale_rewind and self.accelerator.distributed_type == DistributedType.FSDP:
+            if args.mlrs_scale_rewind is True and self.accelerator.distributed_type == DistributedType.FSDP:
                 raise ValueError("MLRSTrainer: mlrs_scale_rewind keeps the whole model's starting state, which FSDP2 "
                                  "shards; it is not supported there yet. Drop mlrs_scale_rewind under FSDP2.")
             self._setup_meta_set(meta_dataset)
@@ -231,14 +231,24 @@ class MLRSTrainer(Trainer):
                 self.lr_scheduler.meta_share = self._meta_share  # its release is part of the checkpointed state
                 if self._meta_share is not None:
                     self._meta_share.released_from = None  # a new run holds it out (a checkpoint loads its own)
-                if self.args.mlrs_scale_rewind:
-                    if not hold:
-                        raise ValueError("MLRSTrainer: mlrs_scale_rewind needs a learned gamma that holds once it "
-                                         "has stopped growing; this run tracks it (mlrs_scale_hold=False, or a frozen "
-                                         "schedule). Set mlrs_scale_hold=True or drop mlrs_scale_rewind.")
-                    self.lr_scheduler.rewind = Rewind()  # the starting weights are kept at on_train_begin
+                if self._rewinds(hold):
+                    self.lr_scheduler.rewind = Rewind(  # the starting weights are kept at on_train_begin
+                        latest_step=math.floor(self.args.mlrs_scale_rewind_max_share * num_training_steps),
+                        required=self.args.mlrs_scale_rewind is True)
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def _rewinds(self, hold: bool) -> bool:
+        """Whether this run keeps its starting weights to rewind to once the learned scale's growth stops."""
+        rewind = self.args.mlrs_scale_rewind
+        if rewind is None:  # on where it applies: a learned gamma that holds, outside FSDP2 (which shards the state)
+            return (self.lr_scheduler.scale is not None and hold
+                    and self.accelerator.distributed_type != DistributedType.FSDP)
+        if rewind and not hold:
+            raise ValueError("MLRSTrainer: mlrs_scale_rewind needs a learned gamma that holds once it has stopped "
+                             "growing; this run tracks it (mlrs_scale_hold=False, or a frozen schedule). Set "
+                             "mlrs_scale_hold=True or drop mlrs_scale_rewind.")
+        return rewind
 
     # Why: once no meta step is left, the held-out share rejoins training; the loader must see the whole dataset.
     def get_train_dataloader(self):
@@ -413,7 +423,9 @@ class _MLRSHooks(TrainerCallback):
             learner.record_stages(state.global_step, scheduler.loss_ema)
         rewind = scheduler.rewind
         if rewind is not None and not rewind.done:
-            if learner.scale.settled:  # the scale was found, and holds: train again from the start with it
+            if learner.scale.settled and not rewind.due(state.global_step):
+                rewind.skip()  # a long probe: its steps trained the model, and going on is cheaper than its rerun
+            elif learner.scale.settled:  # the scale was found, and holds: train again from the start with it
                 trainer = self.trainer
                 rewind.apply(trainer.accelerator.unwrap_model(trainer.model), trainer.optimizer, state.global_step)
                 scheduler.hidden = trainer.schedule.init_state("cpu")  # the net reads the loss curve from its start

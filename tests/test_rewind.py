@@ -1,5 +1,6 @@
 """mlrs_scale_rewind: once the learned scale stops growing, the model is put back to its starting weights (optimizer
-state cleared) and trains again from there at the found gamma."""
+state cleared) and trains again from there at the found gamma; only after a probe of at most
+mlrs_scale_rewind_max_share of the run, and by default wherever a learned gamma holds."""
 
 import pytest
 import torch
@@ -29,8 +30,10 @@ class StateProbe(TrainerCallback):
 
 
 def rewind_args(output_dir, **overrides):
-    """AdamW on a noise-free least-squares problem from lr 0.1: the scale grows, stops near step 10, and holds."""
-    values = dict(max_steps=24, mlrs_gamma="learned", mlrs_scale_rewind=True, optim="adamw_torch", learning_rate=0.1,
+    """AdamW on a noise-free least-squares problem from lr 0.1: the scale grows, stops near step 10, and holds (a
+    probe of ~40% of the run: rewinding after it needs a max share above the default)."""
+    values = dict(max_steps=24, mlrs_gamma="learned", mlrs_scale_rewind=True, mlrs_scale_rewind_max_share=1.0,
+                  optim="adamw_torch", learning_rate=0.1,
                   mlrs_scale_start_update=None, per_device_train_batch_size=64, mlrs_meta_batch_size=64,
                   max_grad_norm=0.0, weight_decay=0.0)
     values.update(overrides)
@@ -106,3 +109,50 @@ def test_without_a_growth_phase_the_rewind_waits_for_the_scale_to_settle(tmp_pat
     trainer, _ = train(tmp_path, mlrs_scale_growth=0.0, mlrs_settle_interval=1)
     rewind, scale = trainer.lr_scheduler.rewind, trainer.lr_scheduler.scale
     assert rewind.step is None or rewind.step >= scale.settle_after, rewind.step
+
+
+def test_a_probe_longer_than_the_max_share_goes_on_as_a_run_without_the_rewind(tmp_path):
+    full, _ = train(tmp_path / "full")
+    k = full.lr_scheduler.rewind.step
+    assert k is not None  # with a max share of 1 this run rewinds after step k
+    # a max share just below k's: the same probe, then no rewind, and the run equals one that never kept a copy
+    late, _ = train(tmp_path / "late", mlrs_scale_rewind_max_share=(k - 1) / 24)
+    never, _ = train(tmp_path / "never", mlrs_scale_rewind=False)
+    assert late.lr_scheduler.rewind.skipped and late.lr_scheduler.rewind.weights is None
+    assert never.lr_scheduler.rewind is None
+    assert logged_lrs(late) == logged_lrs(never) and gammas(late) == gammas(never)
+    assert all(torch.equal(a, b) for a, b in zip(late.model.parameters(), never.model.parameters()))
+    # and a max share that admits step k rewinds there, as the unlimited one
+    on_time, _ = train(tmp_path / "on_time", mlrs_scale_rewind_max_share=k / 24)
+    assert on_time.lr_scheduler.rewind.step == k
+
+
+def test_by_default_it_rewinds_only_where_a_learned_scale_holds(tmp_path):
+    data = least_squares_data()
+
+    def rewind_of(**overrides):
+        args = rewind_args(tmp_path, **{"mlrs_scale_rewind": None, **overrides})
+        trainer = MLRSTrainer(model=LeastSquares(), args=args, train_dataset=data, meta_dataset=data)
+        trainer.create_optimizer_and_scheduler(num_training_steps=24)
+        return trainer.lr_scheduler.rewind
+
+    default = rewind_of()
+    assert default is not None and not default.required and default.latest_step == 24
+    assert rewind_of(mlrs_scale_rewind_max_share=0.2).latest_step == 4  # floor(0.2 x 24)
+    assert rewind_of(mlrs_scale_hold=False) is None  # a scale that tracks never settles for good
+    assert rewind_of(mlrs_scale_rewind=False) is None
+    args = tiny_args(tmp_path, max_steps=24, learning_rate=0.1)  # a fixed gamma: nothing to rewind with
+    trainer = MLRSTrainer(model=LeastSquares(), args=args, train_dataset=data, meta_dataset=data)
+    trainer.create_optimizer_and_scheduler(num_training_steps=24)
+    assert trainer.lr_scheduler.rewind is None
+
+
+def test_a_checkpoint_without_the_rewind_resumes_without_it_unless_it_was_asked_for(tmp_path):
+    settings = dict(save_strategy="steps", save_steps=4)
+    without, _ = train(tmp_path, mlrs_scale_rewind=False, **settings)
+    checkpoint = str(tmp_path / "checkpoint-4")
+    resumed, _ = train(tmp_path, resume=checkpoint, mlrs_scale_rewind=None, **settings)  # the default: goes on
+    assert resumed.lr_scheduler.rewind.skipped and resumed.lr_scheduler.rewind.step is None
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), without.model.parameters()))
+    with pytest.raises(ValueError, match="written without mlrs_scale_rewind"):
+        train(tmp_path, resume=checkpoint, **settings)  # asked for explicitly: its start is not in the checkpoint

@@ -53,8 +53,9 @@ def main(out_path, gamma):
     # (epoch 1 of 3, 6 steps each): the held-out share rejoins training from the next epoch, alike on both ranks
     learned = dict(mlrs_gamma="learned", mlrs_settle_interval=1, mlrs_horizon=2,
                    mlrs_cooldown_fraction=0.5) if gamma in ("learned", "rewind") else {}
-    if gamma == "rewind":  # growth stoppable from its 3rd update, so that it stops (and rewinds) before the cooldown
-        learned.update(mlrs_scale_rewind=True, mlrs_scale_min_growth=3)
+    if gamma == "rewind":  # growth stoppable from its 3rd update, so that it stops (and rewinds) before the cooldown,
+        # after a probe longer than the default max share of a 14-step run
+        learned.update(mlrs_scale_rewind=True, mlrs_scale_min_growth=3, mlrs_scale_rewind_max_share=1.0)
     trainer = MLRSTrainer(
         model=tiny_bert(),
         args=tiny_args(os.path.dirname(out_path) + "/ddp", max_steps=14, per_device_train_batch_size=8,
