@@ -77,3 +77,10 @@ python benchmarks/transfer.py --entries lm-bytes,text-bbc,image-fashion,multitas
   --no-budgets --reuse benchmarks/results/quality_cpu.json
 python benchmarks/transfer.py --reuse benchmarks/results/quality_cpu.json --write-cards   # sizes and budgets too
 python benchmarks/zoo_shapes.py --write-cards
+# The default's row over 3 meta-training draws (session 13: two draws of one command differ by up to 2 points per
+# cell): two more draws of each leave-one-task-out variant (5-10 min each on this host), then the row averaged.
+for task in bbc digits fashion lm; do
+  for draw in 1 2; do python recipes/zoo.py --entry "multitask-without-$task" --draw "$draw"; done
+done
+python benchmarks/transfer.py --entries multitask-default --draws 3 --reuse benchmarks/results/quality_cpu.json \
+  --cells lm/gpt2-small,fashion/resnet-small,bbc/minilm-L2,digits/resnet-small,digits/resnet-large --write-cards

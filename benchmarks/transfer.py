@@ -10,6 +10,10 @@ cell of its row is a held-out task. Each cell, at the task's length in benchmark
   learned       the schedule frozen, its lr scale learned (MLRSTrainer(schedule=..., mlrs_gamma="learned")), no lr
 Budgets: on one cheap held-out cell per schedule, the same arms (built-ins: the tuned constant and the best tuned
 schedule of the cell) at 1/3x and 3x the schedule's meta-training episode length (capped by --budget_cap steps).
+Draws (`--draws N`): a zoo entry is one draw of its meta-training command, and two draws differ by up to 2 points per
+cell (RESULTS.md section 8, session 13); with N > 1 each cell's zoo and learned arms are the mean over the entry and
+its draws 1..N-1 (`python recipes/zoo.py --entry NAME --draw K`), each draw's gamma tuned on its own, and the table
+shows each draw's gap in brackets.
 Targets (held-out tasks only): zoo within 0.5 accuracy point of the best tuned built-in (LM: 1% of the loss), ahead of
 the tuned constant everywhere, ahead of the best on >= 1 task; learned within 1 point (LM: 2%).
 
@@ -18,6 +22,7 @@ the tuned constant everywhere, ahead of the best on >= 1 task; learned within 1 
     python benchmarks/transfer.py --entries text-bbc --write-cards   # fill the Transfer section of the cards
     python benchmarks/transfer.py --entries lm-bytes --cells bbc/minilm-L2,digits/resnet-small --no-budgets
     python benchmarks/transfer.py --entries multitask-default --remeasure learned   # after a change of its defaults
+    python benchmarks/transfer.py --entries multitask-default --draws 3 --reuse benchmarks/results/quality_cpu.json
     python benchmarks/transfer.py --smoke                   # seconds; run by the test suite
 Results accumulate: a rerun keeps the rows and runs already in results/transfer_<device>.json, so a benchmark can be
 done one entry or a few cells at a time (a kill loses at most the run in progress).
@@ -152,7 +157,23 @@ def measure_cell(runs: Runs, task, model, steps, schedule, builtins, options, la
     arms["learned"] = {"lr": None, "score": statistics.fmean(map(quality.score, rs)),
                        "gamma_end": [r["gammas"][-1][1] if r["gammas"] else None for r in rs]}
     best = max((a for a in arms if a.startswith("builtin:")), key=lambda a: arms[a]["score"])
-    return {"task": task, "model": model, "steps": steps, "arms": arms, "best_builtin": best}
+    return {"task": task, "model": model, "steps": steps, "arms": arms, "best_builtin": best, "label": label}
+
+
+def over_draws(cells: list[dict]) -> dict:
+    """One cell from the same cell measured with several meta-training draws of a schedule: the zoo and learned arms
+    averaged over draws (each draw's gamma tuned on its own), the built-ins (the same runs for every draw) kept; each
+    draw's arms and gaps recorded under "draws"."""
+    if len(cells) == 1:
+        return cells[0]
+    arms = dict(cells[0]["arms"])
+    arms["zoo"] = {"lr": [c["arms"]["zoo"]["lr"] for c in cells],
+                   "score": statistics.fmean(c["arms"]["zoo"]["score"] for c in cells)}
+    arms["learned"] = {"lr": None, "score": statistics.fmean(c["arms"]["learned"]["score"] for c in cells),
+                       "gamma_end": [g for c in cells for g in c["arms"]["learned"]["gamma_end"]]}
+    draws = [{"label": c["label"], "zoo": c["arms"]["zoo"], "learned": c["arms"]["learned"], "gaps": gaps(c)}
+             for c in cells]
+    return {**cells[0], "arms": arms, "label": None, "draws": draws}
 
 
 def gaps(cell: dict) -> dict:
@@ -200,10 +221,17 @@ def row_line(name: str, c: dict) -> str:
     versus = "-" if g["zoo_vs_constant"] is None else f"{-g['zoo_vs_constant']:+.2f}"
     budget = f" (budget {c['budget']:.2g}x{', capped' if c.get('capped') else ''})" if c.get("budget") else ""
     via = f" (as {c['schedule']})" if c.get("schedule", name) != name else ""  # the default: its leave-one-out nets
+    draws = c.get("draws")
+    if draws:  # the mean over meta-training draws, and each draw's gap in brackets
+        via += f", {len(draws)} draws"
+        lrs = ", ".join(f"{lr:g}" for lr in a["zoo"]["lr"])
+        spread = {arm: " [" + ", ".join(f"{d['gaps'][arm]:+.2f}" for d in draws) + "]" for arm in ("zoo", "learned")}
+    else:
+        lrs, spread = f"{a['zoo']['lr']:g}", {"zoo": "", "learned": ""}
     return (f"| {name}{via} | {c['task']}/{c['model']} | {c['relation']}{budget} | "
             f"{c['steps']} | {best[8:]} {show(a[best]['score'])} | {show(a['zoo']['score'])} (gamma "
-            f"{a['zoo']['lr']:g}) | {g['zoo']:+.2f} | {versus} | {show(a['learned']['score'])} | "
-            f"{g['learned']:+.2f} |")
+            f"{lrs}) | {g['zoo']:+.2f}{spread['zoo']} | {versus} | {show(a['learned']['score'])} | "
+            f"{g['learned']:+.2f}{spread['learned']} |")
 
 
 def write_cards(rows: list[dict], command: str) -> None:
@@ -239,6 +267,9 @@ def main(argv=None):
     parser.add_argument("--write-cards", action="store_true", help="fill each shipped entry's Transfer section "
                         "(cells not measured yet are trained first: to refresh the cards only, give --entries and "
                         "--cells of measured cells)")
+    parser.add_argument("--draws", type=int, default=1, help="meta-training draws per zoo entry to average over: "
+                        "the entry and `python recipes/zoo.py --entry NAME --draw K` for K < DRAWS (the "
+                        "leave-one-task-out variants for the default)")
     parser.add_argument("--plan", action="store_true", help="list the schedules and cells; train nothing")
     parser.add_argument("--smoke", action="store_true", help="a fresh schedule, tiny models, 2 steps, 1 seed")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -264,6 +295,9 @@ def main(argv=None):
         measured = [("smoke", "smoke", folder)]
     else:
         measured = entries_to_measure(options.entries.split(","))
+    if options.draws < 1:
+        parser.error(f"--draws {options.draws}: give 1 (the entry only) or more.")
+    draws = {schedule: draw_folders(schedule, folder, options.draws) for _, schedule, folder in measured}
     missing = [str(folder) for _, _, folder in measured if folder is None or not (folder / "config.json").exists()]
     # Refreshing a card from rows measured earlier needs only the results (e.g. the default's row, measured with its
     # leave-one-task-out nets, which live under outputs/ and are not committed); read them only in that case.
@@ -298,15 +332,19 @@ def main(argv=None):
                 log(f"{row_name} ({schedule}): " + ", ".join(f"{t}/{m} [{k}]" for t, m, k in cells))
                 continue
             builtins = ["linear", "constant"] if options.smoke else quality.SCHEDULES
-            label = label_of(schedule, folder)
+            labels = {draw_folder: label_of(name, draw_folder) for name, draw_folder in draws[schedule]}
             for task, model, kind in cells:
                 steps = 2 if options.smoke else standard_steps(task, model)
-                cell = measure_cell(runs, task, model, steps, folder, builtins, options, label)
+                cell = over_draws([measure_cell(runs, task, model, steps, f, builtins, options, label)
+                                   for f, label in labels.items()])
                 add_cell(row, {**cell, "relation": kind, "gaps": gaps(cell), "schedule": schedule})
             if options.budgets and not any(c.get("budget") for c in row["cells"]):  # one budget cell per row
-                for cell in budget_cells(runs, schedule, folder, net, label,
-                                         [c for c in row["cells"] if c["schedule"] == schedule], options):
-                    add_cell(row, cell)
+                held = [c for c in row["cells"] if c["schedule"] == schedule]
+                per_draw = [budget_cells(runs, schedule, f, MLRSNet.from_pretrained(f), label, held, options)
+                            for f, label in labels.items()]
+                for same in zip(*per_draw):  # the same budget cell of every draw
+                    cell = over_draws(list(same))
+                    add_cell(row, {**cell, "gaps": gaps(cell)})
             stem.with_suffix(".json").write_text(json.dumps({"rows": list(rows.values()),
                                                              "runs": list(runs.done.values())}, default=str))
     if options.plan:
@@ -325,6 +363,25 @@ def main(argv=None):
     if options.write_cards:  # only the rows measured by this command: the card records it as theirs
         write_cards([row for row in rows if row["row"] in {name for name, _, _ in measured}], command)
     return {"rows": rows, "targets": met}
+
+
+def draw_folders(schedule: str, folder: Path | None, count: int) -> list[tuple[str, Path]]:
+    """(name, folder) of each of a schedule's first `count` meta-training draws: the schedule itself, then
+    `recipes/zoo.py --entry NAME --draw K`'s. A draw not built yet is an error that says how to build it."""
+    if count == 1:
+        return [(schedule, folder)]
+    import zoo
+
+    if schedule not in zoo.ZOO:
+        raise ValueError(f"--draws {count}: {schedule} is not a zoo entry, so it has no other meta-training draws; "
+                         "measure it with --draws 1.")
+    out = [(schedule, folder)] + [(zoo.draw_name(schedule, k), zoo.schedule_dir(schedule, k)) for k in range(1, count)]
+    missing = [f"python recipes/zoo.py --entry {schedule} --draw {k}" for k, (_, f) in enumerate(out)
+               if k and not (f / "config.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"--draws {count}: {len(missing)} draw(s) of {schedule} not meta-trained yet; run "
+                                + "; ".join(missing))
+    return out
 
 
 def rows_stored(results: Path, names: set[str]) -> bool:

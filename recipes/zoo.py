@@ -5,12 +5,16 @@
     nohup python recipes/zoo.py --entry multitask-default > zoo-multitask.log 2>&1 &
     python recipes/zoo.py --entry text-bbc --estimate     # time 20 steps of each pair, extrapolate
     python recipes/zoo.py --entry text-bbc --smoke --output_dir /tmp/zoo-smoke   # tiny models, a few steps
+    python recipes/zoo.py --entry multitask-without-bbc --draw 1   # another meta-training draw (seed + 1)
 
 An entry is a `recipes/meta_train_multitask.py` run: (task, model, steps, gamma) pairs from `recipes/tasks.py`,
 `rounds` passes over them. Shipped entries (`ship=True`) are written into `hf_mlrs/pretrained/<name>/` (weights,
 config, model card with provenance and a "Transfer" section that `benchmarks/transfer.py --write-cards` fills in, lr
 plot); the others (the leave-one-task-out variants of the multi-task default, used by the transfer benchmark) into
 `outputs/zoo/<name>/schedule/`. Working files and checkpoints go to `outputs/zoo/<name>/` (`--output_dir`).
+`--draw K` meta-trains the same entry with its seed + K (the initial net, the episodes' models and data order) into
+`outputs/zoo/<name>-draw<K>/`, never into the package: two draws of one command differ by up to 2 points of transfer
+(RESULTS.md section 8, session 13), so `benchmarks/transfer.py --draws N` averages a row over N of them.
 
 Why these settings (issue 10; `benchmarks/RESULTS.md`, sections 2-3b):
 - Length: the schedules shipped before the zoo (v0.1's, removed in session 8) were meta-trained for 192 (bbc) and
@@ -71,11 +75,21 @@ def entry(name: str) -> dict:
     return ZOO[name]
 
 
-def schedule_dir(name: str) -> Path:
-    """Where an entry's schedule lives: inside the package if shipped, under outputs/zoo/ otherwise."""
+def schedule_dir(name: str, draw: int = 0) -> Path:
+    """Where an entry's schedule lives: inside the package if shipped, under outputs/zoo/ otherwise; another draw
+    (`draw` > 0) always under outputs/zoo/<name>-draw<draw>/."""
+    if draw:
+        return ROOT / "outputs" / "zoo" / draw_name(name, draw) / "schedule"
     if entry(name)["ship"]:
         return ROOT / "hf_mlrs" / "pretrained" / name
     return ROOT / "outputs" / "zoo" / name / "schedule"
+
+
+def draw_name(name: str, draw: int) -> str:
+    """The name of an entry's meta-training draw `draw` (draw 0 is the entry itself)."""
+    if draw < 0:
+        raise ValueError(f"--draw {draw}: a draw is a non-negative offset of the entry's seed (0 is the entry).")
+    return f"{name}-draw{draw}" if draw else name
 
 
 def learned_on(name: str) -> str:
@@ -86,14 +100,16 @@ def learned_on(name: str) -> str:
     return f"{pairs}; {spec['rounds']} round(s), {steps:,} steps"
 
 
-def recipe_argv(name: str, output_dir: Path, target: Path, smoke: bool = False) -> list[str]:
-    """The meta_train_multitask.py arguments of an entry (with --smoke: tiny models, 3 steps per episode)."""
+def recipe_argv(name: str, output_dir: Path, target: Path, smoke: bool = False, draw: int = 0) -> list[str]:
+    """The meta_train_multitask.py arguments of an entry (with --smoke: tiny models, 3 steps per episode; with
+    `draw`, its seed moved by `draw`)."""
     spec = entry(name)
     pairs = spec["pairs"]
     if smoke:  # the same structure, tiny: task:tiny:3:gamma (one pair per task: sizes collapse to "tiny"), one round
         tiny = {p.split(":")[0]: ":".join([p.split(":")[0], "tiny", "3", p.split(":")[3]]) for p in reversed(pairs)}
         pairs = list(reversed(tiny.values()))
-    argv = ["--pairs", ",".join(pairs), "--rounds", "1" if smoke else str(spec["rounds"]), "--seed", str(spec["seed"]),
+    argv = ["--pairs", ",".join(pairs), "--rounds", "1" if smoke else str(spec["rounds"]),
+            "--seed", str(spec["seed"] + draw),
             "--output_dir", str(output_dir), "--schedule_dir", str(target), "--max_length", str(BBC_TOKENS)]
     if smoke:
         argv += ["--max_train_examples", "200", "--max_eval_examples", "32", "--logging_steps", "1",
@@ -103,18 +119,20 @@ def recipe_argv(name: str, output_dir: Path, target: Path, smoke: bool = False) 
     return argv
 
 
-def build(name: str, output_dir: Path | None = None, smoke: bool = False):
-    """Meta-train entry `name` (resuming whatever `output_dir` holds) and write its schedule folder."""
+def build(name: str, output_dir: Path | None = None, smoke: bool = False, draw: int = 0):
+    """Meta-train entry `name` (draw `draw`; resuming whatever `output_dir` holds) and write its schedule folder."""
     import meta_train_multitask as recipe
 
     if smoke and output_dir is None:
         raise ValueError("--smoke needs --output_dir (a smoke run never writes into hf_mlrs/pretrained).")
-    output_dir = Path(output_dir) if output_dir else ROOT / "outputs" / "zoo" / name
-    target = output_dir / "schedule" if smoke else schedule_dir(name)
-    argv = recipe_argv(name, output_dir, target, smoke)
+    output_dir = Path(output_dir) if output_dir else ROOT / "outputs" / "zoo" / draw_name(name, draw)
+    target = output_dir / "schedule" if smoke else schedule_dir(name, draw)
+    argv = recipe_argv(name, output_dir, target, smoke, draw)
     script_args, training_args = recipe.make_parser().parse_args_into_dataclasses(args=argv)
-    command = f"python recipes/zoo.py --entry {name}"
+    command = f"python recipes/zoo.py --entry {name}" + (f" --draw {draw}" if draw else "")
     provenance = {"zoo_entry": name, "summary": entry(name)["summary"], "learned_on": learned_on(name)}
+    if draw:
+        provenance["draw"] = draw
     return recipe.main(script_args, training_args, command=command + (" --smoke" if smoke else ""),
                        extra_provenance=provenance)
 
@@ -144,6 +162,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--entry", help=f"one of {sorted(ZOO)}")
     parser.add_argument("--output_dir", help="working folder (default outputs/zoo/<entry>)")
     parser.add_argument("--smoke", action="store_true", help="tiny models, 3 steps per episode, one round")
+    parser.add_argument("--draw", type=int, default=0, help="meta-train the entry again with its seed + DRAW, into "
+                        "outputs/zoo/<entry>-draw<DRAW>/ (for benchmarks/transfer.py --draws)")
     parser.add_argument("--estimate", action="store_true", help="time 20 steps per pair and extrapolate")
     parser.add_argument("--list", action="store_true", help="list the entries")
     options = parser.parse_args(argv)
@@ -151,12 +171,13 @@ def main(argv: list[str] | None = None):
         for name, spec in ZOO.items():
             print(f"{name:28s} {'shipped' if spec['ship'] else 'benchmark only':15s} {learned_on(name)}")
         return ZOO
-    entry(options.entry)  # an unknown name fails here, before anything loads
+    entry(options.entry)  # an unknown name (or a negative draw) fails here, before anything loads
+    draw_name(options.entry, options.draw)
     if options.estimate:
         result = estimate(options.entry)
         print(json.dumps(result, indent=1))
         return result
-    return build(options.entry, options.output_dir, options.smoke)
+    return build(options.entry, options.output_dir, options.smoke, options.draw)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,33 @@ def test_transfer_smoke_measures_every_arm_fills_the_card_and_plans_without_sche
     assert len(rerun) == len(set(rerun))
 
 
+def test_transfer_averages_a_cell_over_meta_training_draws_and_names_the_missing_ones(tmp_path, monkeypatch):
+    transfer = load("transfer")
+
+    def cell(zoo, learned, lr, label):  # accuracy scores; the built-ins are the same runs for every draw
+        return {"task": "digits", "model": "tiny", "steps": 2, "label": label, "best_builtin": "builtin:linear",
+                "arms": {"builtin:linear": {"lr": 1e-3, "score": 0.9}, "builtin:constant": {"lr": 1e-3, "score": 0.8},
+                         "zoo": {"lr": lr, "score": zoo}, "learned": {"lr": None, "score": learned,
+                                                                      "gamma_end": [lr]}}}
+
+    merged = transfer.over_draws([cell(0.85, 0.88, 1e-2, "a@1"), cell(0.91, 0.86, 3e-3, "a-draw1@2")])
+    gaps = transfer.gaps(merged)
+    assert merged["arms"]["zoo"] == {"lr": [1e-2, 3e-3], "score": pytest.approx(0.88)}
+    assert gaps["zoo"] == pytest.approx(2.0) and gaps["learned"] == pytest.approx(3.0)
+    assert gaps["zoo_vs_constant"] == pytest.approx(-8.0)
+    assert [d["gaps"]["zoo"] for d in merged["draws"]] == [pytest.approx(5.0), pytest.approx(-1.0)]
+    line = transfer.row_line("multitask-default", {**merged, "relation": "held-out task", "gaps": gaps,
+                                                   "schedule": "multitask-without-digits"})
+    assert "(as multitask-without-digits), 2 draws |" in line
+    assert "(gamma 0.01, 0.003) | +2.00 [+5.00, -1.00] |" in line
+    assert transfer.over_draws([cell(0.85, 0.88, 1e-2, "a@1")])["arms"]["zoo"]["lr"] == 1e-2  # one draw: unchanged
+    monkeypatch.setattr(importlib.import_module("zoo"), "ROOT", tmp_path)  # no draw built under this root
+    with pytest.raises(FileNotFoundError, match="python recipes/zoo.py --entry multitask-without-bbc --draw 2"):
+        transfer.draw_folders("multitask-without-bbc", tmp_path, 3)
+    with pytest.raises(ValueError, match="not a zoo entry"):
+        transfer.draw_folders("smoke", tmp_path, 2)
+
+
 def test_horizon_probe_measures_consistent_slopes():
     """The probe's two slopes are the derivatives at the two ends of the window's line: the trapezoid rule with them,
     (s0 + s1) / 2, matches the loss change L(w_t) - L(w_{t-k}) far better than either end alone (a swapped end, a

@@ -64,7 +64,21 @@ def test_the_same_command_meta_trains_the_same_net(tmp_path):
         assert torch.allclose(a, second.state_dict()[name], rtol=0, atol=0, equal_nan=True), name  # bit for bit
 
 
+def test_another_draw_is_another_seed_its_own_folder_and_command(tmp_path):
+    import torch
+
+    first, _ = zoo.main(["--entry", "multitask-without-bbc", "--smoke", "--output_dir", str(tmp_path / "a")])
+    drawn, _ = zoo.main(["--entry", "multitask-without-bbc", "--smoke", "--draw", "1",
+                         "--output_dir", str(tmp_path / "b")])
+    assert drawn.provenance["draw"] == 1 and "draw" not in first.provenance
+    assert drawn.provenance["command"] == "python recipes/zoo.py --entry multitask-without-bbc --draw 1 --smoke"
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), drawn.state_dict().values()))
+    assert str(zoo.schedule_dir("text-bbc", 2)).endswith("outputs/zoo/text-bbc-draw2/schedule")  # never the package
+
+
 def test_bad_entries_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--draw -1"):
+        zoo.main(["--entry", "text-bbc", "--draw", "-1"])
     with pytest.raises(ValueError, match="Unknown zoo entry 'txt'"):
         zoo.main(["--entry", "txt"])
     with pytest.raises(ValueError, match="--smoke needs --output_dir"):
