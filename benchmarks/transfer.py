@@ -13,7 +13,8 @@ schedule of the cell) at 1/3x and 3x the schedule's meta-training episode length
 Draws (`--draws N`): a zoo entry is one draw of its meta-training command, and two draws differ by up to 2 points per
 cell (RESULTS.md section 8, session 13); with N > 1 each cell's zoo and learned arms are the mean over the entry and
 its draws 1..N-1 (`python recipes/zoo.py --entry NAME --draw K`), each draw's gamma tuned on its own, and the table
-shows each draw's gap in brackets.
+shows each draw's gap in brackets. Pooled (`--pool K`): each entry replaced by its stages chosen over its draws 0..K-1
+together (`python recipes/zoo.py --entry NAME --pool K`).
 Targets (held-out tasks only): zoo within 0.5 accuracy point of the best tuned built-in (LM: 1% of the loss), ahead of
 the tuned constant everywhere, ahead of the best on >= 1 task; learned within 1 point (LM: 2%).
 
@@ -23,6 +24,8 @@ the tuned constant everywhere, ahead of the best on >= 1 task; learned within 1 
     python benchmarks/transfer.py --entries lm-bytes --cells bbc/minilm-L2,digits/resnet-small --no-budgets
     python benchmarks/transfer.py --entries multitask-default --remeasure learned   # after a change of its defaults
     python benchmarks/transfer.py --entries multitask-default --draws 3 --reuse benchmarks/results/quality_cpu.json
+    python benchmarks/transfer.py --entries multitask-default --pool 3 --out benchmarks/results/pooled --reuse ...
+    python benchmarks/transfer.py --shapes                  # where each net put its lr per cell (from the results)
     python benchmarks/transfer.py --smoke                   # seconds; run by the test suite
 Results accumulate: a rerun keeps the rows and runs already in results/transfer_<device>.json, so a benchmark can be
 done one entry or a few cells at a time (a kill loses at most the run in progress).
@@ -34,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -99,7 +103,7 @@ def cells_of(row: str, schedule: str, net, smoke: bool, only=None) -> list[tuple
     if smoke:
         return [("digits", "tiny", "held-out task, cross-modality")]
     pairs = learned_pairs(net)
-    left_out = schedule.removeprefix("multitask-without-") if schedule != row else None
+    left_out = re.sub(r"-pool\d+$", "", schedule.removeprefix("multitask-without-")) if schedule != row else None
     cells = []
     for task, model in TARGETS:
         kind = relation(pairs, task, model)
@@ -270,6 +274,11 @@ def main(argv=None):
     parser.add_argument("--draws", type=int, default=1, help="meta-training draws per zoo entry to average over: "
                         "the entry and `python recipes/zoo.py --entry NAME --draw K` for K < DRAWS (the "
                         "leave-one-task-out variants for the default)")
+    parser.add_argument("--pool", type=int, default=0, help="measure each entry pooled over its draws 0..POOL-1 "
+                        "(`python recipes/zoo.py --entry NAME --pool POOL`) instead of the entry; with --out "
+                        "elsewhere, so that the pooled nets get their own table")
+    parser.add_argument("--shapes", action="store_true", help="print where each measured net put its lr on each "
+                        "held-out cell (from the results' logged lrs); train nothing")
     parser.add_argument("--plan", action="store_true", help="list the schedules and cells; train nothing")
     parser.add_argument("--smoke", action="store_true", help="a fresh schedule, tiny models, 2 steps, 1 seed")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -280,6 +289,13 @@ def main(argv=None):
         parser.error(f"--cells: unknown {sorted('/'.join(c) for c in only - set(TARGETS))}; cells are "
                      f"{', '.join('/'.join(c) for c in TARGETS)}.")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if options.shapes:
+        results = Path(options.out) / f"transfer_{options.device}.json"
+        if not results.exists():
+            parser.error(f"--shapes reads {results}; measure first (see the commands above).")
+        table = applied_shapes(json.loads(results.read_text()))
+        print(table)
+        return table
     from hf_mlrs import MLRSNet
 
     out = Path(options.out)
@@ -297,6 +313,10 @@ def main(argv=None):
         measured = entries_to_measure(options.entries.split(","))
     if options.draws < 1:
         parser.error(f"--draws {options.draws}: give 1 (the entry only) or more.")
+    if options.pool:
+        if options.draws > 1 or options.write_cards:
+            parser.error("--pool measures nets that are not shipped: without --draws or --write-cards.")
+        measured = pooled(measured, options.pool)
     draws = {schedule: draw_folders(schedule, folder, options.draws) for _, schedule, folder in measured}
     missing = [str(folder) for _, _, folder in measured if folder is None or not (folder / "config.json").exists()]
     # Refreshing a card from rows measured earlier needs only the results (e.g. the default's row, measured with its
@@ -363,6 +383,44 @@ def main(argv=None):
     if options.write_cards:  # only the rows measured by this command: the card records it as theirs
         write_cards([row for row in rows if row["row"] in {name for name, _, _ in measured}], command)
     return {"rows": rows, "targets": met}
+
+
+def applied_shapes(results: dict, at=(1 / 6, 1 / 2, 5 / 6)) -> str:
+    """A markdown table: where each measured zoo net put its lr on each held-out cell (A_t = lr / gamma at the
+    fractions `at` of the run), read from the logged lrs of its seed-0 run at its tuned gamma, with its gap; one line
+    per meta-training draw. Nothing is trained."""
+    runs = {(r["task"], r["model"], int(r["steps"]), r["arm"], float(r["lr"]), int(r["seed"])): r
+            for r in results["runs"] if r["arm"].startswith("zoo:") and r.get("lrs")}
+    lines = ["| row | cell | net | A_t at " + ", ".join(f"{f:.2g}" for f in at) + " of the run | gamma | gap |",
+             "|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        for c in row["cells"]:
+            if c.get("budget"):
+                continue
+            draws = c.get("draws") or [{"label": c["label"], "zoo": c["arms"]["zoo"], "gaps": c["gaps"]}]
+            for d in draws:
+                run = runs.get((c["task"], c["model"], int(c["steps"]), f"zoo:{d['label']}", float(d["zoo"]["lr"]), 0))
+                if run is None:
+                    continue
+                lrs, gamma, steps = run["lrs"], float(run["lr"]), int(c["steps"])
+                shape = [min(lrs, key=lambda p: abs(p[0] - f * steps))[1] / gamma for f in at]
+                lines.append(f"| {row['row']} | {c['task']}/{c['model']} | {d['label']} | "
+                             + ", ".join(f"{a:.3g}" for a in shape) + f" | {gamma:g} | {d['gaps']['zoo']:+.2f} |")
+    return "\n".join(lines)
+
+
+def pooled(measured: list[tuple[str, str, Path]], count: int) -> list[tuple[str, str, Path]]:
+    """The rows to measure with each schedule replaced by its pool over `count` draws; one not built yet is an error
+    that says how to build it."""
+    import zoo
+
+    out = [(row, f"{schedule}-pool{count}", zoo.pool_dir(schedule, count)) for row, schedule, _ in measured]
+    missing = [f"python recipes/zoo.py --entry {s[:-len(f'-pool{count}')]} --pool {count}"
+               for _, s, f in out if not (f / "config.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"--pool {count}: {len(missing)} pooled schedule(s) not built yet; run "
+                                + "; ".join(missing))
+    return out
 
 
 def draw_folders(schedule: str, folder: Path | None, count: int) -> list[tuple[str, Path]]:

@@ -237,9 +237,7 @@ class MLRSMultiTaskTrainer:
                                                for r in last_round], net.num_stages)
             for stage, state in zip(net.stages, stages):
                 stage.load_state_dict(state)
-        for k in range(1, net.num_stages):
-            values = [r["switch_losses"][k] for r in last_round if math.isfinite(r["switch_losses"][k])]
-            net.stage_switch_losses[k] = sum(values) / len(values) if values else float("nan")
+        _set_switch_losses(net, last_round)
         net.provenance = {
             "mode": "multi-task meta-training",
             "pairs": sorted({r["task"] + "/" + r["model"] for r in self.records}),
@@ -266,11 +264,44 @@ def midpoint_record(folder: Path, k: int) -> dict:
     return json.loads((Path(folder) / f"stage-{k}.json").read_text())
 
 
-def median_midpoints(folders: list[Path], num_stages: int) -> tuple[list[dict], list[dict]]:
+def _set_switch_losses(net: MLRSNet, last_round: list[dict]) -> None:
+    """Stage k's switch loss (for `stage_by="loss"`): the mean over the last round of each run's, where finite."""
+    for k in range(1, net.num_stages):
+        values = [r["switch_losses"][k] for r in last_round if math.isfinite(r["switch_losses"][k])]
+        net.stage_switch_losses[k] = sum(values) / len(values) if values else float("nan")
+
+
+def pool_draws(net: MLRSNet, output_dirs: Sequence[Path], labels: Sequence[str], rounds: int) -> list[dict]:
+    """Stages from several finished meta-trainings of one plan (draws: the same command with other seeds), in place:
+    the rule of a single run's stages (`median_midpoints` over the last round) applied to the last rounds of all of
+    them together, so stage k is the median of len(output_dirs) times as many nets. Why: two draws of one command
+    transfer up to 5 points apart (benchmarks/RESULTS.md section 8), and a median over more runs is less a draw.
+    `labels` name the draws in the provenance. Returns, per stage, the outputs and the net chosen."""
+    last_rounds, folders, names = [], [], []
+    for output_dir, label in zip(output_dirs, labels, strict=True):
+        records = [json.loads(p.read_text()) for p in sorted(Path(output_dir).glob(f"episode-*/{DONE_NAME}"))]
+        last = [r for r in records if r["round"] == rounds - 1]
+        if not last or len(last) != sum(r["round"] == 0 for r in records):
+            raise FileNotFoundError(f"pool_draws: {output_dir} holds no finished last round (round {rounds - 1} of "
+                                    f"{rounds}; {len(records)} episodes done): finish that draw first (rerun its "
+                                    "command: it resumes).")
+        last_rounds += last
+        folders += [Path(output_dir) / f"episode-{r['index']:04d}" / MIDPOINTS_DIR for r in last]
+        names += [f"{label}/episode-{r['index']:04d}" for r in last]
+    stages, chosen = median_midpoints(folders, net.num_stages, names)
+    for stage, state in zip(net.stages, stages):
+        stage.load_state_dict(state)
+    _set_switch_losses(net, last_rounds)
+    return chosen
+
+
+def median_midpoints(folders: list[Path], num_stages: int,
+                     names: Sequence[str] | None = None) -> tuple[list[dict], list[dict]]:
     """Stage k's weights: of the stage-k midpoints in `folders` (one per episode of the last round), the net whose
     output A_t there was the median (the lower one for an even count). A real net, not an average: the nets of one
     round differ by more than averaging their weights preserves (a weight average of nets at 0.08-0.73 output 0.75).
-    Also returns, per stage, every episode's output and the one chosen, for the provenance."""
+    Also returns, per stage, every episode's output and the one chosen (by `names`, default its episode folder),
+    for the provenance."""
     missing = [str(f / f"stage-{k}.json") for f in folders for k in range(num_stages)
                if not (f / f"stage-{k}.json").is_file()]
     if missing:
@@ -284,7 +315,8 @@ def median_midpoints(folders: list[Path], num_stages: int) -> tuple[list[dict], 
         outputs = [midpoint_record(f, k)["output"] for f in folders]
         median = sorted(range(len(folders)), key=lambda i: outputs[i])[(len(folders) - 1) // 2]
         stages.append(load_file(str(folders[median] / f"stage-{k}.safetensors")))
-        chosen.append({"outputs": [round(o, 4) for o in outputs], "chosen": folders[median].parent.name})
+        chosen.append({"outputs": [round(o, 4) for o in outputs],
+                       "chosen": names[median] if names else folders[median].parent.name})
     return stages, chosen
 
 

@@ -6,6 +6,7 @@
     python recipes/zoo.py --entry text-bbc --estimate     # time 20 steps of each pair, extrapolate
     python recipes/zoo.py --entry text-bbc --smoke --output_dir /tmp/zoo-smoke   # tiny models, a few steps
     python recipes/zoo.py --entry multitask-without-bbc --draw 1   # another meta-training draw (seed + 1)
+    python recipes/zoo.py --entry multitask-without-bbc --pool 3   # stages chosen over draws 0-2 together
 
 An entry is a `recipes/meta_train_multitask.py` run: (task, model, steps, gamma) pairs from `recipes/tasks.py`,
 `rounds` passes over them. Shipped entries (`ship=True`) are written into `hf_mlrs/pretrained/<name>/` (weights,
@@ -15,6 +16,8 @@ plot); the others (the leave-one-task-out variants of the multi-task default, us
 `--draw K` meta-trains the same entry with its seed + K (the initial net, the episodes' models and data order) into
 `outputs/zoo/<name>-draw<K>/`, never into the package: two draws of one command differ by up to 2 points of transfer
 (RESULTS.md section 8, session 13), so `benchmarks/transfer.py --draws N` averages a row over N of them.
+`--pool K` (multi-task entries) chooses each stage over the last rounds of draws 0..K-1 together, the median of K times
+as many runs, into `outputs/zoo/<name>-pool<K>/` (`benchmarks/transfer.py --pool K` measures it).
 
 Why these settings (issue 10; `benchmarks/RESULTS.md`, sections 2-3b):
 - Length: the schedules shipped before the zoo (v0.1's, removed in session 8) were meta-trained for 192 (bbc) and
@@ -92,6 +95,45 @@ def draw_name(name: str, draw: int) -> str:
     return f"{name}-draw{draw}" if draw else name
 
 
+def pool_dir(name: str, count: int) -> Path:
+    """Where `--pool COUNT` writes an entry's schedule pooled over its draws 0..COUNT-1 (never the package)."""
+    return ROOT / "outputs" / "zoo" / f"{name}-pool{count}" / "schedule"
+
+
+def pool(name: str, count: int, output_dirs: list[Path] | None = None, target: Path | None = None,
+         smoke: bool = False):
+    """An entry's schedule with its stages chosen over the last rounds of its draws 0..count-1 together (each
+    meta-trained first: `--draw K`, and the entry itself), written to `target` (default `pool_dir`); `output_dirs`
+    (with `smoke`: draws built with --smoke, one round) in place of the draws' folders under outputs/zoo/."""
+    from hf_mlrs import MLRSNet
+    from hf_mlrs.multitask import pool_draws
+
+    if count < 2:
+        raise ValueError(f"--pool {count}: pool at least 2 draws (the entry and --draw 1).")
+    spec = entry(name)
+    if len(spec["pairs"]) * spec["rounds"] == 1:
+        raise ValueError(f"--pool: {name} is one run; its stages are snapshots inside it, with no round to pool.")
+    dirs = output_dirs or [ROOT / "outputs" / "zoo" / draw_name(name, k) for k in range(count)]
+    commands = [f"python recipes/zoo.py --entry {name}" + (f" --draw {k}" if k else "") for k in range(count)]
+    missing = [c for d, c in zip(dirs, commands) if not (Path(d) / "episodes.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"--pool {count}: {len(missing)} draw(s) of {name} not meta-trained here yet (their "
+                                f"episode folders are needed, not just the schedule); run " + "; ".join(missing))
+    net = MLRSNet.from_pretrained(Path(dirs[0]) / "schedule" if output_dirs else schedule_dir(name))
+    chosen = pool_draws(net, dirs, [draw_name(name, k) for k in range(count)], 1 if smoke else spec["rounds"])
+    net.provenance.update({
+        "stage_midpoints": chosen, "pooled_draws": count,
+        "stages_from": f"the last rounds of {count} draws ({len(chosen[0]['outputs'])} runs), at the middle of each "
+                       "stage's part: the median net",
+        "command": f"python recipes/zoo.py --entry {name} --pool {count}",
+        "pooled_from": " + ".join(commands)})
+    net.provenance.pop("draw", None)
+    target = Path(target) if target else pool_dir(name, count)
+    net.save_pretrained(target)
+    print(f"Pooled {count} draws of {name}: {target}")
+    return net
+
+
 def learned_on(name: str) -> str:
     """One line: the (task, model) pairs and the total steps."""
     spec = entry(name)
@@ -164,6 +206,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--smoke", action="store_true", help="tiny models, 3 steps per episode, one round")
     parser.add_argument("--draw", type=int, default=0, help="meta-train the entry again with its seed + DRAW, into "
                         "outputs/zoo/<entry>-draw<DRAW>/ (for benchmarks/transfer.py --draws)")
+    parser.add_argument("--pool", type=int, default=0, help="write the entry with its stages chosen over the last "
+                        "rounds of draws 0..POOL-1 together, into outputs/zoo/<entry>-pool<POOL>/ (the draws first)")
     parser.add_argument("--estimate", action="store_true", help="time 20 steps per pair and extrapolate")
     parser.add_argument("--list", action="store_true", help="list the entries")
     options = parser.parse_args(argv)
@@ -173,6 +217,8 @@ def main(argv: list[str] | None = None):
         return ZOO
     entry(options.entry)  # an unknown name (or a negative draw) fails here, before anything loads
     draw_name(options.entry, options.draw)
+    if options.pool:
+        return pool(options.entry, options.pool)
     if options.estimate:
         result = estimate(options.entry)
         print(json.dumps(result, indent=1))

@@ -170,6 +170,26 @@ def test_transfer_averages_a_cell_over_meta_training_draws_and_names_the_missing
         transfer.draw_folders("smoke", tmp_path, 2)
 
 
+def test_transfer_measures_a_pooled_variant_on_its_own_held_out_task_and_names_a_missing_pool(tmp_path, monkeypatch):
+    transfer = load("transfer")
+    zoo = importlib.import_module("zoo")
+    monkeypatch.setattr(zoo, "ROOT", tmp_path)  # no pool built under this root
+    with pytest.raises(FileNotFoundError, match="python recipes/zoo.py --entry multitask-without-lm --pool 3"):
+        transfer.pooled(transfer.entries_to_measure(["multitask-default"]), 3)
+    for task in ("bbc", "digits", "fashion", "lm"):  # built: each variant's pool replaces it, under its row
+        (zoo.pool_dir(f"multitask-without-{task}", 3)).mkdir(parents=True)
+        (zoo.pool_dir(f"multitask-without-{task}", 3) / "config.json").write_text("{}")
+    rows = transfer.pooled(transfer.entries_to_measure(["multitask-default"]), 3)
+    assert rows[3] == ("multitask-default", "multitask-without-lm-pool3", zoo.pool_dir("multitask-without-lm", 3))
+    from hf_mlrs import MLRSNet
+
+    net = MLRSNet(provenance={"pairs": ["bbc/minilm-L2", "digits/resnet-small", "fashion/resnet-small"]})
+    cells = transfer.cells_of("multitask-default", "multitask-without-lm-pool3", net, False)
+    assert cells and {task for task, _, _ in cells} == {"lm"}  # its held-out task only, at every size
+    with pytest.raises(SystemExit):
+        transfer.main(["--entries", "multitask-default", "--pool", "3", "--write-cards", "--out", str(tmp_path)])
+
+
 def test_horizon_probe_measures_consistent_slopes():
     """The probe's two slopes are the derivatives at the two ends of the window's line: the trapezoid rule with them,
     (s0 + s1) / 2, matches the loss change L(w_t) - L(w_{t-k}) far better than either end alone (a swapped end, a
@@ -210,3 +230,14 @@ def test_zoo_shapes_tells_a_net_that_reads_the_loss_from_one_that_does_not_and_w
     card = (tmp_path / "reactive" / "README.md").read_text()
     assert "## What it learned" in card and "| applied |" in card
     assert (tmp_path / "zoo_shapes.png").exists()
+
+
+def test_transfer_shapes_reads_each_draws_lr_from_its_tuned_run():
+    transfer = load("transfer")
+    lrs = [[1, 0.5], [3, 0.5], [6, 0.25], [9, 0.05], [12, 0.05]]  # logged lrs of a 12-step run at gamma 1.0
+    run = {"task": "digits", "model": "tiny", "steps": 12, "arm": "zoo:a-draw1@2", "lr": 1.0, "seed": 0, "lrs": lrs}
+    other = {**run, "lr": 0.1, "lrs": [[s, 9.0] for s, _ in lrs]}  # the same net at a gamma not chosen
+    cell = {"task": "digits", "model": "tiny", "steps": 12, "label": None, "gaps": {"zoo": 1.5},
+            "draws": [{"label": "a-draw1@2", "zoo": {"lr": 1.0}, "gaps": {"zoo": -0.5}}]}
+    table = transfer.applied_shapes({"rows": [{"row": "a", "cells": [cell]}], "runs": [other, run]})
+    assert table.splitlines()[-1] == "| a | digits/tiny | a-draw1@2 | 0.5, 0.25, 0.05 | 1 | -0.50 |"

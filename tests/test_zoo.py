@@ -83,3 +83,37 @@ def test_bad_entries_are_refused(tmp_path):
         zoo.main(["--entry", "txt"])
     with pytest.raises(ValueError, match="--smoke needs --output_dir"):
         zoo.build("text-bbc", None, smoke=True)
+
+
+def test_pooled_draws_choose_each_stage_over_all_their_last_rounds(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_mlrs.multitask import MIDPOINTS_DIR, pool_draws
+
+    dirs = [tmp_path / "draw0", tmp_path / "draw1"]
+    own = [zoo.main(["--entry", "multitask-without-bbc", "--smoke", "--output_dir", str(d)] + (["--draw", "1"] if k
+                    else []))[0] for k, d in enumerate(dirs)]
+    # One draw pooled alone is that draw's own stages: the pool is the single run's rule, over more runs.
+    alone = MLRSNet.from_pretrained(dirs[1] / "schedule")
+    pool_draws(alone, [dirs[1]], ["draw1"], rounds=1)
+    for name, a in alone.state_dict().items():  # bit for bit (the unused switch losses are NaN)
+        assert torch.allclose(a, own[1].state_dict()[name], rtol=0, atol=0, equal_nan=True), name
+    pooled = zoo.pool("multitask-without-bbc", 2, output_dirs=dirs, target=tmp_path / "pooled", smoke=True)
+    loaded = MLRSNet.from_pretrained(tmp_path / "pooled")
+    assert loaded.provenance["pooled_draws"] == 2
+    assert loaded.provenance["command"] == "python recipes/zoo.py --entry multitask-without-bbc --pool 2"
+    midpoints = {f"{d.name}/{e.name}": e / MIDPOINTS_DIR for d in dirs for e in sorted(d.glob("episode-*"))}
+    for k, record in enumerate(loaded.provenance["stage_midpoints"]):
+        outputs = {name: json.loads((f / f"stage-{k}.json").read_text())["output"] for name, f in midpoints.items()}
+        assert sorted(record["outputs"]) == sorted(round(o, 4) for o in outputs.values())  # every run of both draws
+        median = sorted(outputs, key=outputs.get)[(len(outputs) - 1) // 2]  # the lower middle of 6 runs
+        chosen = load_file(str(midpoints[median] / f"stage-{k}.safetensors"))
+        assert all(torch.equal(v, loaded.stages[k].state_dict()[n]) for n, v in chosen.items())
+        assert record["chosen"] == median.replace("draw0", "multitask-without-bbc").replace(
+            "draw1", "multitask-without-bbc-draw1")
+    assert pooled.num_stages == 3 and len(midpoints) == 6
+    with pytest.raises(FileNotFoundError, match="--entry multitask-without-fashion --draw 8"):
+        zoo.main(["--entry", "multitask-without-fashion", "--pool", "9"])
+    with pytest.raises(ValueError, match="one run"):
+        zoo.main(["--entry", "text-bbc", "--pool", "2"])
