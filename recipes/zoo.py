@@ -17,7 +17,8 @@ plot); the others (the leave-one-task-out variants of the multi-task default, us
 `outputs/zoo/<name>-draw<K>/`, never into the package: two draws of one command differ by up to 2 points of transfer
 (RESULTS.md section 8, session 13), so `benchmarks/transfer.py --draws N` averages a row over N of them.
 `--pool K` (multi-task entries) chooses each stage over the last rounds of draws 0..K-1 together, the median of K times
-as many runs, into `outputs/zoo/<name>-pool<K>/` (`benchmarks/transfer.py --pool K` measures it).
+as many runs, into `outputs/zoo/<name>-pool<K>/` (`benchmarks/transfer.py --pool K` measures it); it meta-trains the
+draws it does not find under outputs/zoo/ first (their episode folders, not only their schedules, are what it reads).
 
 Why these settings (issue 10; `benchmarks/RESULTS.md`, sections 2-3b):
 - Length: the schedules shipped before the zoo (v0.1's, removed in session 8) were meta-trained for 192 (bbc) and
@@ -115,10 +116,13 @@ def pool(name: str, count: int, output_dirs: list[Path] | None = None, target: P
         raise ValueError(f"--pool: {name} is one run; its stages are snapshots inside it, with no round to pool.")
     dirs = output_dirs or [ROOT / "outputs" / "zoo" / draw_name(name, k) for k in range(count)]
     commands = [f"python recipes/zoo.py --entry {name}" + (f" --draw {k}" if k else "") for k in range(count)]
-    missing = [c for d, c in zip(dirs, commands) if not (Path(d) / "episodes.json").is_file()]
-    if missing:
-        raise FileNotFoundError(f"--pool {count}: {len(missing)} draw(s) of {name} not meta-trained here yet (their "
-                                f"episode folders are needed, not just the schedule); run " + "; ".join(missing))
+    missing = [k for k, d in enumerate(dirs) if not (Path(d) / "episodes.json").is_file()]
+    if missing and output_dirs:
+        raise FileNotFoundError(f"--pool {count}: {len(missing)} draw(s) of {name} not meta-trained in "
+                                f"{[str(dirs[k]) for k in missing]}; build them first.")
+    for k in missing:  # one command regenerates the pool: the draws it lacks are meta-trained first (resumable)
+        print(f"--pool {count}: meta-training draw {k} of {name} first ({commands[k]})", flush=True)
+        build(name, draw=k)
     net = MLRSNet.from_pretrained(Path(dirs[0]) / "schedule" if output_dirs else schedule_dir(name))
     chosen = pool_draws(net, dirs, [draw_name(name, k) for k in range(count)], 1 if smoke else spec["rounds"])
     net.provenance.update({

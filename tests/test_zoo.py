@@ -85,6 +85,21 @@ def test_bad_entries_are_refused(tmp_path):
         zoo.build("text-bbc", None, smoke=True)
 
 
+def test_pool_meta_trains_the_draws_it_lacks_first(tmp_path, monkeypatch):
+    built = []
+
+    def build(name, output_dir=None, smoke=False, draw=0):
+        built.append((name, draw))
+
+    monkeypatch.setattr(zoo, "ROOT", tmp_path)  # only draw 0 built under this root (nothing else in its folder)
+    (tmp_path / "outputs" / "zoo" / "multitask-without-lm").mkdir(parents=True)
+    (tmp_path / "outputs" / "zoo" / "multitask-without-lm" / "episodes.json").write_text("[]")
+    monkeypatch.setattr(zoo, "build", build)
+    with pytest.raises(OSError):  # the stand-in built nothing to pool
+        zoo.main(["--entry", "multitask-without-lm", "--pool", "3"])
+    assert built == [("multitask-without-lm", 1), ("multitask-without-lm", 2)]
+
+
 def test_pooled_draws_choose_each_stage_over_all_their_last_rounds(tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -113,7 +128,7 @@ def test_pooled_draws_choose_each_stage_over_all_their_last_rounds(tmp_path):
         assert record["chosen"] == median.replace("draw0", "multitask-without-bbc").replace(
             "draw1", "multitask-without-bbc-draw1")
     assert pooled.num_stages == 3 and len(midpoints) == 6
-    with pytest.raises(FileNotFoundError, match="--entry multitask-without-fashion --draw 8"):
-        zoo.main(["--entry", "multitask-without-fashion", "--pool", "9"])
+    with pytest.raises(FileNotFoundError, match="not meta-trained in"):
+        zoo.pool("multitask-without-bbc", 2, output_dirs=[dirs[0], tmp_path / "nothing"], smoke=True)
     with pytest.raises(ValueError, match="one run"):
         zoo.main(["--entry", "text-bbc", "--pool", "2"])
