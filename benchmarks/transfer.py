@@ -316,6 +316,9 @@ def main(argv=None):
     if options.pool:
         if options.draws > 1 or options.write_cards:
             parser.error("--pool measures nets that are not shipped: without --draws or --write-cards.")
+        if only:  # a leave-one-task-out variant with no cell asked for is not needed
+            measured = [m for m in measured if not m[1].startswith("multitask-without-")
+                        or m[1].removeprefix("multitask-without-") in {task for task, _ in only}]
         measured = pooled(measured, options.pool)
     draws = {schedule: draw_folders(schedule, folder, options.draws) for _, schedule, folder in measured}
     missing = [str(folder) for _, _, folder in measured if folder is None or not (folder / "config.json").exists()]

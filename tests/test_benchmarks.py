@@ -176,6 +176,9 @@ def test_transfer_measures_a_pooled_variant_on_its_own_held_out_task_and_names_a
     monkeypatch.setattr(zoo, "ROOT", tmp_path)  # no pool built under this root
     with pytest.raises(FileNotFoundError, match="python recipes/zoo.py --entry multitask-without-lm --pool 3"):
         transfer.pooled(transfer.entries_to_measure(["multitask-default"]), 3)
+    with pytest.raises(FileNotFoundError, match="1 pooled schedule"):  # only the variants whose cells are asked for
+        transfer.main(["--entries", "multitask-default", "--pool", "3", "--cells", "lm/gpt2-small", "--plan",
+                       "--out", str(tmp_path)])
     for task in ("bbc", "digits", "fashion", "lm"):  # built: each variant's pool replaces it, under its row
         (zoo.pool_dir(f"multitask-without-{task}", 3)).mkdir(parents=True)
         (zoo.pool_dir(f"multitask-without-{task}", 3) / "config.json").write_text("{}")
