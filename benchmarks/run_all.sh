@@ -84,3 +84,9 @@ for task in bbc digits fashion lm; do
 done
 python benchmarks/transfer.py --entries multitask-default --draws 3 --reuse benchmarks/results/quality_cpu.json \
   --cells lm/gpt2-small,fashion/resnet-small,bbc/minilm-L2,digits/resnet-small,digits/resnet-large --write-cards
+python benchmarks/transfer.py --shapes   # where each net put its lr per held-out cell, from the results
+# Session 15: the two widest cells with each stage chosen over the three draws together (negative, RESULTS 8).
+for task in fashion lm; do python recipes/zoo.py --entry "multitask-without-$task" --pool 3; done
+python benchmarks/transfer.py --entries multitask-default --pool 3 --cells lm/gpt2-small,fashion/resnet-small \
+  --no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/pooled
+python benchmarks/transfer.py --shapes --out benchmarks/results/pooled
