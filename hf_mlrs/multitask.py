@@ -271,12 +271,14 @@ def _set_switch_losses(net: MLRSNet, last_round: list[dict]) -> None:
         net.stage_switch_losses[k] = sum(values) / len(values) if values else float("nan")
 
 
-def pool_draws(net: MLRSNet, output_dirs: Sequence[Path], labels: Sequence[str], rounds: int) -> list[dict]:
+def pool_draws(net: MLRSNet, output_dirs: Sequence[Path], labels: Sequence[str],
+               rounds: int) -> tuple[list[dict], list[str]]:
     """Stages from several finished meta-trainings of one plan (draws: the same command with other seeds), in place:
     the rule of a single run's stages (`median_midpoints` over the last round) applied to the last rounds of all of
     them together, so stage k is the median of len(output_dirs) times as many nets. Why: two draws of one command
     transfer up to 5 points apart (benchmarks/RESULTS.md section 8), and a median over more runs is less a draw.
-    `labels` name the draws in the provenance. Returns, per stage, the outputs and the net chosen."""
+    `labels` name the draws in the provenance. Returns, per stage, the outputs and the net chosen, and the runs they
+    come from, in the order of the outputs ("<label>/episode-NNNN task/model")."""
     last_rounds, folders, names = [], [], []
     for output_dir, label in zip(output_dirs, labels, strict=True):
         records = [json.loads(p.read_text()) for p in sorted(Path(output_dir).glob(f"episode-*/{DONE_NAME}"))]
@@ -287,12 +289,12 @@ def pool_draws(net: MLRSNet, output_dirs: Sequence[Path], labels: Sequence[str],
                                     "command: it resumes).")
         last_rounds += last
         folders += [Path(output_dir) / f"episode-{r['index']:04d}" / MIDPOINTS_DIR for r in last]
-        names += [f"{label}/episode-{r['index']:04d}" for r in last]
+        names += [f"{label}/episode-{r['index']:04d} {r['task']}/{r['model']}" for r in last]
     stages, chosen = median_midpoints(folders, net.num_stages, names)
     for stage, state in zip(net.stages, stages):
         stage.load_state_dict(state)
     _set_switch_losses(net, last_rounds)
-    return chosen
+    return chosen, names
 
 
 def median_midpoints(folders: list[Path], num_stages: int,

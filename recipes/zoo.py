@@ -124,9 +124,9 @@ def pool(name: str, count: int, output_dirs: list[Path] | None = None, target: P
         print(f"--pool {count}: meta-training draw {k} of {name} first ({commands[k]})", flush=True)
         build(name, draw=k)
     net = MLRSNet.from_pretrained(Path(dirs[0]) / "schedule" if output_dirs else schedule_dir(name))
-    chosen = pool_draws(net, dirs, [draw_name(name, k) for k in range(count)], 1 if smoke else spec["rounds"])
+    chosen, runs = pool_draws(net, dirs, [draw_name(name, k) for k in range(count)], 1 if smoke else spec["rounds"])
     net.provenance.update({
-        "stage_midpoints": chosen, "pooled_draws": count,
+        "stage_midpoints": chosen, "pooled_draws": count, "pooled_runs": runs,
         "stages_from": f"the last rounds of {count} draws ({len(chosen[0]['outputs'])} runs), at the middle of each "
                        "stage's part: the median net",
         "command": f"python recipes/zoo.py --entry {name} --pool {count}",

@@ -111,7 +111,7 @@ def test_pooled_draws_choose_each_stage_over_all_their_last_rounds(tmp_path):
                     else []))[0] for k, d in enumerate(dirs)]
     # One draw pooled alone is that draw's own stages: the pool is the single run's rule, over more runs.
     alone = MLRSNet.from_pretrained(dirs[1] / "schedule")
-    pool_draws(alone, [dirs[1]], ["draw1"], rounds=1)
+    assert len(pool_draws(alone, [dirs[1]], ["draw1"], rounds=1)[1]) == 3
     for name, a in alone.state_dict().items():  # bit for bit (the unused switch losses are NaN)
         assert torch.allclose(a, own[1].state_dict()[name], rtol=0, atol=0, equal_nan=True), name
     pooled = zoo.pool("multitask-without-bbc", 2, output_dirs=dirs, target=tmp_path / "pooled", smoke=True)
@@ -119,13 +119,17 @@ def test_pooled_draws_choose_each_stage_over_all_their_last_rounds(tmp_path):
     assert loaded.provenance["pooled_draws"] == 2
     assert loaded.provenance["command"] == "python recipes/zoo.py --entry multitask-without-bbc --pool 2"
     midpoints = {f"{d.name}/{e.name}": e / MIDPOINTS_DIR for d in dirs for e in sorted(d.glob("episode-*"))}
+    runs = loaded.provenance["pooled_runs"]  # each output's run, with the task it was meta-training on
+    assert [r.split(" ")[0] for r in runs] == [n.replace("draw0", "multitask-without-bbc").replace(
+        "draw1", "multitask-without-bbc-draw1") for n in midpoints]
+    assert {r.split(" ")[1].split("/")[0] for r in runs} == {"digits", "fashion", "lm"}
     for k, record in enumerate(loaded.provenance["stage_midpoints"]):
         outputs = {name: json.loads((f / f"stage-{k}.json").read_text())["output"] for name, f in midpoints.items()}
         assert sorted(record["outputs"]) == sorted(round(o, 4) for o in outputs.values())  # every run of both draws
         median = sorted(outputs, key=outputs.get)[(len(outputs) - 1) // 2]  # the lower middle of 6 runs
         chosen = load_file(str(midpoints[median] / f"stage-{k}.safetensors"))
         assert all(torch.equal(v, loaded.stages[k].state_dict()[n]) for n, v in chosen.items())
-        assert record["chosen"] == median.replace("draw0", "multitask-without-bbc").replace(
+        assert record["chosen"].split(" ")[0] == median.replace("draw0", "multitask-without-bbc").replace(
             "draw1", "multitask-without-bbc-draw1")
     assert pooled.num_stages == 3 and len(midpoints) == 6
     with pytest.raises(FileNotFoundError, match="not meta-trained in"):
