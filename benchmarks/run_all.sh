@@ -90,3 +90,7 @@ for task in fashion lm; do python recipes/zoo.py --entry "multitask-without-$tas
 python benchmarks/transfer.py --entries multitask-default --pool 3 --cells lm/gpt2-small,fashion/resnet-small \
   --no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/pooled
 python benchmarks/transfer.py --shapes --out benchmarks/results/pooled
+# Session 15: text-bbc over three draws on its two widest cells (its one "ahead of the best" cell was the draw).
+for draw in 1 2; do python recipes/zoo.py --entry text-bbc --draw "$draw"; done
+python benchmarks/transfer.py --entries text-bbc --draws 3 --cells fashion/resnet-small,lm/gpt2-small --no-budgets \
+  --reuse benchmarks/results/quality_cpu.json --write-cards
