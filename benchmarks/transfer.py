@@ -97,13 +97,20 @@ def entries_to_measure(names: list[str]) -> list[tuple[str, str, Path]]:
     return rows
 
 
+def held_out_task(schedule: str) -> str | None:
+    """The task a leave-one-task-out variant of the default never saw (also as a pooled variant), else None."""
+    if not schedule.startswith("multitask-without-"):
+        return None
+    return re.sub(r"-pool\d+$", "", schedule.removeprefix("multitask-without-"))
+
+
 def cells_of(row: str, schedule: str, net, smoke: bool, only=None) -> list[tuple[str, str, str]]:
     """(task, model, relation) cells of a schedule; a leave-one-task-out variant only on its held-out task; with
     `only` (a set of (task, model)), just those."""
     if smoke:
         return [("digits", "tiny", "held-out task, cross-modality")]
     pairs = learned_pairs(net)
-    left_out = re.sub(r"-pool\d+$", "", schedule.removeprefix("multitask-without-")) if schedule != row else None
+    left_out = held_out_task(schedule) if schedule != row else None
     cells = []
     for task, model in TARGETS:
         kind = relation(pairs, task, model)
@@ -317,8 +324,7 @@ def main(argv=None):
         if options.draws > 1 or options.write_cards:
             parser.error("--pool measures nets that are not shipped: without --draws or --write-cards.")
         if only:  # a leave-one-task-out variant with no cell asked for is not needed
-            measured = [m for m in measured if not m[1].startswith("multitask-without-")
-                        or m[1].removeprefix("multitask-without-") in {task for task, _ in only}]
+            measured = [m for m in measured if held_out_task(m[1]) in {None} | {task for task, _ in only}]
         measured = pooled(measured, options.pool)
     draws = {schedule: draw_folders(schedule, folder, options.draws) for _, schedule, folder in measured}
     missing = [str(folder) for _, _, folder in measured if folder is None or not (folder / "config.json").exists()]
@@ -418,8 +424,8 @@ def pooled(measured: list[tuple[str, str, Path]], count: int) -> list[tuple[str,
     import zoo
 
     out = [(row, f"{schedule}-pool{count}", zoo.pool_dir(schedule, count)) for row, schedule, _ in measured]
-    missing = [f"python recipes/zoo.py --entry {s[:-len(f'-pool{count}')]} --pool {count}"
-               for _, s, f in out if not (f / "config.json").exists()]
+    missing = [f"{zoo.command_of(schedule)} --pool {count}" for (_, schedule, _), (_, _, f) in zip(measured, out)
+               if not (f / "config.json").exists()]
     if missing:
         raise FileNotFoundError(f"--pool {count}: {len(missing)} pooled schedule(s) not built yet; run "
                                 + "; ".join(missing))
@@ -437,7 +443,7 @@ def draw_folders(schedule: str, folder: Path | None, count: int) -> list[tuple[s
         raise ValueError(f"--draws {count}: {schedule} is not a zoo entry, so it has no other meta-training draws; "
                          "measure it with --draws 1.")
     out = [(schedule, folder)] + [(zoo.draw_name(schedule, k), zoo.schedule_dir(schedule, k)) for k in range(1, count)]
-    missing = [f"python recipes/zoo.py --entry {schedule} --draw {k}" for k, (_, f) in enumerate(out)
+    missing = [zoo.command_of(schedule, k) for k, (_, f) in enumerate(out)
                if k and not (f / "config.json").exists()]
     if missing:
         raise FileNotFoundError(f"--draws {count}: {len(missing)} draw(s) of {schedule} not meta-trained yet; run "

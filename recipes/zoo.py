@@ -82,11 +82,19 @@ def entry(name: str) -> dict:
 def schedule_dir(name: str, draw: int = 0) -> Path:
     """Where an entry's schedule lives: inside the package if shipped, under outputs/zoo/ otherwise; another draw
     (`draw` > 0) always under outputs/zoo/<name>-draw<draw>/."""
-    if draw:
-        return ROOT / "outputs" / "zoo" / draw_name(name, draw) / "schedule"
-    if entry(name)["ship"]:
+    if entry(name)["ship"] and not draw:
         return ROOT / "hf_mlrs" / "pretrained" / name
-    return ROOT / "outputs" / "zoo" / name / "schedule"
+    return work_dir(name, draw) / "schedule"
+
+
+def work_dir(name: str, draw: int = 0) -> Path:
+    """An entry's (or its draw's) working folder: episodes, checkpoints and, unless shipped, its schedule."""
+    return ROOT / "outputs" / "zoo" / draw_name(name, draw)
+
+
+def command_of(name: str, draw: int = 0) -> str:
+    """The command that meta-trains an entry's draw `draw` (0: the entry itself)."""
+    return f"python recipes/zoo.py --entry {name}" + (f" --draw {draw}" if draw else "")
 
 
 def draw_name(name: str, draw: int) -> str:
@@ -114,8 +122,8 @@ def pool(name: str, count: int, output_dirs: list[Path] | None = None, target: P
     spec = entry(name)
     if len(spec["pairs"]) * spec["rounds"] == 1:
         raise ValueError(f"--pool: {name} is one run; its stages are snapshots inside it, with no round to pool.")
-    dirs = output_dirs or [ROOT / "outputs" / "zoo" / draw_name(name, k) for k in range(count)]
-    commands = [f"python recipes/zoo.py --entry {name}" + (f" --draw {k}" if k else "") for k in range(count)]
+    dirs = output_dirs or [work_dir(name, k) for k in range(count)]
+    commands = [command_of(name, k) for k in range(count)]
     missing = [k for k, d in enumerate(dirs) if not (Path(d) / "episodes.json").is_file()]
     if missing and output_dirs:
         raise FileNotFoundError(f"--pool {count}: {len(missing)} draw(s) of {name} not meta-trained in "
@@ -171,11 +179,11 @@ def build(name: str, output_dir: Path | None = None, smoke: bool = False, draw: 
 
     if smoke and output_dir is None:
         raise ValueError("--smoke needs --output_dir (a smoke run never writes into hf_mlrs/pretrained).")
-    output_dir = Path(output_dir) if output_dir else ROOT / "outputs" / "zoo" / draw_name(name, draw)
+    output_dir = Path(output_dir) if output_dir else work_dir(name, draw)
     target = output_dir / "schedule" if smoke else schedule_dir(name, draw)
     argv = recipe_argv(name, output_dir, target, smoke, draw)
     script_args, training_args = recipe.make_parser().parse_args_into_dataclasses(args=argv)
-    command = f"python recipes/zoo.py --entry {name}" + (f" --draw {draw}" if draw else "")
+    command = command_of(name, draw)
     provenance = {"zoo_entry": name, "summary": entry(name)["summary"], "learned_on": learned_on(name)}
     if draw:
         provenance["draw"] = draw
