@@ -14,7 +14,9 @@ Draws (`--draws N`): a zoo entry is one draw of its meta-training command, and t
 cell (RESULTS.md section 8, session 13); with N > 1 each cell's zoo and learned arms are the mean over the entry and
 its draws 1..N-1 (`python recipes/zoo.py --entry NAME --draw K`), each draw's gamma tuned on its own, and the table
 shows each draw's gap in brackets. Pooled (`--pool K`): each entry replaced by its stages chosen over its draws 0..K-1
-together (`python recipes/zoo.py --entry NAME --pool K`).
+together (`python recipes/zoo.py --entry NAME --pool K`). Selected (`--select K`): each entry replaced by the one
+whole run of its draws 0..K-1 that did best on its own meta-training tasks (`python recipes/zoo.py --entry NAME
+--select K`, which calls `selection_scores` here).
 Targets (held-out tasks only): zoo within 0.5 accuracy point of the best tuned built-in (LM: 1% of the loss), ahead of
 the tuned constant everywhere, ahead of the best on >= 1 task; learned within 1 point (LM: 2%).
 
@@ -101,7 +103,7 @@ def held_out_task(schedule: str) -> str | None:
     """The task a leave-one-task-out variant of the default never saw (also as a pooled variant), else None."""
     if not schedule.startswith("multitask-without-"):
         return None
-    return re.sub(r"-pool\d+$", "", schedule.removeprefix("multitask-without-"))
+    return re.sub(r"-(pool|select)\d+$", "", schedule.removeprefix("multitask-without-"))
 
 
 def cells_of(row: str, schedule: str, net, smoke: bool, only=None) -> list[tuple[str, str, str]]:
@@ -169,6 +171,46 @@ def measure_cell(runs: Runs, task, model, steps, schedule, builtins, options, la
                        "gamma_end": [r["gammas"][-1][1] if r["gammas"] else None for r in rs]}
     best = max((a for a in arms if a.startswith("builtin:")), key=lambda a: arms[a]["score"])
     return {"task": task, "model": model, "steps": steps, "arms": arms, "best_builtin": best, "label": label}
+
+
+def selection_scores(candidates: list[dict], tasks: list[str], reuse: str | None, smoke: bool,
+                     log=print) -> list[dict]:
+    """For `recipes/zoo.py --select`: each candidate schedule (a dict with its "run" name, its "folder" and its
+    "outputs", the A_t its own run had at its stage midpoints) applied frozen to every task's standard cell, seed 0,
+    its gamma the better of the two values of the 1-3-10 ladder around lr* / outputs[0], where lr* is the peak lr of
+    the task's best tuned built-in (chosen on seed 0 over the grid, as `measure_cell` does): the shape's start put
+    where tuning would put it, so the score is the shape's. Returns per candidate its gap to that built-in's seed-0
+    score per task (points; LM: % of the loss; positive = behind), the gamma used, and the mean gap."""
+    options = argparse.Namespace(smoke=smoke, device="cpu", remeasure=None)
+    runs = Runs(options, log)
+    if reuse:
+        runs.reuse(reuse)
+    builtins = ["linear", "constant"] if smoke else quality.SCHEDULES
+    out = [{"gaps": {}, "gamma": {}} for _ in candidates]
+    for task in tasks:
+        model = quality.TASKS[task]["model"]
+        steps = 2 if smoke else standard_steps(task, model)
+        grid = quality.TASKS[task]["grid"][:2] if smoke else quality.TASKS[task]["grid"]
+        best = max((runs.tuned(task, model, steps, f"builtin:{name}", grid, 1)[1][0] for name in builtins),
+                   key=quality.score)
+        unit = 100.0 / abs(quality.score(best)) if quality.by_loss(task) else 100.0
+        for candidate, scored in zip(candidates, out):
+            gammas = ladder_around(best["lr"] / max(candidate["outputs"][0], 1e-6))
+            run = max((runs.get(task, model, steps, f"zoo:{candidate['run']}", gamma, 0, str(candidate["folder"]))
+                       for gamma in gammas), key=quality.score)
+            scored["gaps"][task] = round((quality.score(best) - quality.score(run)) * unit, 3)
+            scored["gamma"][task] = run["lr"]
+    for scored in out:
+        scored["mean_gap"] = round(statistics.fmean(scored["gaps"].values()), 3)
+    return out
+
+
+def ladder_around(value: float) -> list[float]:
+    """The values of the 1-3-10 ladder (..., 1e-3, 3e-3, 1e-2, ...) just below and above `value` (one if on it)."""
+    ladder = [m * 10.0 ** k for k in range(-9, 3) for m in (1, 3)]
+    below = max((v for v in ladder if v <= value * (1 + 1e-9)), default=ladder[0])
+    above = min((v for v in ladder if v >= value * (1 - 1e-9)), default=ladder[-1])
+    return sorted({below, above})
 
 
 def over_draws(cells: list[dict]) -> dict:
@@ -284,6 +326,9 @@ def main(argv=None):
     parser.add_argument("--pool", type=int, default=0, help="measure each entry pooled over its draws 0..POOL-1 "
                         "(`python recipes/zoo.py --entry NAME --pool POOL`) instead of the entry; with --out "
                         "elsewhere, so that the pooled nets get their own table")
+    parser.add_argument("--select", type=int, default=0, help="measure each entry as the run selected from its "
+                        "draws 0..SELECT-1 (`python recipes/zoo.py --entry NAME --select SELECT`); with --out "
+                        "elsewhere")
     parser.add_argument("--shapes", action="store_true", help="print where each measured net put its lr on each "
                         "held-out cell (from the results' logged lrs); train nothing")
     parser.add_argument("--plan", action="store_true", help="list the schedules and cells; train nothing")
@@ -320,12 +365,15 @@ def main(argv=None):
         measured = entries_to_measure(options.entries.split(","))
     if options.draws < 1:
         parser.error(f"--draws {options.draws}: give 1 (the entry only) or more.")
-    if options.pool:
+    if options.pool and options.select:
+        parser.error("--pool and --select: measure one kind of net at a time.")
+    if options.pool or options.select:
+        kind = "pool" if options.pool else "select"
         if options.draws > 1 or options.write_cards:
-            parser.error("--pool measures nets that are not shipped: without --draws or --write-cards.")
+            parser.error(f"--{kind} measures nets that are not shipped: without --draws or --write-cards.")
         if only:  # a leave-one-task-out variant with no cell asked for is not needed
             measured = [m for m in measured if held_out_task(m[1]) in {None} | {task for task, _ in only}]
-        measured = pooled(measured, options.pool)
+        measured = pooled(measured, options.pool or options.select, kind)
     draws = {schedule: draw_folders(schedule, folder, options.draws) for _, schedule, folder in measured}
     missing = [str(folder) for _, _, folder in measured if folder is None or not (folder / "config.json").exists()]
     # Refreshing a card from rows measured earlier needs only the results (e.g. the default's row, measured with its
@@ -418,16 +466,16 @@ def applied_shapes(results: dict, at=(1 / 6, 1 / 2, 5 / 6)) -> str:
     return "\n".join(lines)
 
 
-def pooled(measured: list[tuple[str, str, Path]], count: int) -> list[tuple[str, str, Path]]:
-    """The rows to measure with each schedule replaced by its pool over `count` draws; one not built yet is an error
-    that says how to build it."""
+def pooled(measured: list[tuple[str, str, Path]], count: int, kind: str = "pool") -> list[tuple[str, str, Path]]:
+    """The rows to measure with each schedule replaced by its pool over `count` draws (`kind="select"`: the run
+    selected from them); one not built yet is an error that says how to build it."""
     import zoo
 
-    out = [(row, f"{schedule}-pool{count}", zoo.pool_dir(schedule, count)) for row, schedule, _ in measured]
-    missing = [f"{zoo.command_of(schedule)} --pool {count}" for (_, schedule, _), (_, _, f) in zip(measured, out)
+    out = [(row, f"{schedule}-{kind}{count}", zoo.pool_dir(schedule, count, kind)) for row, schedule, _ in measured]
+    missing = [f"{zoo.command_of(schedule)} --{kind} {count}" for (_, schedule, _), (_, _, f) in zip(measured, out)
                if not (f / "config.json").exists()]
     if missing:
-        raise FileNotFoundError(f"--pool {count}: {len(missing)} pooled schedule(s) not built yet; run "
+        raise FileNotFoundError(f"--{kind} {count}: {len(missing)} {kind}ed schedule(s) not built yet; run "
                                 + "; ".join(missing))
     return out
 

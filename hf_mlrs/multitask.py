@@ -279,22 +279,39 @@ def pool_draws(net: MLRSNet, output_dirs: Sequence[Path], labels: Sequence[str],
     transfer up to 5 points apart (benchmarks/RESULTS.md section 8), and a median over more runs is less a draw.
     `labels` name the draws in the provenance. Returns, per stage, the outputs and the net chosen, and the runs they
     come from, in the order of the outputs ("<label>/episode-NNNN task/model")."""
-    last_rounds, folders, names = [], [], []
-    for output_dir, label in zip(output_dirs, labels, strict=True):
-        records = [json.loads(p.read_text()) for p in sorted(Path(output_dir).glob(f"episode-*/{DONE_NAME}"))]
-        last = [r for r in records if r["round"] == rounds - 1]
-        if not last or len(last) != sum(r["round"] == 0 for r in records):
-            raise FileNotFoundError(f"pool_draws: {output_dir} holds no finished last round (round {rounds - 1} of "
-                                    f"{rounds}; {len(records)} episodes done): finish that draw first (rerun its "
-                                    "command: it resumes).")
-        last_rounds += last
-        folders += [Path(output_dir) / f"episode-{r['index']:04d}" / MIDPOINTS_DIR for r in last]
-        names += [f"{label}/episode-{r['index']:04d} {r['task']}/{r['model']}" for r in last]
+    last_rounds, folders, names = last_round_runs(output_dirs, labels, rounds)
     stages, chosen = median_midpoints(folders, net.num_stages, names)
     for stage, state in zip(net.stages, stages):
         stage.load_state_dict(state)
     _set_switch_losses(net, last_rounds)
     return chosen, names
+
+
+def last_round_runs(output_dirs: Sequence[Path], labels: Sequence[str],
+                    rounds: int) -> tuple[list[dict], list[Path], list[str]]:
+    """The runs of the last round of each finished meta-training in `output_dirs` (draws of one plan): their
+    records, their midpoint folders and their names ("<label>/episode-NNNN task/model"), in episode order."""
+    last_rounds, folders, names = [], [], []
+    for output_dir, label in zip(output_dirs, labels, strict=True):
+        records = [json.loads(p.read_text()) for p in sorted(Path(output_dir).glob(f"episode-*/{DONE_NAME}"))]
+        last = [r for r in records if r["round"] == rounds - 1]
+        if not last or len(last) != sum(r["round"] == 0 for r in records):
+            raise FileNotFoundError(f"{output_dir} holds no finished last round (round {rounds - 1} of "
+                                    f"{rounds}; {len(records)} episodes done): finish that draw first (rerun its "
+                                    "command: it resumes).")
+        last_rounds += last
+        folders += [Path(output_dir) / f"episode-{r['index']:04d}" / MIDPOINTS_DIR for r in last]
+        names += [f"{label}/episode-{r['index']:04d} {r['task']}/{r['model']}" for r in last]
+    return last_rounds, folders, names
+
+
+def load_run_stages(net: MLRSNet, midpoints: Path) -> list[float]:
+    """Every stage of `net` (in place) from one run's midpoint nets: the whole shape that run's net had, stage k its
+    live net at the middle of stage k's part. Returns the run's outputs A_t at those midpoints."""
+    stages, _ = median_midpoints([Path(midpoints)], net.num_stages)
+    for stage, state in zip(net.stages, stages):
+        stage.load_state_dict(state)
+    return [midpoint_record(midpoints, k)["output"] for k in range(net.num_stages)]
 
 
 def median_midpoints(folders: list[Path], num_stages: int,

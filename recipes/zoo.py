@@ -7,6 +7,7 @@
     python recipes/zoo.py --entry text-bbc --smoke --output_dir /tmp/zoo-smoke   # tiny models, a few steps
     python recipes/zoo.py --entry multitask-without-bbc --draw 1   # another meta-training draw (seed + 1)
     python recipes/zoo.py --entry multitask-without-bbc --pool 3   # stages chosen over draws 0-2 together
+    python recipes/zoo.py --entry multitask-without-bbc --select 3 # the run of draws 0-2 that does best on its tasks
 
 An entry is a `recipes/meta_train_multitask.py` run: (task, model, steps, gamma) pairs from `recipes/tasks.py`,
 `rounds` passes over them. Shipped entries (`ship=True`) are written into `hf_mlrs/pretrained/<name>/` (weights,
@@ -104,9 +105,30 @@ def draw_name(name: str, draw: int) -> str:
     return f"{name}-draw{draw}" if draw else name
 
 
-def pool_dir(name: str, count: int) -> Path:
-    """Where `--pool COUNT` writes an entry's schedule pooled over its draws 0..COUNT-1 (never the package)."""
-    return ROOT / "outputs" / "zoo" / f"{name}-pool{count}" / "schedule"
+def pool_dir(name: str, count: int, kind: str = "pool") -> Path:
+    """Where `--pool COUNT` (or `--select COUNT`, `kind="select"`) writes an entry's schedule made from its draws
+    0..COUNT-1 (never the package)."""
+    return ROOT / "outputs" / "zoo" / f"{name}-{kind}{count}" / "schedule"
+
+
+def built_draws(name: str, count: int, option: str, output_dirs: list[Path] | None = None) -> list[Path]:
+    """The working folders of an entry's draws 0..count-1 for `option` (--pool or --select), each meta-trained first
+    if missing (`--draw K`, and the entry itself); with `output_dirs` (a smoke test's draws) those: they must exist."""
+    if count < 2:
+        raise ValueError(f"{option} {count}: give at least 2 draws (the entry and --draw 1).")
+    spec = entry(name)
+    if len(spec["pairs"]) * spec["rounds"] == 1:
+        raise ValueError(f"{option}: {name} is one run; its stages are snapshots inside it, with no round of runs to "
+                         "choose from.")
+    dirs = output_dirs or [work_dir(name, k) for k in range(count)]
+    missing = [k for k, d in enumerate(dirs) if not (Path(d) / "episodes.json").is_file()]
+    if missing and output_dirs:
+        raise FileNotFoundError(f"{option} {count}: {len(missing)} draw(s) of {name} not meta-trained in "
+                                f"{[str(dirs[k]) for k in missing]}; build them first.")
+    for k in missing:  # one command regenerates the result: the draws it lacks are meta-trained first (resumable)
+        print(f"{option} {count}: meta-training draw {k} of {name} first ({command_of(name, k)})", flush=True)
+        build(name, draw=k)
+    return dirs
 
 
 def pool(name: str, count: int, output_dirs: list[Path] | None = None, target: Path | None = None,
@@ -117,32 +139,74 @@ def pool(name: str, count: int, output_dirs: list[Path] | None = None, target: P
     from hf_mlrs import MLRSNet
     from hf_mlrs.multitask import pool_draws
 
-    if count < 2:
-        raise ValueError(f"--pool {count}: pool at least 2 draws (the entry and --draw 1).")
-    spec = entry(name)
-    if len(spec["pairs"]) * spec["rounds"] == 1:
-        raise ValueError(f"--pool: {name} is one run; its stages are snapshots inside it, with no round to pool.")
-    dirs = output_dirs or [work_dir(name, k) for k in range(count)]
-    commands = [command_of(name, k) for k in range(count)]
-    missing = [k for k, d in enumerate(dirs) if not (Path(d) / "episodes.json").is_file()]
-    if missing and output_dirs:
-        raise FileNotFoundError(f"--pool {count}: {len(missing)} draw(s) of {name} not meta-trained in "
-                                f"{[str(dirs[k]) for k in missing]}; build them first.")
-    for k in missing:  # one command regenerates the pool: the draws it lacks are meta-trained first (resumable)
-        print(f"--pool {count}: meta-training draw {k} of {name} first ({commands[k]})", flush=True)
-        build(name, draw=k)
+    dirs = built_draws(name, count, "--pool", output_dirs)
     net = MLRSNet.from_pretrained(Path(dirs[0]) / "schedule" if output_dirs else schedule_dir(name))
-    chosen, runs = pool_draws(net, dirs, [draw_name(name, k) for k in range(count)], 1 if smoke else spec["rounds"])
+    rounds = 1 if smoke else entry(name)["rounds"]
+    chosen, runs = pool_draws(net, dirs, [draw_name(name, k) for k in range(count)], rounds)
     net.provenance.update({
         "stage_midpoints": chosen, "pooled_draws": count, "pooled_runs": runs,
         "stages_from": f"the last rounds of {count} draws ({len(chosen[0]['outputs'])} runs), at the middle of each "
                        "stage's part: the median net",
         "command": f"python recipes/zoo.py --entry {name} --pool {count}",
-        "pooled_from": " + ".join(commands)})
+        "pooled_from": " + ".join(command_of(name, k) for k in range(count))})
     net.provenance.pop("draw", None)
     target = Path(target) if target else pool_dir(name, count)
     net.save_pretrained(target)
     print(f"Pooled {count} draws of {name}: {target}")
+    return net
+
+
+def select(name: str, count: int, output_dirs: list[Path] | None = None, target: Path | None = None,
+           smoke: bool = False, reuse: str | None = None):
+    """An entry's schedule as one whole run's shape, chosen on the entry's own tasks (RESULTS.md section 8, session
+    16). Candidates: every run of the last rounds of draws 0..count-1 (each meta-trained first), each with its stage
+    k net taken at the middle of stage k of that run (a coherent shape, where `--pool` mixes runs per stage). Each
+    candidate is applied frozen, as a user would apply it, to the standard benchmark cell of every task the entry
+    was meta-trained on (benchmarks/transfer.py's `selection_scores`: seed 0, gamma tuned over the two grid values
+    around the task's best tuned peak lr / the candidate's first-stage output), and the one that trails the best
+    tuned built-in least on average is kept. The one-step signal decides each run's shape; a whole run's outcome,
+    on tasks other than any held-out one, decides which shape is shipped. Written to `target` (default
+    `pool_dir(..., "select")`), the candidates beside it; `reuse`: quality.py results holding the tuned built-ins
+    (default benchmarks/results/quality_cpu.json; with `smoke`, none: tiny models, built-ins run)."""
+    import copy
+
+    from hf_mlrs import MLRSNet
+    from hf_mlrs.multitask import last_round_runs, load_run_stages
+
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    import transfer  # the benchmark's runs and tuned built-ins score the candidates
+
+    dirs = built_draws(name, count, "--select", output_dirs)
+    net = MLRSNet.from_pretrained(Path(dirs[0]) / "schedule" if output_dirs else schedule_dir(name))
+    rounds = 1 if smoke else entry(name)["rounds"]
+    _, folders, runs = last_round_runs(dirs, [draw_name(name, k) for k in range(count)], rounds)
+    target = Path(target) if target else pool_dir(name, count, "select")
+    candidates = []
+    for i, (folder, run) in enumerate(zip(folders, runs)):
+        candidate = copy.deepcopy(net)
+        outputs = load_run_stages(candidate, folder)
+        candidate.provenance.update({"stages_from": f"one run: {run}", "stage_outputs": outputs})
+        candidate.save_pretrained(target.parent / "candidates" / f"run-{i:02d}", write_card=False)
+        candidates.append({"run": run, "outputs": [round(o, 4) for o in outputs],
+                           "folder": target.parent / "candidates" / f"run-{i:02d}"})
+    tasks = sorted({p.split(":")[0] for p in entry(name)["pairs"]})
+    if reuse is None and not smoke:
+        reuse = str(ROOT / "benchmarks" / "results" / "quality_cpu.json")
+    scores = transfer.selection_scores(candidates, tasks, reuse, smoke)
+    best = min(range(len(candidates)), key=lambda i: scores[i]["mean_gap"])
+    load_run_stages(net, folders[best])
+    net.provenance.update({
+        "stages_from": f"one whole run of the last rounds of {count} draws ({len(candidates)} runs), the one whose "
+                       f"shape trailed the best tuned built-in least on {', '.join(tasks)}: {runs[best]}",
+        "selected_run": runs[best], "selected_draws": count,
+        "selection": [{"run": c["run"], "outputs": c["outputs"], **s} for c, s in zip(candidates, scores)],
+        "command": f"python recipes/zoo.py --entry {name} --select {count}",
+        "selected_from": " + ".join(command_of(name, k) for k in range(count))})
+    net.provenance.pop("draw", None)
+    net.provenance.pop("stage_midpoints", None)  # the median rule's record: not how these stages were chosen
+    net.save_pretrained(target)
+    print(f"Selected {runs[best]} of {count} draws of {name} (mean gap {scores[best]['mean_gap']:+.2f}): {target}")
     return net
 
 
@@ -220,6 +284,9 @@ def main(argv: list[str] | None = None):
                         "outputs/zoo/<entry>-draw<DRAW>/ (for benchmarks/transfer.py --draws)")
     parser.add_argument("--pool", type=int, default=0, help="write the entry with its stages chosen over the last "
                         "rounds of draws 0..POOL-1 together, into outputs/zoo/<entry>-pool<POOL>/ (the draws first)")
+    parser.add_argument("--select", type=int, default=0, help="write the entry as the one whole run of the last "
+                        "rounds of draws 0..SELECT-1 whose shape, applied frozen to the entry's own tasks, trails the "
+                        "tuned built-ins least, into outputs/zoo/<entry>-select<SELECT>/ (the draws first)")
     parser.add_argument("--estimate", action="store_true", help="time 20 steps per pair and extrapolate")
     parser.add_argument("--list", action="store_true", help="list the entries")
     options = parser.parse_args(argv)
@@ -231,6 +298,8 @@ def main(argv: list[str] | None = None):
     draw_name(options.entry, options.draw)
     if options.pool:
         return pool(options.entry, options.pool)
+    if options.select:
+        return select(options.entry, options.select)
     if options.estimate:
         result = estimate(options.entry)
         print(json.dumps(result, indent=1))

@@ -191,6 +191,9 @@ def test_transfer_measures_a_pooled_variant_on_its_own_held_out_task_and_names_a
     assert cells and {task for task, _, _ in cells} == {"lm"}  # its held-out task only, at every size
     with pytest.raises(SystemExit):
         transfer.main(["--entries", "multitask-default", "--pool", "3", "--write-cards", "--out", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="python recipes/zoo.py --entry multitask-without-lm --select 3"):
+        transfer.pooled(transfer.entries_to_measure(["multitask-default"]), 3, "select")  # --select: its own folders
+    assert transfer.held_out_task("multitask-without-lm-select3") == "lm"
 
 
 def test_horizon_probe_measures_consistent_slopes():
@@ -244,3 +247,37 @@ def test_transfer_shapes_reads_each_draws_lr_from_its_tuned_run():
             "draws": [{"label": "a-draw1@2", "zoo": {"lr": 1.0}, "gaps": {"zoo": -0.5}}]}
     table = transfer.applied_shapes({"rows": [{"row": "a", "cells": [cell]}], "runs": [other, run]})
     assert table.splitlines()[-1] == "| a | digits/tiny | a-draw1@2 | 0.5, 0.25, 0.05 | 1 | -0.50 |"
+
+
+def test_selection_scores_each_candidate_at_the_tuned_start_of_its_shape(tmp_path):
+    """recipes/zoo.py --select's scorer, on tiny models: each candidate runs at the ladder values around the best
+    tuned built-in's peak lr divided by the candidate's first-stage output, and its gap is to that built-in's seed-0
+    score, in the benchmark's units (accuracy points here)."""
+    import torch
+
+    from hf_mlrs import MLRSNet
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    transfer = importlib.import_module("transfer")  # the module recipes/zoo.py --select imports
+    assert transfer.ladder_around(3.3e-3) == pytest.approx([3e-3, 1e-2])
+    assert transfer.ladder_around(1e-3) == pytest.approx([1e-3])
+    assert transfer.ladder_around(2e-5) == pytest.approx([1e-5, 3e-5])
+    torch.manual_seed(0)
+    MLRSNet(stage_starts=[0, 1 / 3, 2 / 3]).save_pretrained(tmp_path / "net")
+    candidates = [{"run": "a", "folder": tmp_path / "net", "outputs": [1.0, 0.5, 0.1]},
+                  {"run": "b", "folder": tmp_path / "net", "outputs": [0.01, 0.01, 0.01]}]
+    lines = []
+    scores = transfer.selection_scores(candidates, ["digits"], None, smoke=True, log=lines.append)
+    runs = {}
+    for line in lines:  # "<task>/<model> steps=N <arm> lr=X seed=S score=Y (Ts)"
+        parts = line.split()
+        runs[(parts[2], float(parts[3][3:]))] = float(parts[5][6:])
+    builtins = {key: score for key, score in runs.items() if key[0].startswith("builtin:")}
+    (best_arm, best_lr), best = max(builtins.items(), key=lambda kv: kv[1])
+    for candidate, scored in zip(candidates, scores):
+        tried = {lr: s for (arm, lr), s in runs.items() if arm == f"zoo:{candidate['run']}"}
+        assert sorted(tried) == pytest.approx(transfer.ladder_around(best_lr / candidate["outputs"][0]))
+        chosen = next(s for lr, s in tried.items() if lr == pytest.approx(scored["gamma"]["digits"], rel=1e-5))
+        assert chosen == max(tried.values())  # the better of its two gammas
+        assert scored["gaps"]["digits"] == pytest.approx((best - chosen) * 100, abs=0.011)  # log: 4 decimals
+        assert scored["mean_gap"] == scored["gaps"]["digits"]

@@ -1,6 +1,8 @@
 """The schedule zoo (recipes/zoo.py): entries are well-formed and long enough, one builds end to end in smoke mode."""
 
+import importlib
 import json
+import sys
 
 import pytest
 
@@ -100,15 +102,23 @@ def test_pool_meta_trains_the_draws_it_lacks_first(tmp_path, monkeypatch):
     assert built == [("multitask-without-lm", 1), ("multitask-without-lm", 2)]
 
 
-def test_pooled_draws_choose_each_stage_over_all_their_last_rounds(tmp_path):
+@pytest.fixture(scope="module")
+def smoke_draws(tmp_path_factory):
+    """Two smoke draws of multitask-without-bbc (one round of digits, fashion and lm runs each) and their nets."""
+    root = tmp_path_factory.mktemp("draws")
+    dirs = [root / "draw0", root / "draw1"]
+    own = [zoo.main(["--entry", "multitask-without-bbc", "--smoke", "--output_dir", str(d)] + (["--draw", "1"] if k
+                    else []))[0] for k, d in enumerate(dirs)]
+    return dirs, own
+
+
+def test_pooled_draws_choose_each_stage_over_all_their_last_rounds(tmp_path, smoke_draws):
     import torch
     from safetensors.torch import load_file
 
     from hf_mlrs.multitask import MIDPOINTS_DIR, pool_draws
 
-    dirs = [tmp_path / "draw0", tmp_path / "draw1"]
-    own = [zoo.main(["--entry", "multitask-without-bbc", "--smoke", "--output_dir", str(d)] + (["--draw", "1"] if k
-                    else []))[0] for k, d in enumerate(dirs)]
+    dirs, own = smoke_draws
     # One draw pooled alone is that draw's own stages: the pool is the single run's rule, over more runs.
     alone = MLRSNet.from_pretrained(dirs[1] / "schedule")
     assert len(pool_draws(alone, [dirs[1]], ["draw1"], rounds=1)[1]) == 3
@@ -136,3 +146,43 @@ def test_pooled_draws_choose_each_stage_over_all_their_last_rounds(tmp_path):
         zoo.pool("multitask-without-bbc", 2, output_dirs=[dirs[0], tmp_path / "nothing"], smoke=True)
     with pytest.raises(ValueError, match="one run"):
         zoo.main(["--entry", "text-bbc", "--pool", "2"])
+
+
+def test_select_ships_the_whole_run_that_scores_best_on_the_entrys_own_tasks(tmp_path, smoke_draws, monkeypatch):
+    """--select: every run of both draws is a candidate with all its stages from that run's midpoints (a coherent
+    shape); the one with the smallest mean gap is written, bit for bit that run's nets, and its record names every
+    candidate's score. The scorer is a stand-in here (the real one trains; tested in tests/test_benchmarks.py)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_mlrs.multitask import MIDPOINTS_DIR
+
+    sys.path.insert(0, str(zoo.ROOT / "benchmarks"))
+    transfer = importlib.import_module("transfer")  # the module zoo.select imports
+    dirs, _ = smoke_draws
+    seen = {}
+
+    def scores(candidates, tasks, reuse, smoke):
+        seen.update(tasks=tasks, runs=[c["run"] for c in candidates])
+        for c in candidates:  # each candidate folder holds that run's stages, and its outputs are that run's
+            net = MLRSNet.from_pretrained(c["folder"])
+            assert net.provenance["stage_outputs"] == pytest.approx(c["outputs"], abs=1e-4)
+        return [{"gaps": {}, "gamma": {}, "mean_gap": float((i * 7 + 2) % 5)} for i in range(len(candidates))]
+
+    monkeypatch.setattr(transfer, "selection_scores", scores)
+    net = zoo.select("multitask-without-bbc", 2, output_dirs=dirs, target=tmp_path / "sel" / "schedule", smoke=True)
+    assert seen["tasks"] == ["digits", "fashion", "lm"] and len(seen["runs"]) == 6  # 3 runs per draw
+    chosen = 4  # mean gaps 2, 4, 1, 3, 0, 2: the smallest
+    episodes = [e for d in dirs for e in sorted(d.glob("episode-*"))]
+    for k in range(net.num_stages):
+        expected = load_file(str(episodes[chosen] / MIDPOINTS_DIR / f"stage-{k}.safetensors"))
+        assert all(torch.equal(v, net.stages[k].state_dict()[n]) for n, v in expected.items())
+    loaded = MLRSNet.from_pretrained(tmp_path / "sel" / "schedule")
+    assert loaded.provenance["selected_run"] == seen["runs"][chosen]
+    assert loaded.provenance["command"] == "python recipes/zoo.py --entry multitask-without-bbc --select 2"
+    assert [s["mean_gap"] for s in loaded.provenance["selection"]] == [float((i * 7 + 2) % 5) for i in range(6)]
+    assert "stage_midpoints" not in loaded.provenance
+    with pytest.raises(ValueError, match="--select 1: give at least 2 draws"):
+        zoo.main(["--entry", "multitask-without-bbc", "--select", "1"])
+    with pytest.raises(ValueError, match="one run"):
+        zoo.main(["--entry", "lm-bytes", "--select", "2"])
