@@ -94,3 +94,10 @@ python benchmarks/transfer.py --shapes --out benchmarks/results/pooled
 for draw in 1 2; do python recipes/zoo.py --entry text-bbc --draw "$draw"; done
 python benchmarks/transfer.py --entries text-bbc --draws 3 --cells fashion/resnet-small,lm/gpt2-small --no-budgets \
   --reuse benchmarks/results/quality_cpu.json --write-cards
+# Session 16: the whole run of the three draws that does best on the variant's own tasks (--select), on the same cells.
+for task in fashion lm; do python recipes/zoo.py --entry "multitask-without-$task" --select 3; done
+python benchmarks/transfer.py --entries multitask-default --select 3 --cells fashion/resnet-small,lm/gpt2-small \
+  --no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected
+python benchmarks/transfer.py --shapes --out benchmarks/results/selected
+# Session 16 diagnostic (peeks at the held-out task: an oracle's choice, not a rule): one candidate run on fashion.
+python benchmarks/candidate_lab.py fashion outputs/zoo/multitask-without-fashion-select3/candidates/run-04
