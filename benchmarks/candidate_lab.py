@@ -2,6 +2,7 @@
 at equal tuning, as benchmarks/transfer.py measures a zoo net (gamma from the task's grid on seed 0, then 3 seeds).
 
     python benchmarks/candidate_lab.py fashion outputs/zoo/multitask-without-fashion-select3/candidates/run-04
+    python benchmarks/candidate_lab.py fashion outputs/zoo/multitask-without-fashion/schedule --cooldown 0.2
 
 Run on the held-out task of a leave-one-task-out variant, it peeks at the task the selection must not see: it says
 whether the candidates hold a shape that transfers (an oracle's choice), not how to choose one. One JSON line per
@@ -25,16 +26,19 @@ sys.path.insert(0, str(HERE.parent / "recipes"))
 import quality  # noqa: E402
 
 
-def measure(task: str, folder: str, seeds: int = 3, at=(1 / 6, 1 / 2, 5 / 6)) -> dict:
+def measure(task: str, folder: str, cooldown: float = 0.0, seeds: int = 3, at=(1 / 6, 1 / 2, 5 / 6)) -> dict:
     options = argparse.Namespace(smoke=False, device="cpu")
-    grid = {lr: quality.run_one(task, "mlrs_transfer", lr, 0, options, schedule_source=folder)
-            for lr in quality.TASKS[task]["grid"]}
+
+    def run(lr, seed):
+        return quality.run_one(task, "mlrs_transfer", lr, seed, options, schedule_source=folder,
+                               overrides={"mlrs_cooldown_fraction": cooldown})
+
+    grid = {lr: run(lr, 0) for lr in quality.TASKS[task]["grid"]}
     gamma = max(grid, key=lambda lr: quality.score(grid[lr]))
-    runs = [grid[gamma]] + [quality.run_one(task, "mlrs_transfer", gamma, s, options, schedule_source=folder)
-                            for s in range(1, seeds)]
+    runs = [grid[gamma]] + [run(gamma, s) for s in range(1, seeds)]
     lrs, steps = grid[gamma]["lrs"], grid[gamma]["steps"]
     shape = [min(lrs, key=lambda p: abs(p[0] - f * steps))[1] / gamma for f in at]  # A_t on seed 0's run
-    return {"task": task, "candidate": os.path.relpath(folder, HERE.parent),
+    return {"task": task, "candidate": os.path.relpath(folder, HERE.parent), "cooldown_fraction": cooldown,
             "grid": {str(lr): round(quality.score(r), 4) for lr, r in grid.items()}, "gamma": gamma,
             "seeds": [round(quality.score(r), 4) for r in runs],
             "mean": round(statistics.fmean(map(quality.score, runs)), 4), "shape": [round(a, 4) for a in shape]}
@@ -44,12 +48,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=sorted(quality.TASKS))
     parser.add_argument("folders", nargs="+", help="saved schedules (MLRSNet folders) to measure")
+    parser.add_argument("--cooldown", type=float, default=0.0, help="MLRSCallback(cooldown_fraction=...): a linear "
+                        "decay to 0 over this last share of the run, on top of the frozen shape")
     options = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = HERE / "results" / "selected" / "candidate_lab.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     for folder in options.folders:
-        record = measure(options.task, folder)
+        record = measure(options.task, folder, options.cooldown)
         print(json.dumps(record), flush=True)
         with open(out, "a") as f:
             f.write(json.dumps(record) + "\n")

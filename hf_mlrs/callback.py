@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -60,6 +61,10 @@ class MLRSCallback(TrainerCallback):
             `max_steps` done; `"loss"` (horizon-free) by the smoothed training loss.
         min_lr, max_lr (`float`, *optional*): bounds on the lr.
         warmup_steps (`int`, *optional*): linear warmup on top of the schedule; defaults to the Trainer's.
+        cooldown_fraction (`float`, *optional*, defaults to `0`): share of training, at the end, over which the lr
+            decays linearly towards 0 on top of the schedule (as `MLRSTrainingArguments.mlrs_cooldown_fraction`);
+            no meta step in it with `gamma="learned"`. A shape learned by a one-step lookahead does not anneal where
+            a short run wants it (benchmarks/RESULTS.md, section 8, session 16).
         on_nonfinite (`str`, *optional*, defaults to `"skip"`): on a NaN/inf loss keep the previous lr (`"skip"`),
             and with `"stop"` also stop training.
 
@@ -80,6 +85,7 @@ class MLRSCallback(TrainerCallback):
         min_lr: float | None = None,
         max_lr: float | None = None,
         warmup_steps: int | None = None,
+        cooldown_fraction: float = 0.0,
         on_nonfinite: str = "skip",
         meta_dataset=None,
         meta_interval: int = 4,
@@ -95,6 +101,9 @@ class MLRSCallback(TrainerCallback):
                              "meta_dataset=... (examples the Trainer does not train on), or a number as gamma.")
         if meta_interval < 1:
             raise ValueError(f"MLRSCallback: meta_interval={meta_interval} < 1.")
+        if not 0.0 <= cooldown_fraction < 1.0:
+            raise ValueError(f"MLRSCallback: cooldown_fraction={cooldown_fraction} is outside [0, 1); use e.g. 0.2 "
+                             "(the last 20% of the run) or 0 (none).")
         # user-provided hyperparameters
         self.schedule = schedule.cpu().eval().requires_grad_(False)
         self.gamma = gamma
@@ -102,6 +111,7 @@ class MLRSCallback(TrainerCallback):
         self.min_lr = min_lr
         self.max_lr = max_lr
         self.warmup_steps = warmup_steps
+        self.cooldown_fraction = cooldown_fraction
         self.on_nonfinite = on_nonfinite
         self.meta_dataset = meta_dataset
         self.meta_interval = meta_interval
@@ -141,6 +151,7 @@ class MLRSCallback(TrainerCallback):
             min_lr=self.min_lr,
             max_lr=self.max_lr,
             warmup_steps=args.get_warmup_steps(state.max_steps) if self.warmup_steps is None else self.warmup_steps,
+            cooldown_steps=math.floor(self.cooldown_fraction * state.max_steps),
             num_labels=num_labels_of(trainer.accelerator.unwrap_model(trainer.model)),
         )
         self.meta_step = None
@@ -149,7 +160,8 @@ class MLRSCallback(TrainerCallback):
             self.scheduler.meta_learner = MetaLearner(
                 self.schedule, [p for group in optimizer.param_groups for p in group["params"]],
                 interval=self.meta_interval, meta_lr=0.0, weight_decay=0.0, max_steps=state.max_steps,
-                train_net=False, scale=self.scheduler.scale, settle_interval=1)
+                train_net=False, scale=self.scheduler.scale, settle_interval=1,
+                stop_step=state.max_steps - self.scheduler.cooldown_steps)
             self.meta_step = MetaStep(trainer, self.scheduler, self.on_nonfinite)
             self.meta_step.set_meta_data(self.meta_dataset, self.meta_batch_size or args.per_device_train_batch_size,
                                          args.seed)

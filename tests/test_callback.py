@@ -68,6 +68,31 @@ def test_callback_equals_mlrs_trainer_in_transfer_mode(tmp_path, dataset, accumu
     assert len(set(logged_lrs(ours))) > 5
 
 
+def test_callback_cooldown_anneals_the_last_share_linearly_as_mlrs_trainer_does(tmp_path, dataset):
+    """cooldown_fraction=0.25 of 12 steps: the last 3 lrs are 3/4, 2/4, 1/4 of the schedule's (a constant net here,
+    so the schedule's lr is known), the lr applied is the lr logged, and MLRSTrainer's mlrs_cooldown_fraction gives
+    the same lrs (a loss-reading net there, so both paths take the same lr from the same losses)."""
+    probe = AppliedLrProbe()
+    args = plain_args(tmp_path / "a", learning_rate=0.4)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=dataset,
+                      callbacks=[probe, MLRSCallback(constant_stages(0.0), cooldown_fraction=0.25)])
+    trainer.train()
+    lrs = logged_lrs(trainer)
+    torch.testing.assert_close(torch.tensor(probe.applied), torch.tensor(lrs), rtol=2e-3, atol=0)
+    torch.testing.assert_close(torch.tensor(lrs), torch.tensor([0.2] * 9 + [0.15, 0.1, 0.05]), rtol=1e-5, atol=0)
+    schedule = MLRSNet.from_pretrained(_schedule(tmp_path))
+    common = dict(max_steps=12, learning_rate=1e-3, optim="adamw_torch")
+    with_callback = Trainer(model=tiny_bert(), args=plain_args(tmp_path / "b", **common), train_dataset=dataset,
+                            callbacks=[MLRSCallback(schedule, cooldown_fraction=0.25)])
+    with_callback.train()
+    ours = MLRSTrainer(model=tiny_bert(), args=tiny_args(tmp_path / "c", mlrs_cooldown_fraction=0.25, **common),
+                       train_dataset=dataset, schedule=schedule)
+    ours.train()
+    assert logged_lrs(with_callback) == logged_lrs(ours)
+    with pytest.raises(ValueError, match="cooldown_fraction=1.0 is outside"):
+        MLRSCallback(schedule, cooldown_fraction=1.0)
+
+
 @pytest.mark.parametrize("stage_by", ["progress", "loss"])
 def test_stages_switch_by_progress_or_loss(tmp_path, dataset, stage_by):
     schedule = constant_stages(2.0, 0.0, -2.0)
