@@ -28,6 +28,7 @@ the tuned constant everywhere, ahead of the best on >= 1 task; learned within 1 
     python benchmarks/transfer.py --entries multitask-default --draws 3 --reuse benchmarks/results/quality_cpu.json
     python benchmarks/transfer.py --entries multitask-default --pool 3 --out benchmarks/results/pooled --reuse ...
     python benchmarks/transfer.py --shapes                  # where each net put its lr per cell (from the results)
+    python benchmarks/transfer.py --entries multitask-default --cooldown 0.2 --out benchmarks/results/cooldown
     python benchmarks/transfer.py --smoke                   # seconds; run by the test suite
 Results accumulate: a rerun keeps the rows and runs already in results/transfer_<device>.json, so a benchmark can be
 done one entry or a few cells at a time (a kill loses at most the run in progress).
@@ -140,8 +141,9 @@ class Runs:
         if key not in self.done or (arm.startswith(self.redo) and key not in self.fresh):
             run_arm = {"zoo": "mlrs_transfer", "learned": "mlrs_transfer_learned"}.get(arm.split(":")[0],
                                                                                         arm.replace("builtin", "grid"))
+            cooldown = getattr(self.options, "cooldown", 0.0) if run_arm == "mlrs_transfer" else 0.0
             r = quality.run_one(task, run_arm, lr, seed, self.options, schedule_source=schedule, model=model,
-                                steps=steps)
+                                steps=steps, overrides={"mlrs_cooldown_fraction": cooldown} if cooldown else None)
             self.done[key] = {**r, "arm": arm}
             self.fresh.add(key)
             self.log(f"{task}/{model} steps={steps} {arm} lr={lr:g} seed={seed} score={quality.score(r):.4f} "
@@ -329,6 +331,9 @@ def main(argv=None):
     parser.add_argument("--select", type=int, default=0, help="measure each entry as the run selected from its "
                         "draws 0..SELECT-1 (`python recipes/zoo.py --entry NAME --select SELECT`); with --out "
                         "elsewhere")
+    parser.add_argument("--cooldown", type=float, default=0.0, help="apply each net at a tuned gamma with "
+                        "MLRSCallback(cooldown_fraction=COOLDOWN), a linear anneal over that last share of the run; "
+                        "with --out elsewhere")
     parser.add_argument("--shapes", action="store_true", help="print where each measured net put its lr on each "
                         "held-out cell (from the results' logged lrs); train nothing")
     parser.add_argument("--plan", action="store_true", help="list the schedules and cells; train nothing")
@@ -365,6 +370,9 @@ def main(argv=None):
         measured = entries_to_measure(options.entries.split(","))
     if options.draws < 1:
         parser.error(f"--draws {options.draws}: give 1 (the entry only) or more.")
+    if options.cooldown and (options.write_cards or Path(options.out) == HERE / "results"):
+        parser.error("--cooldown measures another way of applying the nets: give it its own --out, without "
+                     "--write-cards (its cells would replace the shipped ones).")
     if options.pool and options.select:
         parser.error("--pool and --select: measure one kind of net at a time.")
     if options.pool or options.select:
@@ -409,7 +417,8 @@ def main(argv=None):
                 log(f"{row_name} ({schedule}): " + ", ".join(f"{t}/{m} [{k}]" for t, m, k in cells))
                 continue
             builtins = ["linear", "constant"] if options.smoke else quality.SCHEDULES
-            labels = {draw_folder: label_of(name, draw_folder) for name, draw_folder in draws[schedule]}
+            suffix = f"+cooldown{options.cooldown:g}" if options.cooldown else ""  # its own runs, never reused
+            labels = {draw_folder: label_of(name, draw_folder) + suffix for name, draw_folder in draws[schedule]}
             for task, model, kind in cells:
                 steps = 2 if options.smoke else standard_steps(task, model)
                 cell = over_draws([measure_cell(runs, task, model, steps, f, builtins, options, label)

@@ -281,3 +281,20 @@ def test_selection_scores_each_candidate_at_the_tuned_start_of_its_shape(tmp_pat
         assert chosen == max(tried.values())  # the better of its two gammas
         assert scored["gaps"]["digits"] == pytest.approx((best - chosen) * 100, abs=0.011)  # log: 4 decimals
         assert scored["mean_gap"] == scored["gaps"]["digits"]
+
+
+def test_transfer_cooldown_applies_the_anneal_to_the_tuned_gamma_arm_in_its_own_results(tmp_path):
+    """--cooldown F: the zoo arm runs with MLRSCallback(cooldown_fraction=F) under its own run label (never matched
+    with runs without it), and the shipped results cannot be overwritten by it."""
+    transfer = load("transfer")
+    result = transfer.main(["--smoke", "--out", str(tmp_path), "--no-budgets", "--cooldown", "0.5"])
+    (cell,) = result["rows"][0]["cells"]
+    assert cell["label"].endswith("+cooldown0.5")
+    runs = json.loads((tmp_path / "transfer_cpu_smoke.json").read_text())["runs"]
+    zoo_runs = [r for r in runs if r["arm"].startswith("zoo:")]
+    assert zoo_runs and all(r["arm"].endswith("+cooldown0.5") for r in zoo_runs)
+    for r in zoo_runs:  # 2 steps, cooldown of 1: the last step at half the net's lr, below the first step's
+        lrs = [lr for _, lr in r["lrs"]]
+        assert lrs[-1] < lrs[0]
+    with pytest.raises(SystemExit):
+        transfer.main(["--smoke", "--cooldown", "0.5"])  # the default --out: refused
