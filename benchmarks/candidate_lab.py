@@ -1,5 +1,5 @@
 """A diagnostic for `recipes/zoo.py --select` (RESULTS.md section 8, session 16): candidate runs measured on a task
-at equal tuning, as benchmarks/transfer.py measures a zoo net (gamma from the task's grid on seed 0, then 3 seeds).
+at equal tuning, with benchmarks/transfer.py's runs (gamma from the task's grid on seed 0, then 3 seeds).
 
     python benchmarks/candidate_lab.py fashion outputs/zoo/multitask-without-fashion-select3/candidates/run-04
     python benchmarks/candidate_lab.py fashion outputs/zoo/multitask-without-fashion/schedule --cooldown 0.2
@@ -21,27 +21,25 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "recipes"))
 
+import transfer  # noqa: E402, I001  (first: quality.py puts recipes/, which has a transfer.py of its own, ahead)
 import quality  # noqa: E402
 
 
-def measure(task: str, folder: str, cooldown: float = 0.0, seeds: int = 3, at=(1 / 6, 1 / 2, 5 / 6)) -> dict:
-    options = argparse.Namespace(smoke=False, device="cpu")
-
-    def run(lr, seed):
-        return quality.run_one(task, "mlrs_transfer", lr, seed, options, schedule_source=folder,
-                               overrides={"mlrs_cooldown_fraction": cooldown})
-
-    grid = {lr: run(lr, 0) for lr in quality.TASKS[task]["grid"]}
-    gamma = max(grid, key=lambda lr: quality.score(grid[lr]))
-    runs = [grid[gamma]] + [run(gamma, s) for s in range(1, seeds)]
-    lrs, steps = grid[gamma]["lrs"], grid[gamma]["steps"]
-    shape = [min(lrs, key=lambda p: abs(p[0] - f * steps))[1] / gamma for f in at]  # A_t on seed 0's run
+def measure(task: str, folder: str, cooldown: float = 0.0, seeds: int = 3) -> dict:
+    options = argparse.Namespace(smoke=False, device="cpu", remeasure=None, cooldown=cooldown)
+    runs = transfer.Runs(options, log=lambda line: None)
+    model = quality.TASKS[task]["model"]
+    steps = transfer.standard_steps(task, model)
+    grid = quality.TASKS[task]["grid"]
+    arm = f"zoo:{folder}"
+    gamma, tuned = runs.tuned(task, model, steps, arm, grid, seeds, folder)  # gamma on seed 0, then every seed
     return {"task": task, "candidate": os.path.relpath(folder, HERE.parent), "cooldown_fraction": cooldown,
-            "grid": {str(lr): round(quality.score(r), 4) for lr, r in grid.items()}, "gamma": gamma,
-            "seeds": [round(quality.score(r), 4) for r in runs],
-            "mean": round(statistics.fmean(map(quality.score, runs)), 4), "shape": [round(a, 4) for a in shape]}
+            "grid": {str(lr): round(quality.score(runs.get(task, model, steps, arm, lr, 0, folder)), 4)
+                     for lr in grid}, "gamma": gamma,
+            "seeds": [round(quality.score(r), 4) for r in tuned],
+            "mean": round(statistics.fmean(map(quality.score, tuned)), 4),
+            "shape": [round(a, 4) for a in transfer.shape_of(tuned[0])]}  # A_t on seed 0's run
 
 
 def main(argv=None):

@@ -468,11 +468,18 @@ def applied_shapes(results: dict, at=(1 / 6, 1 / 2, 5 / 6)) -> str:
                 run = runs.get((c["task"], c["model"], int(c["steps"]), f"zoo:{d['label']}", float(d["zoo"]["lr"]), 0))
                 if run is None:
                     continue
-                lrs, gamma, steps = run["lrs"], float(run["lr"]), int(c["steps"])
-                shape = [min(lrs, key=lambda p: abs(p[0] - f * steps))[1] / gamma for f in at]
+                gamma = float(run["lr"])
+                shape = shape_of(run, at)
                 lines.append(f"| {row['row']} | {c['task']}/{c['model']} | {d['label']} | "
                              + ", ".join(f"{a:.3g}" for a in shape) + f" | {gamma:g} | {d['gaps']['zoo']:+.2f} |")
     return "\n".join(lines)
+
+
+def shape_of(run: dict, at=(1 / 6, 1 / 2, 5 / 6)) -> list[float]:
+    """Where a run of a frozen net put its lr: A_t = lr / gamma at the fractions `at` of the run, from its logged lrs
+    (the logged step nearest each fraction)."""
+    lrs, gamma, steps = run["lrs"], float(run["lr"]), int(run["steps"])
+    return [min(lrs, key=lambda p: abs(p[0] - f * steps))[1] / gamma for f in at]
 
 
 def pooled(measured: list[tuple[str, str, Path]], count: int, kind: str = "pool") -> list[tuple[str, str, Path]]:

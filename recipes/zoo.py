@@ -173,7 +173,7 @@ def select(name: str, count: int, output_dirs: list[Path] | None = None, target:
     from hf_mlrs import MLRSNet
     from hf_mlrs.multitask import last_round_runs, load_run_stages
 
-    if str(ROOT / "benchmarks") not in sys.path:
+    if sys.path[0] != str(ROOT / "benchmarks"):  # first: recipes/ (on the path) has a transfer.py of its own
         sys.path.insert(0, str(ROOT / "benchmarks"))
     import transfer  # the benchmark's runs and tuned built-ins score the candidates
 
@@ -182,7 +182,7 @@ def select(name: str, count: int, output_dirs: list[Path] | None = None, target:
     rounds = 1 if smoke else entry(name)["rounds"]
     _, folders, runs = last_round_runs(dirs, [draw_name(name, k) for k in range(count)], rounds)
     target = Path(target) if target else pool_dir(name, count, "select")
-    candidates = []
+    candidates, nets = [], []
     for i, (folder, run) in enumerate(zip(folders, runs)):
         candidate = copy.deepcopy(net)
         outputs = load_run_stages(candidate, folder)
@@ -190,12 +190,14 @@ def select(name: str, count: int, output_dirs: list[Path] | None = None, target:
         candidate.save_pretrained(target.parent / "candidates" / f"run-{i:02d}", write_card=False)
         candidates.append({"run": run, "outputs": [round(o, 4) for o in outputs],
                            "folder": target.parent / "candidates" / f"run-{i:02d}"})
+        nets.append(candidate)
     tasks = sorted({p.split(":")[0] for p in entry(name)["pairs"]})
     if reuse is None and not smoke:
         reuse = str(ROOT / "benchmarks" / "results" / "quality_cpu.json")
     scores = transfer.selection_scores(candidates, tasks, reuse, smoke)
     best = min(range(len(candidates)), key=lambda i: scores[i]["mean_gap"])
-    load_run_stages(net, folders[best])
+    net = nets[best]
+    net.provenance.pop("stage_outputs")  # in the selection record below, with every other candidate's
     net.provenance.update({
         "stages_from": f"one whole run of the last rounds of {count} draws ({len(candidates)} runs), the one whose "
                        f"shape trailed the best tuned built-in least on {', '.join(tasks)}: {runs[best]}",
