@@ -375,12 +375,12 @@ def main(argv=None):
                      "--write-cards (its cells would replace the shipped ones).")
     if options.pool and options.select:
         parser.error("--pool and --select: measure one kind of net at a time.")
+    if only:  # a leave-one-task-out variant with no cell asked for is not needed (nor are its draws built)
+        measured = [m for m in measured if held_out_task(m[1]) in {None} | {task for task, _ in only}]
     if options.pool or options.select:
         kind = "pool" if options.pool else "select"
         if options.draws > 1 or options.write_cards:
             parser.error(f"--{kind} measures nets that are not shipped: without --draws or --write-cards.")
-        if only:  # a leave-one-task-out variant with no cell asked for is not needed
-            measured = [m for m in measured if held_out_task(m[1]) in {None} | {task for task, _ in only}]
         measured = pooled(measured, options.pool or options.select, kind)
     draws = {schedule: draw_folders(schedule, folder, options.draws) for _, schedule, folder in measured}
     missing = [str(folder) for _, _, folder in measured if folder is None or not (folder / "config.json").exists()]

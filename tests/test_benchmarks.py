@@ -170,6 +170,16 @@ def test_transfer_averages_a_cell_over_meta_training_draws_and_names_the_missing
         transfer.draw_folders("smoke", tmp_path, 2)
 
 
+def test_transfer_draws_of_the_default_needs_only_the_variants_whose_cells_are_asked_for(tmp_path, monkeypatch):
+    transfer = load("transfer")
+    monkeypatch.setattr(importlib.import_module("zoo"), "ROOT", tmp_path)  # no draw built under this root
+    with pytest.raises(FileNotFoundError) as missing:
+        transfer.main(["--entries", "multitask-default", "--draws", "3", "--cells", "lm/gpt2-small", "--plan",
+                       "--out", str(tmp_path)])
+    assert "--entry multitask-without-lm --draw 1" in str(missing.value)
+    assert "without-bbc" not in str(missing.value)  # the other variants' draws are not needed for the LM's cell
+
+
 def test_transfer_measures_a_pooled_variant_on_its_own_held_out_task_and_names_a_missing_pool(tmp_path, monkeypatch):
     transfer = load("transfer")
     zoo = importlib.import_module("zoo")
