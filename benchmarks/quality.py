@@ -248,7 +248,7 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
         trainer = MLRSTrainer(model=task.model, args=args, schedule=net, **data)
     elif arm.startswith("mlrs_transfer"):
         net = MLRSNet.from_pretrained(schedule_source) if isinstance(schedule_source, str) else schedule_source
-        callback = MLRSCallback(net, cooldown_fraction=overrides.pop("mlrs_cooldown_fraction", 0.0))
+        callback = MLRSCallback(net, cooldown_fraction=overrides.pop("mlrs_cooldown_fraction", None))  # None: net's
         trainer = Trainer(model=task.model, args=arguments(), callbacks=[callback], **data)
     elif arm == "replay":  # HF's own optimizer, stepped through a given lr sequence (no meta step, no held-out set)
         from torch.optim.lr_scheduler import LambdaLR

@@ -141,9 +141,11 @@ class Runs:
         if key not in self.done or (arm.startswith(self.redo) and key not in self.fresh):
             run_arm = {"zoo": "mlrs_transfer", "learned": "mlrs_transfer_learned"}.get(arm.split(":")[0],
                                                                                         arm.replace("builtin", "grid"))
-            cooldown = getattr(self.options, "cooldown", 0.0) if run_arm == "mlrs_transfer" else 0.0
+            # --cooldown F overrides the net's own cooldown_fraction (what MLRSCallback applies by default)
+            cooldown = getattr(self.options, "cooldown", None) if run_arm == "mlrs_transfer" else None
             r = quality.run_one(task, run_arm, lr, seed, self.options, schedule_source=schedule, model=model,
-                                steps=steps, overrides={"mlrs_cooldown_fraction": cooldown} if cooldown else None)
+                                steps=steps,
+                                overrides=None if cooldown is None else {"mlrs_cooldown_fraction": cooldown})
             self.done[key] = {**r, "arm": arm}
             self.fresh.add(key)
             self.log(f"{task}/{model} steps={steps} {arm} lr={lr:g} seed={seed} score={quality.score(r):.4f} "
@@ -331,9 +333,10 @@ def main(argv=None):
     parser.add_argument("--select", type=int, default=0, help="measure each entry as the run selected from its "
                         "draws 0..SELECT-1 (`python recipes/zoo.py --entry NAME --select SELECT`); with --out "
                         "elsewhere")
-    parser.add_argument("--cooldown", type=float, default=0.0, help="apply each net at a tuned gamma with "
+    parser.add_argument("--cooldown", type=float, default=None, help="apply each net at a tuned gamma with "
                         "MLRSCallback(cooldown_fraction=COOLDOWN), a linear anneal over that last share of the run; "
-                        "with --out elsewhere")
+                        "with --out elsewhere (default: each net's own cooldown_fraction, as MLRSCallback applies "
+                        "it; 0 unless zoo.py --select recorded one)")
     parser.add_argument("--shapes", action="store_true", help="print where each measured net put its lr on each "
                         "held-out cell (from the results' logged lrs); train nothing")
     parser.add_argument("--plan", action="store_true", help="list the schedules and cells; train nothing")
@@ -370,7 +373,7 @@ def main(argv=None):
         measured = entries_to_measure(options.entries.split(","))
     if options.draws < 1:
         parser.error(f"--draws {options.draws}: give 1 (the entry only) or more.")
-    if options.cooldown and (options.write_cards or Path(options.out) == HERE / "results"):
+    if options.cooldown is not None and (options.write_cards or Path(options.out) == HERE / "results"):
         parser.error("--cooldown measures another way of applying the nets: give it its own --out, without "
                      "--write-cards (its cells would replace the shipped ones).")
     if options.pool and options.select:
@@ -417,7 +420,8 @@ def main(argv=None):
                 log(f"{row_name} ({schedule}): " + ", ".join(f"{t}/{m} [{k}]" for t, m, k in cells))
                 continue
             builtins = ["linear", "constant"] if options.smoke else quality.SCHEDULES
-            suffix = f"+cooldown{options.cooldown:g}" if options.cooldown else ""  # its own runs, never reused
+            cooldown = net.cooldown_fraction if options.cooldown is None else options.cooldown
+            suffix = f"+cooldown{cooldown:g}" if cooldown else ""  # its own runs, never reused as another's
             labels = {draw_folder: label_of(name, draw_folder) + suffix for name, draw_folder in draws[schedule]}
             for task, model, kind in cells:
                 steps = 2 if options.smoke else standard_steps(task, model)

@@ -61,10 +61,11 @@ class MLRSCallback(TrainerCallback):
             `max_steps` done; `"loss"` (horizon-free) by the smoothed training loss.
         min_lr, max_lr (`float`, *optional*): bounds on the lr.
         warmup_steps (`int`, *optional*): linear warmup on top of the schedule; defaults to the Trainer's.
-        cooldown_fraction (`float`, *optional*, defaults to `0`): share of training, at the end, over which the lr
-            decays linearly towards 0 on top of the schedule (as `MLRSTrainingArguments.mlrs_cooldown_fraction`);
-            no meta step in it with `gamma="learned"`. A shape learned by a one-step lookahead does not anneal where
-            a short run wants it (benchmarks/RESULTS.md, section 8, session 16).
+        cooldown_fraction (`float`, *optional*): share of training, at the end, over which the lr decays linearly
+            towards 0 on top of the schedule (as `MLRSTrainingArguments.mlrs_cooldown_fraction`); no meta step in it
+            with `gamma="learned"`. Defaults to the one the schedule records (`schedule.cooldown_fraction`, the one
+            its transfer was measured with; 0 if none): a shape learned by a one-step lookahead does not anneal
+            where a short run wants it (benchmarks/RESULTS.md, section 8, sessions 16-18).
         on_nonfinite (`str`, *optional*, defaults to `"skip"`): on a NaN/inf loss keep the previous lr (`"skip"`),
             and with `"stop"` also stop training.
 
@@ -85,7 +86,7 @@ class MLRSCallback(TrainerCallback):
         min_lr: float | None = None,
         max_lr: float | None = None,
         warmup_steps: int | None = None,
-        cooldown_fraction: float = 0.0,
+        cooldown_fraction: float | None = None,
         on_nonfinite: str = "skip",
         meta_dataset=None,
         meta_interval: int = 4,
@@ -101,6 +102,8 @@ class MLRSCallback(TrainerCallback):
                              "meta_dataset=... (examples the Trainer does not train on), or a number as gamma.")
         if meta_interval < 1:
             raise ValueError(f"MLRSCallback: meta_interval={meta_interval} < 1.")
+        if cooldown_fraction is None:
+            cooldown_fraction = schedule.cooldown_fraction
         if not 0.0 <= cooldown_fraction < 1.0:
             raise ValueError(f"MLRSCallback: cooldown_fraction={cooldown_fraction} is outside [0, 1); use e.g. 0.2 "
                              "(the last 20% of the run) or 0 (none).")

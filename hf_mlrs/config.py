@@ -112,7 +112,8 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_cooldown_fraction (`float`, *optional*):
         Share of training, at the end, over which the lr decays linearly towards 0 (as warmup-stable-decay does);
         no meta-update happens in it. Defaults to 0.2 with a learned gamma (a one-step lookahead does not anneal by
-        itself in runs of a few hundred steps), 0 otherwise.
+        itself in runs of a few hundred steps); applying a schedule frozen, to the one it records
+        (`MLRSNet.cooldown_fraction`); 0 otherwise.
     mlrs_settle_interval (`int`, *optional*, defaults to `1`):
         With a learned gamma: the meta interval used until gamma has settled (its growth has stopped);
         `mlrs_meta_interval` after. `None`: `mlrs_meta_interval` throughout.
@@ -221,7 +222,7 @@ class MLRSTrainingArguments(TrainingArguments):
     )
     mlrs_cooldown_fraction: float | None = field(
         default=None, metadata={"help": "Share of training, at the end, over which the lr decays linearly to 0 "
-                                "(default: 0.2 with a learned gamma, else 0)."}
+                                "(default: 0.2 with a learned gamma, else a frozen schedule's own, else 0)."}
     )
     mlrs_settle_interval: int | None = field(
         default=1, metadata={"help": "Learned gamma: meta interval until gamma settles (then mlrs_meta_interval)."}
@@ -292,8 +293,6 @@ class MLRSTrainingArguments(TrainingArguments):
         learned = self.mlrs_gamma == "learned"  # defaults measured for a learned scale (benchmarks/RESULTS.md)
         if self.mlrs_meta_interval is None:
             self.mlrs_meta_interval = 4 if learned else 10
-        if self.mlrs_cooldown_fraction is None:
-            self.mlrs_cooldown_fraction = 0.2 if learned else 0.0
 
         if self.mlrs_gamma is not None and self.mlrs_gamma not in ("auto", "learned"):
             try:
@@ -378,7 +377,7 @@ class MLRSTrainingArguments(TrainingArguments):
             reason = NONLINEAR_OPTIM_NAMES.get(optim, "layer-wise optimizers step inside backward")
             fail("optim", f"{self.optim!r} cannot be driven by MLR-SNet: {reason}",
                  "Use an optimizer whose step is linear in lr, e.g. optim='adamw_torch' or 'sgd'.")
-        if not 0.0 <= self.mlrs_cooldown_fraction < 1.0:
+        if self.mlrs_cooldown_fraction is not None and not 0.0 <= self.mlrs_cooldown_fraction < 1.0:
             fail("mlrs_cooldown_fraction", f"{self.mlrs_cooldown_fraction} is outside [0, 1)", "Use e.g. 0.2 or 0.")
         if not 1 <= self.mlrs_horizon <= self.mlrs_meta_interval:
             fail("mlrs_horizon", f"{self.mlrs_horizon} is not between 1 and mlrs_meta_interval",

@@ -71,8 +71,9 @@ def resolve_files(name_or_path: str | Path, **hub_kwargs) -> tuple[Path, Path, s
     return files[0], files[1], f"Hub repo '{source}'"
 
 
-def read_config(path: Path, where: str, keys: tuple[str, ...]) -> dict:
-    """The constructor arguments in config.json: exactly `keys`, once the hf_mlrs version is dropped."""
+def read_config(path: Path, where: str, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+    """The constructor arguments in config.json: exactly `keys` (those in `optional` may be missing: a schedule
+    saved before they existed), once the hf_mlrs version is dropped."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -80,7 +81,7 @@ def read_config(path: Path, where: str, keys: tuple[str, ...]) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{CONFIG_NAME} of {where} is not a JSON object.")
     config.pop(VERSION_KEY, None)
-    missing = sorted(set(keys) - set(config))
+    missing = sorted(set(keys) - set(config) - set(optional))
     unknown = sorted(set(config) - set(keys))
     if missing or unknown:
         raise ValueError(
@@ -97,7 +98,7 @@ def read_config(path: Path, where: str, keys: tuple[str, ...]) -> dict:
 def load_schedule(cls, name_or_path: str | Path, **hub_kwargs):
     """Build an MLRSNet from a folder, shipped name or Hub repo, strictly: every tensor present, nothing extra."""
     config_path, weights_path, where = resolve_files(name_or_path, **hub_kwargs)
-    config = read_config(config_path, where, cls.CONFIG_KEYS)
+    config = read_config(config_path, where, cls.CONFIG_KEYS, cls.OPTIONAL_CONFIG_KEYS)
     try:
         net = cls(**config)
     except (TypeError, ValueError) as err:

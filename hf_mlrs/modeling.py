@@ -90,10 +90,17 @@ class MLRSNet(
         provenance (`dict`, *optional*):
             How the schedule was meta-trained (task, model, optimizer, steps, gamma rule, metrics); shown in the model
             card and by `hf-mlrs info`.
+        cooldown_fraction (`float`, *optional*, defaults to `0.0`):
+            The final linear cooldown the schedule is meant to be applied with, as a share of training: the default
+            of `MLRSCallback(cooldown_fraction=...)` and of a frozen `MLRSTrainer(schedule=...)` run. A zoo entry
+            records the one its transfer was measured with (benchmarks/RESULTS.md, section 8).
     """
 
     # The constructor arguments, exactly what config.json holds (plus the hf_mlrs version); loading checks them.
-    CONFIG_KEYS = ("hidden_size", "output_bias_init", "input_normalization", "stage_starts", "provenance")
+    CONFIG_KEYS = ("hidden_size", "output_bias_init", "input_normalization", "stage_starts", "provenance",
+                   "cooldown_fraction")
+    # Keys a schedule saved by an older hf_mlrs may lack: the constructor's default applies.
+    OPTIONAL_CONFIG_KEYS = ("cooldown_fraction",)
 
     def __init__(
         self,
@@ -102,10 +109,15 @@ class MLRSNet(
         input_normalization: str = "initial_loss",
         stage_starts: list[float] | None = None,
         provenance: dict | None = None,
+        cooldown_fraction: float = 0.0,
     ):
         super().__init__()
         stage_starts = [0.0] if stage_starts is None else [float(s) for s in stage_starts]
         _validate_config(hidden_size, input_normalization, stage_starts)
+        if not (isinstance(cooldown_fraction, (int, float)) and 0.0 <= cooldown_fraction < 1.0):
+            raise ValueError(f"MLRSNet: cooldown_fraction must be a share of training in [0, 1), got "
+                             f"{cooldown_fraction!r}; use e.g. 0.2 (the last 20% of the run) or 0 (none).")
+        self.cooldown_fraction = float(cooldown_fraction)
         self.hidden_size = hidden_size
         self.output_bias_init = float(output_bias_init)
         self.input_normalization = input_normalization

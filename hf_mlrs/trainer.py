@@ -183,6 +183,16 @@ class MLRSTrainer(Trainer):
             return [], None
         return super().get_batch_samples(epoch_iterator, num_batches, device)
 
+    @property
+    def cooldown_fraction(self) -> float:
+        """The run's final cooldown share: `mlrs_cooldown_fraction` if given; else 0.2 with a learned gamma; else,
+        applying a schedule frozen, the one it records (what its transfer was measured with); else 0."""
+        if self.args.mlrs_cooldown_fraction is not None:
+            return self.args.mlrs_cooldown_fraction
+        if self.args.mlrs_gamma == "learned":
+            return 0.2
+        return 0.0 if self.meta_training else self.schedule.cooldown_fraction
+
     # Why: the schedule replaces the Trainer's scheduler, and get_last_lr() of ours reports the lr really applied.
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None:
@@ -202,7 +212,7 @@ class MLRSTrainer(Trainer):
                 min_lr=self.args.mlrs_min_lr,
                 max_lr=self.args.mlrs_max_lr,
                 warmup_steps=self.args.get_warmup_steps(num_training_steps),
-                cooldown_steps=math.floor(self.args.mlrs_cooldown_fraction * num_training_steps),
+                cooldown_steps=math.floor(self.cooldown_fraction * num_training_steps),
                 num_labels=num_labels_of(self.accelerator.unwrap_model(self.model)),
             )
             if self.meta_learning:
@@ -323,7 +333,7 @@ class MLRSTrainer(Trainer):
             self.train_dataset, meta_dataset = subset(whole, train), subset(whole, meta)
             args = self.args
             if args.mlrs_release_meta_share and args.train_sampling_strategy == "random" and (
-                    args.mlrs_gamma == "learned" or args.mlrs_cooldown_fraction > 0):  # a run whose meta steps end
+                    args.mlrs_gamma == "learned" or self.cooldown_fraction > 0):  # a run whose meta steps end
                 seed = args.data_seed if args.data_seed is not None else args.seed
                 self._meta_share, self._whole_train_dataset = MetaShareSampler(train, len(whole), seed), whole
         batch_size = self.args.mlrs_meta_batch_size or self.args.per_device_train_batch_size

@@ -70,7 +70,7 @@ ZOO = {
 for _task in ("bbc", "digits", "fashion", "lm"):
     _base = ZOO["multitask-default"]
     ZOO[f"multitask-without-{_task}"] = dict(
-        _base, ship=False, pairs=[p for p in _base["pairs"] if not p.startswith(_task + ":")],
+        _base, ship=False, select=0, pairs=[p for p in _base["pairs"] if not p.startswith(_task + ":")],
         summary=f"the multi-task default without {_task} (leave-one-task-out, for benchmarks/transfer.py)")
 
 
@@ -86,6 +86,12 @@ def schedule_dir(name: str, draw: int = 0) -> Path:
     if entry(name)["ship"] and not draw:
         return ROOT / "hf_mlrs" / "pretrained" / name
     return work_dir(name, draw) / "schedule"
+
+
+def draw_schedule_dir(name: str, draw: int = 0) -> Path:
+    """Where meta-training draw `draw` writes its net: `schedule_dir`, except for an entry shipped as a selected run
+    (`select`), whose draw 0 is one of the candidates, kept beside its episodes (the package gets the selection)."""
+    return work_dir(name) / "schedule" if entry(name).get("select") and not draw else schedule_dir(name, draw)
 
 
 def work_dir(name: str, draw: int = 0) -> Path:
@@ -157,7 +163,7 @@ def pool(name: str, count: int, output_dirs: list[Path] | None = None, target: P
 
 
 def select(name: str, count: int, output_dirs: list[Path] | None = None, target: Path | None = None,
-           smoke: bool = False, reuse: str | None = None):
+           smoke: bool = False, reuse: str | None = None, command: str | None = None):
     """An entry's schedule as one whole run's shape, chosen on the entry's own tasks (RESULTS.md section 8, session
     16). Candidates: every run of the last rounds of draws 0..count-1 (each meta-trained first), each with its stage
     k net taken at the middle of stage k of that run (a coherent shape, where `--pool` mixes runs per stage). Each
@@ -167,7 +173,9 @@ def select(name: str, count: int, output_dirs: list[Path] | None = None, target:
     tuned built-in least on average is kept. The one-step signal decides each run's shape; a whole run's outcome,
     on tasks other than any held-out one, decides which shape is shipped. Written to `target` (default
     `pool_dir(..., "select")`), the candidates beside it; `reuse`: quality.py results holding the tuned built-ins
-    (default benchmarks/results/quality_cpu.json; with `smoke`, none: tiny models, built-ins run)."""
+    (default benchmarks/results/quality_cpu.json; with `smoke`, none: tiny models, built-ins run). The net records
+    SELECTED_COOLDOWN as its `cooldown_fraction`, the final anneal its transfer was measured with (MLRSCallback
+    applies it by default): a selected shape holds its lr and does not anneal by itself (session 16-18)."""
     import copy
 
     from hf_mlrs import MLRSNet
@@ -178,7 +186,7 @@ def select(name: str, count: int, output_dirs: list[Path] | None = None, target:
     import transfer  # the benchmark's runs and tuned built-ins score the candidates
 
     dirs = built_draws(name, count, "--select", output_dirs)
-    net = MLRSNet.from_pretrained(Path(dirs[0]) / "schedule" if output_dirs else schedule_dir(name))
+    net = MLRSNet.from_pretrained(Path(dirs[0]) / "schedule" if output_dirs else draw_schedule_dir(name))
     rounds = 1 if smoke else entry(name)["rounds"]
     _, folders, runs = last_round_runs(dirs, [draw_name(name, k) for k in range(count)], rounds)
     target = Path(target) if target else pool_dir(name, count, "select")
@@ -203,13 +211,20 @@ def select(name: str, count: int, output_dirs: list[Path] | None = None, target:
                        f"shape trailed the best tuned built-in least on {', '.join(tasks)}: {runs[best]}",
         "selected_run": runs[best], "selected_draws": count,
         "selection": [{"run": c["run"], "outputs": c["outputs"], **s} for c, s in zip(candidates, scores)],
-        "command": f"python recipes/zoo.py --entry {name} --select {count}",
+        "command": command or f"python recipes/zoo.py --entry {name} --select {count}",
+        "cooldown_fraction": SELECTED_COOLDOWN,
         "selected_from": " + ".join(command_of(name, k) for k in range(count))})
     net.provenance.pop("draw", None)
     net.provenance.pop("stage_midpoints", None)  # the median rule's record: not how these stages were chosen
+    net.cooldown_fraction = SELECTED_COOLDOWN
     net.save_pretrained(target)
     print(f"Selected {runs[best]} of {count} draws of {name} (mean gap {scores[best]['mean_gap']:+.2f}): {target}")
     return net
+
+
+# The final cooldown a selected shape is applied with (MLRSNet.cooldown_fraction): measured with 0.2 on the held-out
+# cells of benchmarks/transfer.py --select 3 --cooldown 0.2 (RESULTS.md section 8, sessions 16-18).
+SELECTED_COOLDOWN = 0.2
 
 
 def learned_on(name: str) -> str:
@@ -246,7 +261,7 @@ def build(name: str, output_dir: Path | None = None, smoke: bool = False, draw: 
     if smoke and output_dir is None:
         raise ValueError("--smoke needs --output_dir (a smoke run never writes into hf_mlrs/pretrained).")
     output_dir = Path(output_dir) if output_dir else work_dir(name, draw)
-    target = output_dir / "schedule" if smoke else schedule_dir(name, draw)
+    target = output_dir / "schedule" if smoke else draw_schedule_dir(name, draw)
     argv = recipe_argv(name, output_dir, target, smoke, draw)
     script_args, training_args = recipe.make_parser().parse_args_into_dataclasses(args=argv)
     command = command_of(name, draw)
@@ -302,6 +317,10 @@ def main(argv: list[str] | None = None):
         return pool(options.entry, options.pool)
     if options.select:
         return select(options.entry, options.select)
+    count = entry(options.entry).get("select")
+    # An entry shipped as a selection: its draws (meta-trained first if missing), then the selection, into the package
+    if count and not (options.draw or options.smoke or options.estimate or options.output_dir):
+        return select(options.entry, count, target=schedule_dir(options.entry), command=command_of(options.entry))
     if options.estimate:
         result = estimate(options.entry)
         print(json.dumps(result, indent=1))

@@ -93,6 +93,32 @@ def test_callback_cooldown_anneals_the_last_share_linearly_as_mlrs_trainer_does(
         MLRSCallback(schedule, cooldown_fraction=1.0)
 
 
+def test_a_schedule_that_records_a_cooldown_is_applied_with_it_unless_told_otherwise(tmp_path, dataset):
+    """MLRSNet.cooldown_fraction (saved in its config) is the default of MLRSCallback and of a frozen MLRSTrainer:
+    both give the lrs of an explicit cooldown_fraction=0.25, and an explicit 0 turns it off."""
+    recorded = MLRSNet.from_pretrained(_schedule(tmp_path))
+    recorded.cooldown_fraction = 0.25
+    recorded.save_pretrained(tmp_path / "recorded", write_card=False)
+    recorded = MLRSNet.from_pretrained(tmp_path / "recorded")
+    plain = MLRSNet.from_pretrained(_schedule(tmp_path))
+    common = dict(max_steps=12, learning_rate=1e-3, optim="adamw_torch")
+
+    def lrs_with(callback, folder):
+        trainer = Trainer(model=tiny_bert(), args=plain_args(tmp_path / folder, **common), train_dataset=dataset,
+                          callbacks=[callback])
+        trainer.train()
+        return logged_lrs(trainer)
+
+    explicit = lrs_with(MLRSCallback(plain, cooldown_fraction=0.25), "explicit")
+    assert lrs_with(MLRSCallback(recorded), "recorded") == explicit
+    assert lrs_with(MLRSCallback(recorded, cooldown_fraction=0.0), "off") == lrs_with(MLRSCallback(plain), "none")
+    assert explicit != lrs_with(MLRSCallback(plain), "none2")
+    ours = MLRSTrainer(model=tiny_bert(), args=tiny_args(tmp_path / "trainer", **common), train_dataset=dataset,
+                       schedule=recorded)
+    ours.train()
+    assert logged_lrs(ours) == explicit
+
+
 @pytest.mark.parametrize("stage_by", ["progress", "loss"])
 def test_stages_switch_by_progress_or_loss(tmp_path, dataset, stage_by):
     schedule = constant_stages(2.0, 0.0, -2.0)

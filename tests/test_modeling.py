@@ -84,7 +84,8 @@ def test_official_checkpoint_errors(tmp_path):
 
 def test_save_and_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    net = MLRSNet(hidden_size=8, stage_starts=[0.0, 0.4], provenance={"task": "x", "steps": 3})
+    net = MLRSNet(hidden_size=8, stage_starts=[0.0, 0.4], provenance={"task": "x", "steps": 3},
+                  cooldown_fraction=0.2)
     net.stage_switch_losses[1] = 0.5
     net.save_pretrained(tmp_path / "s")
     loaded = MLRSNet.from_pretrained(tmp_path / "s")
@@ -165,6 +166,7 @@ def test_missing_tensor(saved):
     (lambda c: c.pop("hidden_size"), r"missing keys \['hidden_size'\]"),
     (lambda c: c.update(colour="blue"), r"unknown keys \['colour'\]"),
     (lambda c: c.update(hidden_size=-3), "invalid value"),
+    (lambda c: c.update(cooldown_fraction=1.0), "(?s)invalid value.*cooldown_fraction must be a share"),
 ])
 def test_bad_config(saved, edit, match):
     config = json.loads((saved / "config.json").read_text())
@@ -172,6 +174,17 @@ def test_bad_config(saved, edit, match):
     (saved / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
         MLRSNet.from_pretrained(saved)
+
+
+def test_a_schedule_saved_before_cooldown_fraction_existed_loads_with_no_cooldown(saved):
+    """cooldown_fraction is the one optional key: configs written by hf_mlrs <= 0.1 (on the Hub too) still load."""
+    config = json.loads((saved / "config.json").read_text())
+    config["cooldown_fraction"] = 0.3
+    (saved / "config.json").write_text(json.dumps(config))
+    assert MLRSNet.from_pretrained(saved).cooldown_fraction == 0.3
+    del config["cooldown_fraction"]
+    (saved / "config.json").write_text(json.dumps(config))
+    assert MLRSNet.from_pretrained(saved).cooldown_fraction == 0.0
 
 
 def test_config_not_json(saved):

@@ -182,7 +182,23 @@ def test_select_ships_the_whole_run_that_scores_best_on_the_entrys_own_tasks(tmp
     assert loaded.provenance["command"] == "python recipes/zoo.py --entry multitask-without-bbc --select 2"
     assert [s["mean_gap"] for s in loaded.provenance["selection"]] == [float((i * 7 + 2) % 5) for i in range(6)]
     assert "stage_midpoints" not in loaded.provenance
+    assert loaded.cooldown_fraction == zoo.SELECTED_COOLDOWN == 0.2  # applied with the anneal it was measured with
     with pytest.raises(ValueError, match="--select 1: give at least 2 draws"):
         zoo.main(["--entry", "multitask-without-bbc", "--select", "1"])
     with pytest.raises(ValueError, match="one run"):
         zoo.main(["--entry", "lm-bytes", "--select", "2"])
+
+
+def test_an_entry_shipped_as_a_selection_regenerates_from_its_one_command(monkeypatch):
+    """An entry with `select=K`: `--entry NAME` selects over draws 0..K-1 into the package, with that command as
+    its provenance, and its draw 0 (a candidate) meta-trains beside its episodes, never into the package."""
+    monkeypatch.setitem(zoo.ZOO, "selected-entry", dict(zoo.ZOO["multitask-default"], select=3))
+    calls = []
+    monkeypatch.setattr(zoo, "select", lambda *a, **kw: calls.append((a, kw)))
+    zoo.main(["--entry", "selected-entry"])
+    assert calls == [(("selected-entry", 3), {"target": zoo.schedule_dir("selected-entry"),
+                                               "command": "python recipes/zoo.py --entry selected-entry"})]
+    assert str(zoo.schedule_dir("selected-entry")).endswith("hf_mlrs/pretrained/selected-entry")
+    assert str(zoo.draw_schedule_dir("selected-entry")).endswith("outputs/zoo/selected-entry/schedule")
+    assert zoo.draw_schedule_dir("multitask-without-bbc") == zoo.schedule_dir("multitask-without-bbc")
+    assert all(not zoo.entry(f"multitask-without-{t}")["select"] for t in ("bbc", "digits", "fashion", "lm"))
