@@ -117,7 +117,7 @@ schedule = MLRSNet.from_pretrained("{name}")
 trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[MLRSCallback(schedule)])
 ```
 
-`gamma` defaults to the Trainer's `learning_rate`: the schedule's lr never exceeds it.
+`gamma` defaults to the Trainer's `learning_rate`: the schedule's lr never exceeds it.{cooldown_note(net)}
 
 ## Stages
 
@@ -140,6 +140,15 @@ Input normalisation: `{net.input_normalization}`; hidden size {net.hidden_size}.
 ```
 """
     return ModelCard(content)
+
+
+def cooldown_note(net) -> str:
+    """One sentence on the final cooldown the schedule is applied with by default, if it records one."""
+    if not net.cooldown_fraction:
+        return ""
+    return (f" Over the last {net.cooldown_fraction:.0%} of training the lr anneals linearly towards 0 on top of "
+            f"the schedule (`cooldown_fraction={net.cooldown_fraction:g}` in config.json, the cooldown its transfer "
+            "was measured with); pass `MLRSCallback(schedule, cooldown_fraction=0)` to turn it off.")
 
 
 def shape_section(provenance: dict) -> str:

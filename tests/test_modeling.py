@@ -93,6 +93,7 @@ def test_save_and_load_round_trip(tmp_path):
     for (name, a), b in zip(net.state_dict().items(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
     assert json.loads((tmp_path / "s" / "config.json").read_text())["hf_mlrs_version"]
+    assert "Over the last 20% of training the lr anneals" in (tmp_path / "s" / "README.md").read_text()
 
 
 def test_saved_card_links_only_to_what_exists_and_names_no_local_path(tmp_path, monkeypatch):
