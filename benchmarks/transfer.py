@@ -82,8 +82,9 @@ def relation(pairs, task: str, model: str) -> str | None:
 
 
 def entries_to_measure(names: list[str]) -> list[tuple[str, str, Path]]:
-    """(row name, schedule name, folder): zoo entries (the default through its leave-one-task-out variants), and any
-    other shipped schedule by its short name, where they exist."""
+    """(row name, schedule name, folder): zoo entries (the default through its leave-one-task-out variants, made as
+    the default is: selected over as many draws if it is shipped as a selection), and any other shipped schedule by
+    its short name, where they exist."""
     import zoo
 
     from hf_mlrs import pretrained
@@ -91,8 +92,11 @@ def entries_to_measure(names: list[str]) -> list[tuple[str, str, Path]]:
     rows = []
     for name in names:
         if name == "multitask-default":
-            rows += [(name, f"multitask-without-{t}", zoo.schedule_dir(f"multitask-without-{t}"))
-                     for t in ("bbc", "digits", "fashion", "lm")]
+            variants = [(name, f"multitask-without-{t}", zoo.schedule_dir(f"multitask-without-{t}"))
+                        for t in ("bbc", "digits", "fashion", "lm")]
+            count = zoo.entry(name).get("select")
+            rows += [(row, f"{schedule}-select{count}", zoo.pool_dir(schedule, count, "select"))
+                     for row, schedule, _ in variants] if count else variants
         elif name in zoo.ZOO:
             rows.append((name, name, zoo.schedule_dir(name)))
         else:
@@ -491,7 +495,9 @@ def pooled(measured: list[tuple[str, str, Path]], count: int, kind: str = "pool"
     selected from them); one not built yet is an error that says how to build it."""
     import zoo
 
-    out = [(row, f"{schedule}-{kind}{count}", zoo.pool_dir(schedule, count, kind)) for row, schedule, _ in measured]
+    done = f"-{kind}{count}"  # a row already measured through such nets (the default shipped as a selection)
+    measured = [(row, schedule.removesuffix(done), folder) for row, schedule, folder in measured]
+    out = [(row, f"{schedule}{done}", zoo.pool_dir(schedule, count, kind)) for row, schedule, _ in measured]
     missing = [f"{zoo.command_of(schedule)} --{kind} {count}" for (_, schedule, _), (_, _, f) in zip(measured, out)
                if not (f / "config.json").exists()]
     if missing:

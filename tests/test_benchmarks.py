@@ -204,6 +204,12 @@ def test_transfer_measures_a_pooled_variant_on_its_own_held_out_task_and_names_a
     with pytest.raises(FileNotFoundError, match="python recipes/zoo.py --entry multitask-without-lm --select 3"):
         transfer.pooled(transfer.entries_to_measure(["multitask-default"]), 3, "select")  # --select: its own folders
     assert transfer.held_out_task("multitask-without-lm-select3") == "lm"
+    # A default shipped as a selection is measured through variants selected the same way, without --select
+    monkeypatch.setitem(zoo.ZOO, "multitask-default", dict(zoo.ZOO["multitask-default"], select=3))
+    assert transfer.entries_to_measure(["multitask-default"])[3] == (
+        "multitask-default", "multitask-without-lm-select3", zoo.pool_dir("multitask-without-lm", 3, "select"))
+    with pytest.raises(FileNotFoundError, match=r"--entry multitask-without-lm --select 3$"):  # --select 3 on it:
+        transfer.pooled(transfer.entries_to_measure(["multitask-default"]), 3, "select")  # the same, not twice
 
 
 def test_horizon_probe_measures_consistent_slopes():
