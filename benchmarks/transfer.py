@@ -162,23 +162,25 @@ class Runs:
         return best["lr"], [self.get(task, model, steps, arm, best["lr"], s, schedule) for s in range(seeds)]
 
 
-def measure_cell(runs: Runs, task, model, steps, schedule, builtins, options, label) -> dict:
+def measure_cell(runs: Runs, task, model, steps, schedule, builtins, options, label, cooldown_suffix="") -> dict:
     """Scores (mean over seeds; higher is better: accuracy, or minus the LM loss) of every arm on one cell.
-    Runs are named by `label`, the schedule's name (results never record a path of this machine)."""
+    Runs are named by `label`, the schedule's name (results never record a path of this machine); the tuned-gamma
+    arm's by `label + cooldown_suffix` (the learned-scale arm has its own cooldown, whatever the net records)."""
     grid = quality.TASKS[task]["grid"][:2] if options.smoke else quality.TASKS[task]["grid"]
     seeds = 1 if options.smoke else SEEDS
     arms = {}
     for name in builtins:
         lr, rs = runs.tuned(task, model, steps, f"builtin:{name}", grid, seeds)
         arms[f"builtin:{name}"] = {"lr": lr, "score": statistics.fmean(map(quality.score, rs))}
-    lr, rs = runs.tuned(task, model, steps, f"zoo:{label}", grid, seeds, str(schedule))
+    lr, rs = runs.tuned(task, model, steps, f"zoo:{label}{cooldown_suffix}", grid, seeds, str(schedule))
     arms["zoo"] = {"lr": lr, "score": statistics.fmean(map(quality.score, rs))}
     rs = [runs.get(task, model, steps, f"learned:{label}", 1e-3, s, str(schedule))
           for s in range(seeds)]
     arms["learned"] = {"lr": None, "score": statistics.fmean(map(quality.score, rs)),
                        "gamma_end": [r["gammas"][-1][1] if r["gammas"] else None for r in rs]}
     best = max((a for a in arms if a.startswith("builtin:")), key=lambda a: arms[a]["score"])
-    return {"task": task, "model": model, "steps": steps, "arms": arms, "best_builtin": best, "label": label}
+    return {"task": task, "model": model, "steps": steps, "arms": arms, "best_builtin": best,
+            "label": label + cooldown_suffix}
 
 
 def selection_scores(candidates: list[dict], tasks: list[str], reuse: str | None, smoke: bool,
@@ -426,15 +428,15 @@ def main(argv=None):
             builtins = ["linear", "constant"] if options.smoke else quality.SCHEDULES
             cooldown = net.cooldown_fraction if options.cooldown is None else options.cooldown
             suffix = f"+cooldown{cooldown:g}" if cooldown else ""  # its own runs, never reused as another's
-            labels = {draw_folder: label_of(name, draw_folder) + suffix for name, draw_folder in draws[schedule]}
+            labels = {draw_folder: label_of(name, draw_folder) for name, draw_folder in draws[schedule]}
             for task, model, kind in cells:
                 steps = 2 if options.smoke else standard_steps(task, model)
-                cell = over_draws([measure_cell(runs, task, model, steps, f, builtins, options, label)
+                cell = over_draws([measure_cell(runs, task, model, steps, f, builtins, options, label, suffix)
                                    for f, label in labels.items()])
                 add_cell(row, {**cell, "relation": kind, "gaps": gaps(cell), "schedule": schedule})
             if options.budgets and not any(c.get("budget") for c in row["cells"]):  # one budget cell per row
                 held = [c for c in row["cells"] if c["schedule"] == schedule]
-                per_draw = [budget_cells(runs, schedule, f, MLRSNet.from_pretrained(f), label, held, options)
+                per_draw = [budget_cells(runs, schedule, f, MLRSNet.from_pretrained(f), label, held, options, suffix)
                             for f, label in labels.items()]
                 for same in zip(*per_draw):  # the same budget cell of every draw
                     cell = over_draws(list(same))
@@ -595,7 +597,7 @@ def card_folder(row_name: str, folder: Path, smoke: bool) -> Path | None:
     return zoo.schedule_dir(row_name) if row_name in zoo.ZOO else pretrained.path(row_name)
 
 
-def budget_cells(runs, schedule, folder, net, label, cells, options) -> list[dict]:
+def budget_cells(runs, schedule, folder, net, label, cells, options, cooldown_suffix="") -> list[dict]:
     """The same arms at 1/3x and 3x the meta-training episode length, on the cheapest held-out cell."""
     held = [(c["task"], c["model"], c["relation"], c["best_builtin"][8:]) for c in cells
             if c["relation"].startswith("held-out task")]
@@ -610,7 +612,7 @@ def budget_cells(runs, schedule, folder, net, label, cells, options) -> list[dic
     for factor in BUDGET_FACTORS:
         steps = 2 if options.smoke else max(1, min(options.budget_cap, round(factor * length)))
         builtins = sorted({"constant", pick[3]})
-        cell = measure_cell(runs, pick[0], pick[1], steps, folder, builtins, options, label)
+        cell = measure_cell(runs, pick[0], pick[1], steps, folder, builtins, options, label, cooldown_suffix)
         out.append({**cell, "relation": pick[2], "gaps": gaps(cell), "schedule": schedule, "budget": factor,
                     "meta_episode_steps": length, "capped": steps < round(factor * length)})
     return out

@@ -309,6 +309,8 @@ def test_transfer_cooldown_applies_the_anneal_to_the_tuned_gamma_arm_in_its_own_
     runs = json.loads((tmp_path / "transfer_cpu_smoke.json").read_text())["runs"]
     zoo_runs = [r for r in runs if r["arm"].startswith("zoo:")]
     assert zoo_runs and all(r["arm"].endswith("+cooldown0.5") for r in zoo_runs)
+    learned = [r for r in runs if r["arm"].startswith("learned:")]  # its own cooldown: the label without --cooldown's
+    assert learned and not any("+cooldown" in r["arm"] for r in learned)
     for r in zoo_runs:  # 2 steps, cooldown of 1: the last step at half the net's lr, below the first step's
         lrs = [lr for _, lr in r["lrs"]]
         assert lrs[-1] < lrs[0]
