@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 PAPER_URL = "https://arxiv.org/abs/2007.14546"
 # Provenance keys shown in sections of their own (or only in the plot), not in the "How it was learned" table.
-OWN_SECTIONS = ("lr_history", "learned_shapes", "episode_records", "transfer", "shape_probe")
+OWN_SECTIONS = ("lr_history", "learned_shapes", "episode_records", "transfer", "shape_probe", "selection")
 TRANSFER_HEADING = "## Transfer"
 CARD_NAME = "README.md"
 PLOT_NAME = "lr_curve.png"
@@ -97,6 +97,8 @@ def render_card(net, repo_id: str | None = None) -> ModelCard:
     stages = "\n".join(
         f"| {k} | {start:.3f} | {float(net.stage_switch_losses[k]):.4g} |" for k, start in enumerate(net.stage_starts)
     )
+    sections = "".join(section(net.provenance) for section in (shape_section, selection_section, episodes_section,
+                                                                transfer_section))
     content = f"""---
 {data.to_yaml()}
 ---
@@ -133,7 +135,7 @@ Input normalisation: `{net.input_normalization}`; hidden size {net.hidden_size}.
 |---|---|
 {rows if rows else '| (no provenance recorded) | |'}
 
-{shape_section(net.provenance)}{episodes_section(net.provenance)}{transfer_section(net.provenance)}## Citation
+{sections}## Citation
 
 ```bibtex
 {CITATION}
@@ -165,6 +167,33 @@ def shape_section(provenance: dict) -> str:
 Measured with `{probe['command']}`: each stage fed the same synthetic normalised loss curves over a
 {probe['steps']}-step run (`fast`: most of the fall in the first 10%; `slow`; `flat`; `spike`: the loss jumps back to
 its start at half of the run). A net that reacts to the loss moves A_t between curves; ratios of 1.00 mean it does not.
+
+"""
+
+
+def selection_section(provenance: dict) -> str:
+    """A selected schedule (`recipes/zoo.py --select`): every candidate run, its shape and its gap per task, the
+    chosen one in bold."""
+    candidates = provenance.get("selection") or []
+    if not candidates:
+        return ""
+    tasks = sorted({task for c in candidates for task in c["gaps"]})
+
+    def line(c):
+        cells = [c["run"], ", ".join(f"{a:.2g}" for a in c["outputs"])] + [f"{c['gaps'][t]:+.2f}" for t in tasks]
+        cells.append(f"{c['mean_gap']:+.2f}")
+        bold = c["run"] == provenance.get("selected_run")
+        return "| " + " | ".join(f"**{x}**" if bold else x for x in cells) + " |"
+
+    return f"""## How this run was chosen
+
+Each candidate is one whole meta-training run's shape (its stages taken at the middle of each stage of that run),
+applied frozen at a tuned gamma to the standard benchmark cell of every task it was meta-trained on; the one that
+trails the best tuned built-in schedule least on average (accuracy points; LM: % of the loss) is this schedule.
+
+| candidate run | A_t at its stage midpoints | {' | '.join(tasks)} | mean gap |
+|---|---|{'---|' * len(tasks)}---|
+{chr(10).join(line(c) for c in candidates)}
 
 """
 

@@ -167,7 +167,8 @@ def test_select_ships_the_whole_run_that_scores_best_on_the_entrys_own_tasks(tmp
         for c in candidates:  # each candidate folder holds that run's stages, and its outputs are that run's
             net = MLRSNet.from_pretrained(c["folder"])
             assert net.provenance["stage_outputs"] == pytest.approx(c["outputs"], abs=1e-4)
-        return [{"gaps": {}, "gamma": {}, "mean_gap": float((i * 7 + 2) % 5)} for i in range(len(candidates))]
+        return [{"gaps": {t: float(i) for t in tasks}, "gamma": {}, "mean_gap": float((i * 7 + 2) % 5)}
+                for i in range(len(candidates))]
 
     monkeypatch.setattr(transfer, "selection_scores", scores)
     net = zoo.select("multitask-without-bbc", 2, output_dirs=dirs, target=tmp_path / "sel" / "schedule", smoke=True)
@@ -183,6 +184,10 @@ def test_select_ships_the_whole_run_that_scores_best_on_the_entrys_own_tasks(tmp
     assert [s["mean_gap"] for s in loaded.provenance["selection"]] == [float((i * 7 + 2) % 5) for i in range(6)]
     assert "stage_midpoints" not in loaded.provenance
     assert loaded.cooldown_fraction == zoo.SELECTED_COOLDOWN == 0.2  # applied with the anneal it was measured with
+    card = (tmp_path / "sel" / "schedule" / "README.md").read_text()  # every candidate in a table, the chosen in bold
+    assert "| candidate run | A_t at its stage midpoints | digits | fashion | lm | mean gap |" in card
+    assert f"| **{seen['runs'][chosen]}** |" in card and "| **+4.00** | **+4.00** | **+4.00** | **+0.00** |" in card
+    assert sum(f"\n| {run} | " in card for run in seen["runs"]) == 5 and "| selection |" not in card
     with pytest.raises(ValueError, match="--select 1: give at least 2 draws"):
         zoo.main(["--entry", "multitask-without-bbc", "--select", "1"])
     with pytest.raises(ValueError, match="one run"):
