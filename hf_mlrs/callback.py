@@ -14,7 +14,7 @@ import math
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .checkpoints import nothing_left_to_train, save_checkpoint_safely
-from .config import learned_scale
+from .config import LEARNED_GAMMA_COOLDOWN, learned_scale
 from .hypergrad import MetaLearner
 from .integration import (
     StepLossMeter,
@@ -63,9 +63,10 @@ class MLRSCallback(TrainerCallback):
         warmup_steps (`int`, *optional*): linear warmup on top of the schedule; defaults to the Trainer's.
         cooldown_fraction (`float`, *optional*): share of training, at the end, over which the lr decays linearly
             towards 0 on top of the schedule (as `MLRSTrainingArguments.mlrs_cooldown_fraction`); no meta step in it
-            with `gamma="learned"`. Defaults to the one the schedule records (`schedule.cooldown_fraction`, the one
-            its transfer was measured with; 0 if none): a shape learned by a one-step lookahead does not anneal
-            where a short run wants it (benchmarks/RESULTS.md, section 8, sessions 16-18).
+            with `gamma="learned"`. Defaults to 0.2 with `gamma="learned"` (as MLRSTrainer), else to the one the
+            schedule records (`schedule.cooldown_fraction`, the one its transfer was measured with; 0 if none): a
+            shape learned by a one-step lookahead does not anneal where a short run wants it (benchmarks/RESULTS.md,
+            section 8, sessions 16-18).
         on_nonfinite (`str`, *optional*, defaults to `"skip"`): on a NaN/inf loss keep the previous lr (`"skip"`),
             and with `"stop"` also stop training.
 
@@ -102,8 +103,8 @@ class MLRSCallback(TrainerCallback):
                              "meta_dataset=... (examples the Trainer does not train on), or a number as gamma.")
         if meta_interval < 1:
             raise ValueError(f"MLRSCallback: meta_interval={meta_interval} < 1.")
-        if cooldown_fraction is None:
-            cooldown_fraction = schedule.cooldown_fraction
+        if cooldown_fraction is None:  # as MLRSTrainer: 0.2 with a learned gamma, else what the schedule records
+            cooldown_fraction = LEARNED_GAMMA_COOLDOWN if gamma == "learned" else schedule.cooldown_fraction
         if not 0.0 <= cooldown_fraction < 1.0:
             raise ValueError(f"MLRSCallback: cooldown_fraction={cooldown_fraction} is outside [0, 1); use e.g. 0.2 "
                              "(the last 20% of the run) or 0 (none).")

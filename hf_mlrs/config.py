@@ -20,6 +20,10 @@ NONLINEAR_OPTIM_NAMES = {
     "adalomo": "AdaLomo steps inside backward, before the schedule sets the lr",
 }
 
+# The final cooldown share with a learned gamma unless one is given (MLRSTrainer and MLRSCallback alike): the learned
+# scale holds its lr, and a one-step lookahead does not anneal by itself in runs of a few hundred steps (RESULTS 3b).
+LEARNED_GAMMA_COOLDOWN = 0.2
+
 
 @dataclass
 class MLRSTrainingArguments(TrainingArguments):

@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback
 
 from . import __version__
 from .checkpoints import checkpoint_problem, checkpoint_to_resume, nothing_left_to_train, save_checkpoint_safely
-from .config import MLRSTrainingArguments, learned_scale
+from .config import LEARNED_GAMMA_COOLDOWN, MLRSTrainingArguments, learned_scale
 from .data import MetaShareSampler, split_meta_indices, subset
 from .hypergrad import MetaLearner, lr_linearity_problem
 from .integration import (
@@ -190,7 +190,7 @@ class MLRSTrainer(Trainer):
         if self.args.mlrs_cooldown_fraction is not None:
             return self.args.mlrs_cooldown_fraction
         if self.args.mlrs_gamma == "learned":
-            return 0.2
+            return LEARNED_GAMMA_COOLDOWN
         return 0.0 if self.meta_training else self.schedule.cooldown_fraction
 
     # Why: the schedule replaces the Trainer's scheduler, and get_last_lr() of ours reports the lr really applied.

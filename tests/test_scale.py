@@ -418,6 +418,29 @@ def test_cooldown_decays_linearly_and_stops_meta_updates(tmp_path):
     torch.testing.assert_close(torch.tensor(lrs[15:]), torch.tensor(expected), rtol=1e-6, atol=0)
 
 
+def test_callback_with_a_learned_gamma_cools_down_by_default_as_mlrs_trainer_does(tmp_path):
+    """MLRSCallback(gamma="learned") with no cooldown_fraction: the last 20% of the run (4 of 20 steps) anneal
+    linearly with no meta-update, as MLRSTrainer's learned gamma does, whatever the schedule records (0 here)."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_mlrs import MLRSCallback
+
+    data = least_squares_data()
+    args = TrainingArguments(str(tmp_path), max_steps=20, per_device_train_batch_size=64, learning_rate=1e-3,
+                             optim="sgd", logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, seed=0)
+    schedule = constant_stages(8.0)
+    assert schedule.cooldown_fraction == 0.0
+    trainer = Trainer(model=LeastSquares(), args=args, train_dataset=data,
+                      callbacks=[MLRSCallback(schedule, gamma="learned", meta_dataset=data)])
+    trainer.train()
+    values, lrs = gammas(trainer), logged_lrs(trainer)
+    assert len(set(values[:16])) > 5 and len(set(values[16:])) == 1  # no meta-update in the last 4 steps
+    output = torch.sigmoid(torch.tensor(8.0)).item()
+    expected = [values[-1] * output * k / 5 for k in (4, 3, 2, 1)]
+    torch.testing.assert_close(torch.tensor(lrs[16:]), torch.tensor(expected), rtol=1e-6, atol=0)
+
+
 class NetAndScaleProbe(TrainerCallback):
     """After every step: the trained (last) stage's parameters and whether the scale is still growing (the earlier
     stages receive snapshots of it at fixed fractions of the run, hold or not)."""
