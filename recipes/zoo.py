@@ -117,6 +117,14 @@ def pool_dir(name: str, count: int, kind: str = "pool") -> Path:
     return ROOT / "outputs" / "zoo" / f"{name}-{kind}{count}" / "schedule"
 
 
+def candidates_dir(name: str, count: int, target: Path) -> Path:
+    """Where `select` keeps its candidates: beside its target, or beside the draws when the target is the package
+    (hf_mlrs/pretrained/ holds shipped schedules only)."""
+    if Path(target).resolve().is_relative_to((ROOT / "hf_mlrs").resolve()):
+        return pool_dir(name, count, "select").parent / "candidates"
+    return Path(target).parent / "candidates"
+
+
 def built_draws(name: str, count: int, option: str, output_dirs: list[Path] | None = None) -> list[Path]:
     """The working folders of an entry's draws 0..count-1 for `option` (--pool or --select), each meta-trained first
     if missing (`--draw K`, and the entry itself); with `output_dirs` (a smoke test's draws) those: they must exist."""
@@ -195,9 +203,9 @@ def select(name: str, count: int, output_dirs: list[Path] | None = None, target:
         candidate = copy.deepcopy(net)
         outputs = load_run_stages(candidate, folder)
         candidate.provenance.update({"stages_from": f"one run: {run}", "stage_outputs": outputs})
-        candidate.save_pretrained(target.parent / "candidates" / f"run-{i:02d}", write_card=False)
-        candidates.append({"run": run, "outputs": [round(o, 4) for o in outputs],
-                           "folder": target.parent / "candidates" / f"run-{i:02d}"})
+        folder = candidates_dir(name, count, target) / f"run-{i:02d}"
+        candidate.save_pretrained(folder, write_card=False)
+        candidates.append({"run": run, "outputs": [round(o, 4) for o in outputs], "folder": folder})
         nets.append(candidate)
     tasks = sorted({p.split(":")[0] for p in entry(name)["pairs"]})
     if reuse is None and not smoke:

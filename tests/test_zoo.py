@@ -3,6 +3,7 @@
 import importlib
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -207,3 +208,7 @@ def test_an_entry_shipped_as_a_selection_regenerates_from_its_one_command(monkey
     assert str(zoo.draw_schedule_dir("selected-entry")).endswith("outputs/zoo/selected-entry/schedule")
     assert zoo.draw_schedule_dir("multitask-without-bbc") == zoo.schedule_dir("multitask-without-bbc")
     assert all(not zoo.entry(f"multitask-without-{t}")["select"] for t in ("bbc", "digits", "fashion", "lm"))
+    # The candidates scored on the way never land in the package (only shipped schedules live there).
+    assert zoo.candidates_dir("selected-entry", 3, zoo.schedule_dir("selected-entry")) == \
+        zoo.ROOT / "outputs" / "zoo" / "selected-entry-select3" / "candidates"
+    assert zoo.candidates_dir("x", 3, Path("/tmp/sel/schedule")) == Path("/tmp/sel/candidates")
