@@ -109,3 +109,16 @@ python benchmarks/candidate_lab.py fashion outputs/zoo/multitask-without-fashion
 for task in lm bbc digits; do
   python benchmarks/candidate_lab.py "$task" "outputs/zoo/multitask-without-$task/schedule" --cooldown 0.2
 done
+# Sessions 17-18: the same (--select 3, then the cooldown its selection records) on the other held-out cells.
+for cell in lm/gpt2-small bbc/minilm-L2 digits/resnet-small; do
+  python recipes/zoo.py --entry "multitask-without-${cell%%/*}" --select 3
+  python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 0.2 --cells "$cell" --no-budgets \
+    --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown
+done
+# Session 19: the default shipped as its selection (three draws, then the selection, into the package), its card
+# filled from those cells, and whether the LM's gap is where the gamma grid puts the shape's plateau.
+python recipes/zoo.py --entry multitask-default
+python benchmarks/transfer.py --entries multitask-default --no-budgets --reuse benchmarks/results/quality_cpu.json \
+  --out benchmarks/results/selected_cooldown --write-cards
+python benchmarks/peak_lab.py benchmarks/results/selected_cooldown lm gpt2-small multitask-without-lm-select3 \
+  0.003 0.2 0.003,0.01
