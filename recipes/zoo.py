@@ -171,7 +171,7 @@ def pool(name: str, count: int, output_dirs: list[Path] | None = None, target: P
 
 
 def select(name: str, count: int, output_dirs: list[Path] | None = None, target: Path | None = None,
-           smoke: bool = False, reuse: str | None = None, command: str | None = None):
+           smoke: bool = False, reuse: str | None = None, command: str | None = None, score_cooldown: float = 0.0):
     """An entry's schedule as one whole run's shape, chosen on the entry's own tasks (RESULTS.md section 8, session
     16). Candidates: every run of the last rounds of draws 0..count-1 (each meta-trained first), each with its stage
     k net taken at the middle of stage k of that run (a coherent shape, where `--pool` mixes runs per stage). Each
@@ -183,7 +183,9 @@ def select(name: str, count: int, output_dirs: list[Path] | None = None, target:
     `pool_dir(..., "select")`), the candidates beside it; `reuse`: quality.py results holding the tuned built-ins
     (default benchmarks/results/quality_cpu.json; with `smoke`, none: tiny models, built-ins run). The net records
     SELECTED_COOLDOWN as its `cooldown_fraction`, the final anneal its transfer was measured with (MLRSCallback
-    applies it by default): a selected shape holds its lr and does not anneal by itself (session 16-18)."""
+    applies it by default): a selected shape holds its lr and does not anneal by itself (session 16-18).
+    `score_cooldown`: score the candidates with that cooldown already on (the way the selection will be applied;
+    session 19's experiment, `--score_cooldown`; default target `outputs/zoo/<entry>-select<K>-cooled/`)."""
     import copy
 
     from hf_mlrs import MLRSNet
@@ -197,10 +199,14 @@ def select(name: str, count: int, output_dirs: list[Path] | None = None, target:
     net = MLRSNet.from_pretrained(Path(dirs[0]) / "schedule" if output_dirs else draw_schedule_dir(name))
     rounds = 1 if smoke else entry(name)["rounds"]
     _, folders, runs = last_round_runs(dirs, [draw_name(name, k) for k in range(count)], rounds)
-    target = Path(target) if target else pool_dir(name, count, "select")
+    if target is None:
+        target = pool_dir(name, count, "select")
+        target = target.parent.with_name(target.parent.name + "-cooled") / "schedule" if score_cooldown else target
+    target = Path(target)
     candidates, nets = [], []
     for i, (folder, run) in enumerate(zip(folders, runs)):
         candidate = copy.deepcopy(net)
+        candidate.cooldown_fraction = score_cooldown
         outputs = load_run_stages(candidate, folder)
         candidate.provenance.update({"stages_from": f"one run: {run}", "stage_outputs": outputs})
         folder = candidates_dir(name, count, target) / f"run-{i:02d}"
@@ -217,7 +223,8 @@ def select(name: str, count: int, output_dirs: list[Path] | None = None, target:
     net.provenance.update({
         "stages_from": f"one whole run of the last rounds of {count} draws ({len(candidates)} runs), the one whose "
                        f"shape trailed the best tuned built-in least on {', '.join(tasks)}: {runs[best]}",
-        "selected_run": runs[best], "selected_draws": count,
+        "selected_run": runs[best], "selected_draws": count, **({"scored_with_cooldown": score_cooldown}
+                                                                 if score_cooldown else {}),
         "selection": [{"run": c["run"], "outputs": c["outputs"], **s} for c, s in zip(candidates, scores)],
         "command": command or f"python recipes/zoo.py --entry {name} --select {count}",
         "cooldown_fraction": SELECTED_COOLDOWN,
@@ -312,6 +319,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--select", type=int, default=0, help="write the entry as the one whole run of the last "
                         "rounds of draws 0..SELECT-1 whose shape, applied frozen to the entry's own tasks, trails the "
                         "tuned built-ins least, into outputs/zoo/<entry>-select<SELECT>/ (the draws first)")
+    parser.add_argument("--score_cooldown", type=float, default=0.0, help="with --select: score the candidates "
+                        "with this final cooldown on, as the selection is applied (into <entry>-select<K>-cooled/)")
     parser.add_argument("--estimate", action="store_true", help="time 20 steps per pair and extrapolate")
     parser.add_argument("--list", action="store_true", help="list the entries")
     options = parser.parse_args(argv)
@@ -324,7 +333,7 @@ def main(argv: list[str] | None = None):
     if options.pool:
         return pool(options.entry, options.pool)
     if options.select:
-        return select(options.entry, options.select)
+        return select(options.entry, options.select, score_cooldown=options.score_cooldown)
     count = entry(options.entry).get("select")
     # An entry shipped as a selection: its draws (meta-trained first if missing), then the selection, into the package
     if count and not (options.draw or options.smoke or options.estimate or options.output_dir):

@@ -165,9 +165,11 @@ def test_select_ships_the_whole_run_that_scores_best_on_the_entrys_own_tasks(tmp
 
     def scores(candidates, tasks, reuse, smoke):
         seen.update(tasks=tasks, runs=[c["run"] for c in candidates])
+        seen["cooldowns"] = []
         for c in candidates:  # each candidate folder holds that run's stages, and its outputs are that run's
             net = MLRSNet.from_pretrained(c["folder"])
             assert net.provenance["stage_outputs"] == pytest.approx(c["outputs"], abs=1e-4)
+            seen["cooldowns"].append(net.cooldown_fraction)  # scored as applied: without a cooldown unless asked
         return [{"gaps": {t: float(i) for t in tasks}, "gamma": {}, "mean_gap": float((i * 7 + 2) % 5)}
                 for i in range(len(candidates))]
 
@@ -189,6 +191,10 @@ def test_select_ships_the_whole_run_that_scores_best_on_the_entrys_own_tasks(tmp
     assert "| candidate run | A_t at its stage midpoints | digits | fashion | lm | mean gap |" in card
     assert f"| **{seen['runs'][chosen]}** |" in card and "| **+4.00** | **+4.00** | **+4.00** | **+0.00** |" in card
     assert sum(f"\n| {run} | " in card for run in seen["runs"]) == 5 and "| selection |" not in card
+    assert seen["cooldowns"] == [0.0] * 6 and "scored_with_cooldown" not in loaded.provenance
+    cooled = zoo.select("multitask-without-bbc", 2, output_dirs=dirs, target=tmp_path / "cooled" / "schedule",
+                        smoke=True, score_cooldown=0.2)  # --score_cooldown: the candidates scored with it on
+    assert seen["cooldowns"] == [0.2] * 6 and cooled.provenance["scored_with_cooldown"] == 0.2
     with pytest.raises(ValueError, match="--select 1: give at least 2 draws"):
         zoo.main(["--entry", "multitask-without-bbc", "--select", "1"])
     with pytest.raises(ValueError, match="one run"):
