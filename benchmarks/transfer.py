@@ -81,10 +81,11 @@ def relation(pairs, task: str, model: str) -> str | None:
     return "held-out task" + ("" if MODALITY[task] in {MODALITY[t] for t in tasks} else ", cross-modality")
 
 
-def entries_to_measure(names: list[str]) -> list[tuple[str, str, Path]]:
+def entries_to_measure(names: list[str], as_shipped: bool = True) -> list[tuple[str, str, Path]]:
     """(row name, schedule name, folder): zoo entries (the default through its leave-one-task-out variants, made as
-    the default is: selected over as many draws if it is shipped as a selection), and any other shipped schedule by
-    its short name, where they exist."""
+    the default is: selected over as many draws if it is shipped as a selection, unless `as_shipped` is False, for
+    --draws, --pool and --select, which make their own nets from the plain variants' draws), and any other shipped
+    schedule by its short name, where they exist."""
     import zoo
 
     from hf_mlrs import pretrained
@@ -94,7 +95,7 @@ def entries_to_measure(names: list[str]) -> list[tuple[str, str, Path]]:
         if name == "multitask-default":
             variants = [(name, f"multitask-without-{t}", zoo.schedule_dir(f"multitask-without-{t}"))
                         for t in ("bbc", "digits", "fashion", "lm")]
-            count = zoo.entry(name).get("select")
+            count = zoo.entry(name).get("select") if as_shipped else 0
             rows += [(row, f"{schedule}-select{count}", zoo.pool_dir(schedule, count, "select"))
                      for row, schedule, _ in variants] if count else variants
         elif name in zoo.ZOO:
@@ -376,7 +377,8 @@ def main(argv=None):
                                                             "steps": 6}).save_pretrained(folder)
         measured = [("smoke", "smoke", folder)]
     else:
-        measured = entries_to_measure(options.entries.split(","))
+        measured = entries_to_measure(options.entries.split(","),
+                                      as_shipped=options.draws == 1 and not (options.pool or options.select))
     if options.draws < 1:
         parser.error(f"--draws {options.draws}: give 1 (the entry only) or more.")
     if options.cooldown is not None and (options.write_cards or Path(options.out) == HERE / "results"):

@@ -185,14 +185,14 @@ def test_transfer_measures_a_pooled_variant_on_its_own_held_out_task_and_names_a
     zoo = importlib.import_module("zoo")
     monkeypatch.setattr(zoo, "ROOT", tmp_path)  # no pool built under this root
     with pytest.raises(FileNotFoundError, match="python recipes/zoo.py --entry multitask-without-lm --pool 3"):
-        transfer.pooled(transfer.entries_to_measure(["multitask-default"]), 3)
+        transfer.pooled(transfer.entries_to_measure(["multitask-default"], as_shipped=False), 3)
     with pytest.raises(FileNotFoundError, match="1 pooled schedule"):  # only the variants whose cells are asked for
         transfer.main(["--entries", "multitask-default", "--pool", "3", "--cells", "lm/gpt2-small", "--plan",
                        "--out", str(tmp_path)])
     for task in ("bbc", "digits", "fashion", "lm"):  # built: each variant's pool replaces it, under its row
         (zoo.pool_dir(f"multitask-without-{task}", 3)).mkdir(parents=True)
         (zoo.pool_dir(f"multitask-without-{task}", 3) / "config.json").write_text("{}")
-    rows = transfer.pooled(transfer.entries_to_measure(["multitask-default"]), 3)
+    rows = transfer.pooled(transfer.entries_to_measure(["multitask-default"], as_shipped=False), 3)
     assert rows[3] == ("multitask-default", "multitask-without-lm-pool3", zoo.pool_dir("multitask-without-lm", 3))
     from hf_mlrs import MLRSNet
 
@@ -202,7 +202,7 @@ def test_transfer_measures_a_pooled_variant_on_its_own_held_out_task_and_names_a
     with pytest.raises(SystemExit):
         transfer.main(["--entries", "multitask-default", "--pool", "3", "--write-cards", "--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="python recipes/zoo.py --entry multitask-without-lm --select 3"):
-        transfer.pooled(transfer.entries_to_measure(["multitask-default"]), 3, "select")  # --select: its own folders
+        transfer.pooled(transfer.entries_to_measure(["multitask-default"], as_shipped=False), 3, "select")
     assert transfer.held_out_task("multitask-without-lm-select3") == "lm"
     # A default shipped as a selection is measured through variants selected the same way, without --select
     monkeypatch.setitem(zoo.ZOO, "multitask-default", dict(zoo.ZOO["multitask-default"], select=3))
