@@ -122,3 +122,6 @@ python benchmarks/transfer.py --entries multitask-default --no-budgets --reuse b
   --out benchmarks/results/selected_cooldown --write-cards
 python benchmarks/peak_lab.py benchmarks/results/selected_cooldown lm gpt2-small multitask-without-lm-select3 \
   0.003 0.2 0.003,0.01
+# Session 19: the candidates scored with the cooldown on (as they are applied), the LM held out.
+python recipes/zoo.py --entry multitask-without-lm --select 3 --score_cooldown 0.2
+python benchmarks/candidate_lab.py lm outputs/zoo/multitask-without-lm-select3-cooled/schedule --cooldown 0.2

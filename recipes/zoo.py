@@ -8,6 +8,7 @@
     python recipes/zoo.py --entry multitask-without-bbc --draw 1   # another meta-training draw (seed + 1)
     python recipes/zoo.py --entry multitask-without-bbc --pool 3   # stages chosen over draws 0-2 together
     python recipes/zoo.py --entry multitask-without-bbc --select 3 # the run of draws 0-2 that does best on its tasks
+    python recipes/zoo.py --entry multitask-without-bbc --select 3 --score_cooldown 0.2   # scored as applied
 
 An entry is a `recipes/meta_train_multitask.py` run: (task, model, steps, gamma) pairs from `recipes/tasks.py`,
 `rounds` passes over them. Shipped entries (`ship=True`) are written into `hf_mlrs/pretrained/<name>/` (weights,
