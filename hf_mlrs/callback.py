@@ -14,7 +14,7 @@ import math
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .checkpoints import nothing_left_to_train, save_checkpoint_safely
-from .config import LEARNED_GAMMA_COOLDOWN, learned_scale
+from .config import learned_scale, resolve_cooldown
 from .hypergrad import MetaLearner
 from .integration import (
     StepLossMeter,
@@ -103,8 +103,7 @@ class MLRSCallback(TrainerCallback):
                              "meta_dataset=... (examples the Trainer does not train on), or a number as gamma.")
         if meta_interval < 1:
             raise ValueError(f"MLRSCallback: meta_interval={meta_interval} < 1.")
-        if cooldown_fraction is None:  # as MLRSTrainer: 0.2 with a learned gamma, else what the schedule records
-            cooldown_fraction = LEARNED_GAMMA_COOLDOWN if gamma == "learned" else schedule.cooldown_fraction
+        cooldown_fraction = resolve_cooldown(cooldown_fraction, gamma == "learned", schedule.cooldown_fraction)
         if not 0.0 <= cooldown_fraction < 1.0:
             raise ValueError(f"MLRSCallback: cooldown_fraction={cooldown_fraction} is outside [0, 1); use e.g. 0.2 "
                              "(the last 20% of the run) or 0 (none).")

@@ -25,6 +25,15 @@ NONLINEAR_OPTIM_NAMES = {
 LEARNED_GAMMA_COOLDOWN = 0.2
 
 
+def resolve_cooldown(given: float | None, learned_gamma: bool, recorded: float) -> float:
+    """The run's final cooldown share, one rule for MLRSTrainer and MLRSCallback: the one given; else
+    LEARNED_GAMMA_COOLDOWN with a learned gamma; else `recorded`, the one the applied schedule records (what its
+    transfer was measured with; 0 when none, or when meta-training)."""
+    if given is not None:
+        return given
+    return LEARNED_GAMMA_COOLDOWN if learned_gamma else recorded
+
+
 @dataclass
 class MLRSTrainingArguments(TrainingArguments):
     r"""

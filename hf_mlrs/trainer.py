@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback
 
 from . import __version__
 from .checkpoints import checkpoint_problem, checkpoint_to_resume, nothing_left_to_train, save_checkpoint_safely
-from .config import LEARNED_GAMMA_COOLDOWN, MLRSTrainingArguments, learned_scale
+from .config import MLRSTrainingArguments, learned_scale, resolve_cooldown
 from .data import MetaShareSampler, split_meta_indices, subset
 from .hypergrad import MetaLearner, lr_linearity_problem
 from .integration import (
@@ -187,11 +187,8 @@ class MLRSTrainer(Trainer):
     def cooldown_fraction(self) -> float:
         """The run's final cooldown share: `mlrs_cooldown_fraction` if given; else 0.2 with a learned gamma; else,
         applying a schedule frozen, the one it records (what its transfer was measured with); else 0."""
-        if self.args.mlrs_cooldown_fraction is not None:
-            return self.args.mlrs_cooldown_fraction
-        if self.args.mlrs_gamma == "learned":
-            return LEARNED_GAMMA_COOLDOWN
-        return 0.0 if self.meta_training else self.schedule.cooldown_fraction
+        recorded = 0.0 if self.meta_training else self.schedule.cooldown_fraction
+        return resolve_cooldown(self.args.mlrs_cooldown_fraction, self.args.mlrs_gamma == "learned", recorded)
 
     # Why: the schedule replaces the Trainer's scheduler, and get_last_lr() of ours reports the lr really applied.
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):

@@ -204,15 +204,15 @@ def select(name: str, count: int, output_dirs: list[Path] | None = None, target:
         target = pool_dir(name, count, "select")
         target = target.parent.with_name(target.parent.name + "-cooled") / "schedule" if score_cooldown else target
     target = Path(target)
-    candidates, nets = [], []
+    candidates, nets, saved_under = [], [], candidates_dir(name, count, target)
     for i, (folder, run) in enumerate(zip(folders, runs)):
         candidate = copy.deepcopy(net)
         candidate.cooldown_fraction = score_cooldown
         outputs = load_run_stages(candidate, folder)
         candidate.provenance.update({"stages_from": f"one run: {run}", "stage_outputs": outputs})
-        folder = candidates_dir(name, count, target) / f"run-{i:02d}"
-        candidate.save_pretrained(folder, write_card=False)
-        candidates.append({"run": run, "outputs": [round(o, 4) for o in outputs], "folder": folder})
+        saved = saved_under / f"run-{i:02d}"
+        candidate.save_pretrained(saved, write_card=False)
+        candidates.append({"run": run, "outputs": [round(o, 4) for o in outputs], "folder": saved})
         nets.append(candidate)
     tasks = sorted({p.split(":")[0] for p in entry(name)["pairs"]})
     if reuse is None and not smoke:
