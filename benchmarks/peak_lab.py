@@ -8,7 +8,7 @@ value given (gamma = the peak lr, as for every built-in schedule), seed 0 for ev
 
 The per-step lrs are rebuilt from the seed-0 run's logged lrs in a transfer results file: the level of each stage
 (frozen nets are constant per stage), the stages at equal thirds, and the cooldown of `hf_mlrs.MLRSScheduler`
-(x remaining / (cooldown_steps + 1) over the last `cooldown_steps`).
+(`hf_mlrs.scheduler.cooldown_factor`, the same function).
 
     python benchmarks/peak_lab.py benchmarks/results/selected_cooldown lm gpt2-small multitask-without-lm-select3 \
         0.003 0.2 0.003,0.01
@@ -27,6 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import quality  # noqa: E402
+
+from hf_mlrs.scheduler import cooldown_factor  # noqa: E402
 
 
 def stage_levels(results: Path, task: str, model: str, schedule: str, gamma: float,
@@ -47,12 +49,7 @@ def stage_levels(results: Path, task: str, model: str, schedule: str, gamma: flo
 
 def shape(levels: list[float], steps: int, cooldown_fraction: float) -> list[float]:
     cooldown = math.floor(cooldown_fraction * steps)
-    out = []
-    for k in range(steps):
-        remaining = steps - k
-        anneal = remaining / (cooldown + 1) if 0 < remaining <= cooldown else 1.0
-        out.append(levels[min(2, int(3 * k / steps))] * anneal)
-    return out
+    return [levels[min(2, int(3 * k / steps))] * cooldown_factor(steps - k, cooldown) for k in range(steps)]
 
 
 def main(argv):

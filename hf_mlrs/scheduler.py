@@ -44,6 +44,13 @@ def paper_gamma(loss: float, num_labels: int) -> float:
     return gamma if math.isfinite(gamma) and gamma > 1e-8 else float("nan")
 
 
+def cooldown_factor(remaining: int, cooldown_steps: int) -> float:
+    """The cooldown's multiplier of the lr with `remaining` steps left, this one included: 1 before the last
+    `cooldown_steps` steps, then linear down to 1 / (cooldown_steps + 1) at the final step (a WSD-style decay on top of
+    the net's output; never 0, so the last step still trains)."""
+    return remaining / (cooldown_steps + 1) if 0 < remaining <= cooldown_steps else 1.0
+
+
 class MLRSScheduler(LRScheduler):
     """Learning-rate scheduler whose lr comes from an MLRSNet reading the training loss.
 
@@ -192,8 +199,7 @@ class MLRSScheduler(LRScheduler):
         output, state = self.schedule(x, self.hidden, stage=self.stage)
         self._computed_output = float(output.detach())
         warmup = min(1.0, self.num_observed / self.warmup_steps) if self.warmup_steps > 0 else 1.0
-        remaining = (self.num_training_steps or 0) - self.num_observed + 1  # this step included
-        cooldown = remaining / (self.cooldown_steps + 1) if 0 < remaining <= self.cooldown_steps else 1.0
+        cooldown = cooldown_factor((self.num_training_steps or 0) - self.num_observed + 1, self.cooldown_steps)
         lr = (warmup * cooldown * self.gamma) * output.reshape(())
         if self.min_lr is not None or self.max_lr is not None:
             lr = lr.clamp(min=self.min_lr, max=self.max_lr)
