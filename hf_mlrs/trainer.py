@@ -372,6 +372,7 @@ class MLRSTrainer(Trainer):
             "final_metrics": {k: v for e in self.state.log_history for k, v in e.items()
                               if k.startswith(("eval_", "train_loss", "mlrs/meta_loss")) and isinstance(v, float)},
             "hf_mlrs_version": __version__,
+            "environment": run_environment(),
         })
         if not self.meta_training:
             provenance["transfer_of"] = dict(self.schedule.provenance).get("task")
@@ -470,6 +471,19 @@ def _as_mlrs_args(positional: tuple, kwargs: dict) -> tuple[tuple, dict, MLRSTra
     else:
         kwargs["args"] = training_args
     return tuple(args), kwargs, training_args
+
+
+def run_environment() -> dict:
+    """What a run's floating-point results depend on besides its code, data and seeds: the library versions, the CPU
+    kernels torch dispatches to, its thread count and the GPU. Meta-training is chaotic over thousands of steps, so a
+    schedule rebuilt by the same command comes out bit for bit the same only where these match (RESULTS.md section 8,
+    session 20: two builds of one zoo entry on different hosts differed in the 7th digit after a few steps)."""
+    import accelerate
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def _relative_gamma_trajectory(state, points: int = 50) -> list[list[float]]:

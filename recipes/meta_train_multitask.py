@@ -119,6 +119,7 @@ def main(script_args: ScriptArguments, training_args: MLRSTrainingArguments, com
     from transformers import set_seed
 
     from hf_mlrs import MLRSMultiTaskTrainer, MLRSNet, __version__, pretrained
+    from hf_mlrs.trainer import run_environment
 
     pairs = parse_pairs(script_args.pairs)
     # The net's initial weights come from the global RNG: seed it, or the same command meta-trains another net (each
@@ -144,6 +145,7 @@ def main(script_args: ScriptArguments, training_args: MLRSTrainingArguments, com
         "learned_shapes": {f"{r['task']}/{r['model']}": r["shape"] for r in last_round},
         "command": command or ("python recipes/meta_train_multitask.py " + " ".join(map(shareable, sys.argv[1:]))),
         "hf_mlrs_version": __version__,
+        "environment": run_environment(),  # a rebuild matches bit for bit only in the same environment
         **(extra_provenance or {}),
     })
     out = Path(training_args.output_dir)

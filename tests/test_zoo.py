@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_mlrs import MLRSNet
 from tests.test_recipes import assert_nothing_local, recipe
@@ -43,6 +44,10 @@ def test_smoke_build_writes_a_card_with_provenance_and_a_transfer_placeholder_an
         "text-bbc --smoke"
     assert provenance["learned_on"].startswith("bbc/minilm-L2; 1 round(s), 4,000 steps")
     assert provenance["steps"] == 3 and provenance["hf_mlrs_version"] and loaded.num_stages == 3
+    # what a bit-for-bit rebuild also depends on, as this process ran it
+    assert provenance["environment"]["torch"] == torch.__version__
+    assert provenance["environment"]["threads"] == torch.get_num_threads()
+    assert provenance["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     card = (folder / "README.md").read_text()
     assert "## Transfer" in card and "Not measured yet" in card and "--entries text-bbc --write-cards" in card
     assert (folder / "lr_curve.png").stat().st_size > 1000
