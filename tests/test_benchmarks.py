@@ -316,3 +316,18 @@ def test_transfer_cooldown_applies_the_anneal_to_the_tuned_gamma_arm_in_its_own_
         assert lrs[-1] < lrs[0]
     with pytest.raises(SystemExit):
         transfer.main(["--smoke", "--cooldown", "0.5"])  # the default --out: refused
+
+
+def test_transfer_reuses_no_lm_run_and_measures_the_lm_on_more_seeds(tmp_path):
+    """The LM at its tuned lr is chaotic (a seed moves by up to 2% between environments): its built-ins are rerun next
+    to the schedule on 10 seeds, never taken from quality.py's results; an accuracy cell reproduces and is reused."""
+    transfer = load("transfer")
+    run = {"model": None, "steps": 5, "lr": 1e-3, "seed": 0}
+    results = tmp_path / "quality.json"
+    results.write_text(json.dumps({"runs": [{**run, "task": "bbc", "arm": "tuned:constant"},
+                                            {**run, "task": "lm", "arm": "tuned:constant"}]}))
+    runs = transfer.Runs(type("Options", (), {"smoke": False})(), log=print)
+    runs.reuse(str(results))
+    assert {key[0] for key in runs.done} == {"bbc"}
+    assert transfer.SEEDS_OF_CELL.get(("lm", "gpt2-small"), transfer.SEEDS) == 10
+    assert transfer.SEEDS_OF_CELL.get(("bbc", "minilm-L2"), transfer.SEEDS) == 3
