@@ -125,3 +125,13 @@ python benchmarks/peak_lab.py benchmarks/results/selected_cooldown lm gpt2-small
 # Session 19: the candidates scored with the cooldown on (as they are applied), the LM held out.
 python recipes/zoo.py --entry multitask-without-lm --select 3 --score_cooldown 0.2
 python benchmarks/candidate_lab.py lm outputs/zoo/multitask-without-lm-select3-cooled/schedule --cooldown 0.2
+# Session 20: the LM cell on 10 seeds, every arm rerun here (the LM at its tuned lr is chaotic), and the default's
+# LM cell remeasured that way (transfer.py now runs the LM on 10 seeds and never reuses its built-ins), card refilled.
+python recipes/zoo.py --entry multitask-without-lm --select 3
+python benchmarks/candidate_lab.py lm outputs/zoo/multitask-without-lm-select3/schedule --cooldown 0.2
+python benchmarks/seeds_lab.py lm --seeds 10 --learned --schedules \
+  outputs/zoo/multitask-without-lm-select3/schedule@0.003,outputs/zoo/multitask-without-lm-select3-cooled/schedule@0.003
+python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 0.2 --cells lm/gpt2-small --no-budgets \
+  --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown
+python benchmarks/transfer.py --entries multitask-default --cells lm/gpt2-small,bbc/minilm-L2,digits/resnet-small \
+  --no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown --write-cards
