@@ -362,6 +362,12 @@ def main(argv=None):
     if only and not only <= set(TARGETS):
         parser.error(f"--cells: unknown {sorted('/'.join(c) for c in only - set(TARGETS))}; cells are "
                      f"{', '.join('/'.join(c) for c in TARGETS)}.")
+    # refused before anything is written (a smoke run would otherwise put its schedule into the default --out)
+    if options.draws < 1:
+        parser.error(f"--draws {options.draws}: give 1 (the entry only) or more.")
+    if options.cooldown is not None and (options.write_cards or Path(options.out) == HERE / "results"):
+        parser.error("--cooldown measures another way of applying the nets: give it its own --out, without "
+                     "--write-cards (its cells would replace the shipped ones).")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if options.shapes:
         results = Path(options.out) / f"transfer_{options.device}.json"
@@ -386,11 +392,6 @@ def main(argv=None):
     else:
         measured = entries_to_measure(options.entries.split(","),
                                       as_shipped=options.draws == 1 and not (options.pool or options.select))
-    if options.draws < 1:
-        parser.error(f"--draws {options.draws}: give 1 (the entry only) or more.")
-    if options.cooldown is not None and (options.write_cards or Path(options.out) == HERE / "results"):
-        parser.error("--cooldown measures another way of applying the nets: give it its own --out, without "
-                     "--write-cards (its cells would replace the shipped ones).")
     if options.pool and options.select:
         parser.error("--pool and --select: measure one kind of net at a time.")
     if only:  # a leave-one-task-out variant with no cell asked for is not needed (nor are its draws built)

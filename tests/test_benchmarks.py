@@ -314,8 +314,11 @@ def test_transfer_cooldown_applies_the_anneal_to_the_tuned_gamma_arm_in_its_own_
     for r in zoo_runs:  # 2 steps, cooldown of 1: the last step at half the net's lr, below the first step's
         lrs = [lr for _, lr in r["lrs"]]
         assert lrs[-1] < lrs[0]
+    shipped = transfer.HERE / "results"
+    before = sorted((p, p.stat().st_mtime_ns) for p in shipped.rglob("*"))
     with pytest.raises(SystemExit):
-        transfer.main(["--smoke", "--cooldown", "0.5"])  # the default --out: refused
+        transfer.main(["--smoke", "--cooldown", "0.5"])  # the default --out: refused, before anything is written
+    assert sorted((p, p.stat().st_mtime_ns) for p in shipped.rglob("*")) == before
 
 
 def test_transfer_reuses_no_lm_run_and_measures_the_lm_on_more_seeds(tmp_path):
