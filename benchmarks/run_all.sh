@@ -133,5 +133,9 @@ python benchmarks/seeds_lab.py lm --seeds 10 --learned --schedules \
   outputs/zoo/multitask-without-lm-select3/schedule@0.003,outputs/zoo/multitask-without-lm-select3-cooled/schedule@0.003
 python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 0.2 --cells lm/gpt2-small --no-budgets \
   --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown
-python benchmarks/transfer.py --entries multitask-default --cells lm/gpt2-small,bbc/minilm-L2,digits/resnet-small \
+python recipes/zoo.py --entry multitask-without-fashion --select 3
+python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 0.2 --cells fashion/resnet-small \
+  --no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown
+python benchmarks/transfer.py --entries multitask-default \
+  --cells lm/gpt2-small,bbc/minilm-L2,digits/resnet-small,fashion/resnet-small \
   --no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown --write-cards
