@@ -49,10 +49,6 @@ def tuned_lrs(reuse: str, task: str) -> dict[str, float]:
     return lrs
 
 
-def relative(folder: str) -> str:
-    return os.path.relpath(Path(folder).resolve(), HERE.parent)
-
-
 def paired(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Mean and standard error of x - y over seeds."""
     d = [x - y for x, y in zip(xs, ys)]
@@ -87,7 +83,7 @@ def main(argv=None):
     arms = [(f"builtin:{name}", "grid:" + name, lr, None, None) for name, lr in tuned_lrs(options.reuse, task).items()]
     for spec in filter(None, options.schedules.split(",")):
         folder, _, gamma = spec.rpartition("@")
-        name = relative(folder)
+        name = transfer.relative(folder)  # as transfer.py records a folder: never a path of this machine
         cooldown = None if options.cooldown is None else {"mlrs_cooldown_fraction": options.cooldown}
         arms.append((f"zoo:{name}", "mlrs_transfer", float(gamma), folder, cooldown))
         if options.learned:
