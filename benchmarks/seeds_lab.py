@@ -86,10 +86,11 @@ def main(argv=None):
         name = transfer.relative(folder)  # as transfer.py records a folder: never a path of this machine
         cooldown = None if options.cooldown is None else {"mlrs_cooldown_fraction": options.cooldown}
         arms.append((f"zoo:{name}", "mlrs_transfer", float(gamma), folder, cooldown))
-        if options.learned:
-            arms.append((f"learned:{name}", "mlrs_transfer_learned", 1e-3, folder, None))
+        learned = (f"learned:{name}", "mlrs_transfer_learned", 1e-3, folder, None)
+        if options.learned and learned not in arms:  # once per schedule, however many gammas it is given at
+            arms.append(learned)
 
-    scores: dict[str, list[float]] = {}
+    scores: dict[tuple[str, float], list[float]] = {}  # per (arm, lr): one schedule may be given at several gammas
     for arm, run_arm, lr, folder, overrides in arms:
         for seed in range(options.seeds):
             key = (arm, lr, seed, threads)
@@ -101,9 +102,10 @@ def main(argv=None):
                     f.write(json.dumps({"task": task, "model": model, "steps": steps, "arm": arm, "lr": lr,
                                         "seed": seed, "threads": threads, "score": done[key]}) + "\n")
                 print(f"{arm} lr={lr:g} seed={seed} score={done[key]:.4f}", flush=True)
-            scores.setdefault(arm, []).append(done[key])
+            scores.setdefault((arm, lr), []).append(done[key])
 
-    builtins = [a for a in scores if a.startswith("builtin:")]
+    builtins = [a for a in scores if a[0].startswith("builtin:")]
+    constant = next(a for a in builtins if a[0] == "builtin:constant")
     best = max(builtins, key=lambda a: statistics.fmean(scores[a]))
     unit = "% of the loss" if quality.by_loss(task) else "accuracy points"
 
@@ -114,14 +116,14 @@ def main(argv=None):
 
     lines = [f"# {task}/{model}, {steps} steps, seeds 0-{options.seeds - 1}, OMP_NUM_THREADS={threads}", "",
              f"Gaps paired by seed, mean ± standard error, in {unit}; positive = behind. Best tuned built-in by mean: "
-             f"{best}.", "",
+             f"{best[0]}.", "",
              "| arm | lr | mean | std over seeds | behind the tuned constant | behind the best tuned built-in |",
              "|---|---|---|---|---|---|"]
     for arm, _, lr, _, _ in arms:
-        s = scores[arm]
+        s = scores[(arm, lr)]
         lines.append(f"| {arm} | {'learned' if arm.startswith('learned:') else f'{lr:g}'} | "
-                     f"{statistics.fmean(s):.4f} | {statistics.stdev(s):.4f} | {gap(arm, 'builtin:constant')} | "
-                     f"{gap(arm, best)} |")
+                     f"{statistics.fmean(s):.4f} | {statistics.stdev(s):.4f} | {gap((arm, lr), constant)} | "
+                     f"{gap((arm, lr), best)} |")
     text = "\n".join(lines) + "\n"
     (out / f"{task}.md").write_text(text)
     print(text)
