@@ -554,11 +554,15 @@ def still_shipped(row_name: str) -> bool:
 
 def label_of(schedule: str, folder: Path) -> str:
     """A schedule's name in run keys: its name and a hash of its weights, so that a schedule meta-trained again is
-    measured again rather than matched with the runs of the one it replaced."""
+    measured again rather than matched with the runs of the one it replaced; and its `start_output` where it records
+    one, since the gamma a run's lr gives depends on it (lr / start_output)."""
     import hashlib
 
+    from hf_mlrs import MLRSNet
+
     digest = hashlib.sha256((Path(folder) / "model.safetensors").read_bytes()).hexdigest()[:8]
-    return f"{schedule}@{digest}"
+    start = MLRSNet.from_pretrained(folder).start_output
+    return f"{schedule}@{digest}" + (f"/start{start:g}" if start != 1.0 else "")
 
 
 def relative(folder: Path) -> str:

@@ -48,7 +48,9 @@ class MLRSCallback(TrainerCallback):
     Args:
         schedule (`MLRSNet`): the learned schedule, e.g. `MLRSNet.from_pretrained("minilm-bbc")`.
         gamma (`float`, `"learned"` or `"auto"`, *optional*): the lr scale gamma (lr = gamma * A_t, A_t in (0, 1));
-            defaults to the Trainer's `learning_rate`. `"learned"` learns it from `meta_dataset` while the net stays
+            defaults to the Trainer's `learning_rate / schedule.start_output`, so `learning_rate` is the lr the
+            schedule starts at (the lr a built-in schedule peaks at; `start_output` is 1 unless the schedule records
+            one). `"learned"` learns it from `meta_dataset` while the net stays
             frozen (a schedule carries a shape, not a scale for a new model): it starts relative to the model, grows
             until the held-out hypergradient says stop, then tracks it; a meta step (one forward/backward of a meta
             batch) every step while it settles, every `meta_interval` steps after. `"auto"` uses the paper's
@@ -142,7 +144,7 @@ class MLRSCallback(TrainerCallback):
         if self.finished:  # resumed from the final checkpoint: the Trainer would train one step more
             tap_method(trainer, "get_batch_samples", lambda _: _no_batches)
             control.should_training_stop = True
-        gamma = self.gamma if self.gamma is not None else args.learning_rate
+        gamma = self.gamma if self.gamma is not None else args.learning_rate / self.schedule.start_output
         if gamma == "learned":
             gamma = learned_scale(args.learning_rate)  # the MLRSTrainingArguments defaults
         self.scheduler = MLRSScheduler(

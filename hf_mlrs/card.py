@@ -119,7 +119,7 @@ schedule = MLRSNet.from_pretrained("{name}")
 trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[MLRSCallback(schedule)])
 ```
 
-`gamma` defaults to the Trainer's `learning_rate`: the schedule's lr never exceeds it.{cooldown_note(net)}
+{gamma_note(net)}{cooldown_note(net)}
 
 ## Stages
 
@@ -142,6 +142,16 @@ Input normalisation: `{net.input_normalization}`; hidden size {net.hidden_size}.
 ```
 """
     return ModelCard(content)
+
+
+def gamma_note(net) -> str:
+    """What the Trainer's `learning_rate` means for this schedule (MLRSNet.start_output)."""
+    if net.start_output == 1.0:
+        return "`gamma` defaults to the Trainer's `learning_rate`: the schedule's lr never exceeds it."
+    return (f"`gamma` defaults to the Trainer's `learning_rate / {net.start_output:g}` (`start_output` in "
+            "config.json, the net's first output in the run it was learned from): the schedule starts at "
+            "`learning_rate`, as a "
+            "built-in schedule peaks at it, so tune `learning_rate` on the grid you would use for those.")
 
 
 def cooldown_note(net) -> str:

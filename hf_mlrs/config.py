@@ -44,7 +44,9 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_gamma (`str` or `float`, *optional*):
         The lr scale gamma: lr = gamma * A_t with A_t in (0, 1). `"learned"` (log(gamma) adapted online from the
         held-out hypergradient, see the `mlrs_scale_*` fields), a number, `"auto"` (the paper's
-        heuristic from the initial loss and the number of labels; SGD only), or unset to use `learning_rate`.
+        heuristic from the initial loss and the number of labels; SGD only), or unset to use `learning_rate`
+        (applying a schedule frozen: `learning_rate / schedule.start_output`, so the schedule starts at
+        `learning_rate`).
     mlrs_scale_lr (`float`, *optional*, defaults to `0.1`):
         With a learned gamma: the Adam step on log(gamma); one meta-update changes gamma by about exp(mlrs_scale_lr)
         at most (hard clip: a factor 1.65).

@@ -94,13 +94,20 @@ class MLRSNet(
             The final linear cooldown the schedule is meant to be applied with, as a share of training: the default
             of `MLRSCallback(cooldown_fraction=...)` and of a frozen `MLRSTrainer(schedule=...)` run. A zoo entry
             records the one its transfer was measured with (benchmarks/RESULTS.md, section 8).
+        start_output (`float`, *optional*, defaults to `1.0`):
+            The net's output A_t at the start of the run it was learned from (a selected zoo entry: at the middle of
+            its first stage). Applied frozen at the Trainer's `learning_rate`, the schedule's gamma is
+            `learning_rate / start_output`, so `learning_rate` is the lr the schedule starts at: what a built-in
+            schedule's lr is (its peak), tuned on the same grid. 1 keeps gamma = `learning_rate` (the lr never
+            exceeds it). A shape that starts at 0.2 of gamma was otherwise capped at 0.2 x the grid's top
+            (benchmarks/RESULTS.md, section 8, session 21).
     """
 
     # The constructor arguments, exactly what config.json holds (plus the hf_mlrs version); loading checks them.
     CONFIG_KEYS = ("hidden_size", "output_bias_init", "input_normalization", "stage_starts", "provenance",
-                   "cooldown_fraction")
+                   "cooldown_fraction", "start_output")
     # Keys a schedule saved by an older hf_mlrs may lack: the constructor's default applies.
-    OPTIONAL_CONFIG_KEYS = ("cooldown_fraction",)
+    OPTIONAL_CONFIG_KEYS = ("cooldown_fraction", "start_output")
 
     def __init__(
         self,
@@ -110,6 +117,7 @@ class MLRSNet(
         stage_starts: list[float] | None = None,
         provenance: dict | None = None,
         cooldown_fraction: float = 0.0,
+        start_output: float = 1.0,
     ):
         super().__init__()
         stage_starts = [0.0] if stage_starts is None else [float(s) for s in stage_starts]
@@ -118,6 +126,10 @@ class MLRSNet(
             raise ValueError(f"MLRSNet: cooldown_fraction must be a share of training in [0, 1), got "
                              f"{cooldown_fraction!r}; use e.g. 0.2 (the last 20% of the run) or 0 (none).")
         self.cooldown_fraction = float(cooldown_fraction)
+        if not (isinstance(start_output, (int, float)) and 0.0 < start_output <= 1.0):
+            raise ValueError(f"MLRSNet: start_output must be the net's first output A_t, in (0, 1], got "
+                             f"{start_output!r}; use 1 to apply the schedule at gamma = learning_rate.")
+        self.start_output = float(start_output)
         self.hidden_size = hidden_size
         self.output_bias_init = float(output_bias_init)
         self.input_normalization = input_normalization

@@ -184,7 +184,8 @@ def select(name: str, count: int, output_dirs: list[Path] | None = None, target:
     `pool_dir(..., "select")`), the candidates beside it; `reuse`: quality.py results holding the tuned built-ins
     (default benchmarks/results/quality_cpu.json; with `smoke`, none: tiny models, built-ins run). The net records
     SELECTED_COOLDOWN as its `cooldown_fraction`, the final anneal its transfer was measured with (MLRSCallback
-    applies it by default): a selected shape holds its lr and does not anneal by itself (session 16-18).
+    applies it by default): a selected shape holds its lr and does not anneal by itself (session 16-18); and its
+    first-stage output as its `start_output`, so that it starts at the Trainer's `learning_rate` (session 21).
     `score_cooldown`: score the candidates with that cooldown already on (the way the selection will be applied;
     session 19's experiment, `--score_cooldown`; default target `outputs/zoo/<entry>-select<K>-cooled/`)."""
     import copy
@@ -233,6 +234,9 @@ def select(name: str, count: int, output_dirs: list[Path] | None = None, target:
     net.provenance.pop("draw", None)
     net.provenance.pop("stage_midpoints", None)  # the median rule's record: not how these stages were chosen
     net.cooldown_fraction = SELECTED_COOLDOWN
+    # Applied at learning_rate, the shape starts at learning_rate: the scoring above put its start where tuning puts
+    # a built-in's peak, and equal tuning (the built-ins' grid) does the same (RESULTS.md section 8, session 21).
+    net.start_output = candidates[best]["outputs"][0]
     net.save_pretrained(target)
     print(f"Selected {runs[best]} of {count} draws of {name} (mean gap {scores[best]['mean_gap']:+.2f}): {target}")
     return net

@@ -93,6 +93,32 @@ def test_callback_cooldown_anneals_the_last_share_linearly_as_mlrs_trainer_does(
         MLRSCallback(schedule, cooldown_fraction=1.0)
 
 
+def test_a_schedule_that_records_its_start_output_starts_at_learning_rate(tmp_path, dataset):
+    """start_output=0.5 on a net that outputs sigmoid(0) = 0.5 whatever the loss: MLRSCallback and a frozen
+    MLRSTrainer both apply exactly learning_rate (gamma = learning_rate / 0.5), as a built-in constant schedule would;
+    the same net without it applies half; an explicit gamma is the paper's gamma, untouched."""
+    net = constant_stages(0.0)
+    common = dict(max_steps=6, learning_rate=0.4)
+
+    def lrs_with(schedule, folder, **callback):
+        trainer = Trainer(model=tiny_bert(), args=plain_args(tmp_path / folder, **common), train_dataset=dataset,
+                          callbacks=[MLRSCallback(schedule, **callback)])
+        trainer.train()
+        return logged_lrs(trainer)
+
+    assert lrs_with(net, "plain") == pytest.approx([0.2] * 6, rel=1e-6)
+    net.start_output = 0.5
+    net.save_pretrained(tmp_path / "recorded", write_card=False)
+    recorded = MLRSNet.from_pretrained(tmp_path / "recorded")
+    assert recorded.start_output == 0.5
+    assert lrs_with(recorded, "recorded") == pytest.approx([0.4] * 6, rel=1e-6)
+    assert lrs_with(recorded, "explicit", gamma=0.4) == pytest.approx([0.2] * 6, rel=1e-6)
+    ours = MLRSTrainer(model=tiny_bert(), args=tiny_args(tmp_path / "trainer", **common), train_dataset=dataset,
+                       schedule=recorded)
+    ours.train()
+    assert logged_lrs(ours) == pytest.approx([0.4] * 6, rel=1e-6)
+
+
 def test_a_schedule_that_records_a_cooldown_is_applied_with_it_unless_told_otherwise(tmp_path, dataset):
     """MLRSNet.cooldown_fraction (saved in its config) is the default of MLRSCallback and of a frozen MLRSTrainer:
     both give the lrs of an explicit cooldown_fraction=0.25, and an explicit 0 turns it off."""

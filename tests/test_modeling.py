@@ -85,7 +85,7 @@ def test_official_checkpoint_errors(tmp_path):
 def test_save_and_load_round_trip(tmp_path):
     torch.manual_seed(0)
     net = MLRSNet(hidden_size=8, stage_starts=[0.0, 0.4], provenance={"task": "x", "steps": 3},
-                  cooldown_fraction=0.2)
+                  cooldown_fraction=0.2, start_output=0.25)
     net.stage_switch_losses[1] = 0.5
     net.save_pretrained(tmp_path / "s")
     loaded = MLRSNet.from_pretrained(tmp_path / "s")
@@ -168,6 +168,8 @@ def test_missing_tensor(saved):
     (lambda c: c.update(colour="blue"), r"unknown keys \['colour'\]"),
     (lambda c: c.update(hidden_size=-3), "invalid value"),
     (lambda c: c.update(cooldown_fraction=1.0), "(?s)invalid value.*cooldown_fraction must be a share"),
+    (lambda c: c.update(start_output=0.0), r"(?s)invalid value.*start_output must be the net's first output"),
+    (lambda c: c.update(start_output=1.5), r"(?s)invalid value.*start_output must be the net's first output"),
 ])
 def test_bad_config(saved, edit, match):
     config = json.loads((saved / "config.json").read_text())
@@ -177,15 +179,18 @@ def test_bad_config(saved, edit, match):
         MLRSNet.from_pretrained(saved)
 
 
-def test_a_schedule_saved_before_cooldown_fraction_existed_loads_with_no_cooldown(saved):
-    """cooldown_fraction is the one optional key: configs written by hf_mlrs <= 0.1 (on the Hub too) still load."""
+def test_a_schedule_saved_before_the_optional_keys_existed_loads_with_their_defaults(saved):
+    """cooldown_fraction and start_output are the optional keys: configs written by hf_mlrs <= 0.1 (on the Hub too)
+    still load, with no cooldown and gamma = learning_rate."""
     config = json.loads((saved / "config.json").read_text())
-    config["cooldown_fraction"] = 0.3
+    config.update(cooldown_fraction=0.3, start_output=0.4)
     (saved / "config.json").write_text(json.dumps(config))
-    assert MLRSNet.from_pretrained(saved).cooldown_fraction == 0.3
-    del config["cooldown_fraction"]
+    loaded = MLRSNet.from_pretrained(saved)
+    assert (loaded.cooldown_fraction, loaded.start_output) == (0.3, 0.4)
+    del config["cooldown_fraction"], config["start_output"]
     (saved / "config.json").write_text(json.dumps(config))
-    assert MLRSNet.from_pretrained(saved).cooldown_fraction == 0.0
+    loaded = MLRSNet.from_pretrained(saved)
+    assert (loaded.cooldown_fraction, loaded.start_output) == (0.0, 1.0)
 
 
 def test_config_not_json(saved):

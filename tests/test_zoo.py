@@ -170,11 +170,12 @@ def test_select_ships_the_whole_run_that_scores_best_on_the_entrys_own_tasks(tmp
 
     def scores(candidates, tasks, reuse, smoke):
         seen.update(tasks=tasks, runs=[c["run"] for c in candidates])
-        seen["cooldowns"] = []
+        seen["cooldowns"], seen["starts"] = [], []
         for c in candidates:  # each candidate folder holds that run's stages, and its outputs are that run's
             net = MLRSNet.from_pretrained(c["folder"])
             assert net.provenance["stage_outputs"] == pytest.approx(c["outputs"], abs=1e-4)
             seen["cooldowns"].append(net.cooldown_fraction)  # scored as applied: without a cooldown unless asked
+            seen["starts"].append(net.start_output)
         return [{"gaps": {t: float(i) for t in tasks}, "gamma": {}, "mean_gap": float((i * 7 + 2) % 5)}
                 for i in range(len(candidates))]
 
@@ -192,6 +193,9 @@ def test_select_ships_the_whole_run_that_scores_best_on_the_entrys_own_tasks(tmp
     assert [s["mean_gap"] for s in loaded.provenance["selection"]] == [float((i * 7 + 2) % 5) for i in range(6)]
     assert "stage_midpoints" not in loaded.provenance
     assert loaded.cooldown_fraction == zoo.SELECTED_COOLDOWN == 0.2  # applied with the anneal it was measured with
+    # it starts at the Trainer's learning_rate: its first-stage output in its own run is its start_output
+    assert loaded.start_output == loaded.provenance["selection"][chosen]["outputs"][0] != 1.0
+    assert seen["starts"] == [1.0] * 6  # candidates are scored at raw gammas (lr* / their first output)
     card = (tmp_path / "sel" / "schedule" / "README.md").read_text()  # every candidate in a table, the chosen in bold
     assert "| candidate run | A_t at its stage midpoints | digits | fashion | lm | mean gap |" in card
     assert f"| **{seen['runs'][chosen]}** |" in card and "| **+4.00** | **+4.00** | **+4.00** | **+0.00** |" in card
