@@ -6,8 +6,8 @@ by up to 2% with nothing but the thread count changed (RESULTS.md section 8, ses
 targets are about. This runs, in one process and one environment, on seeds 0..N-1 at the lrs already tuned (on seed
 0, as transfer.py does; nothing is re-tuned):
   builtin:<s>   each tuned built-in schedule at its tuned lr (read from --reuse, quality.py's results)
-  zoo           each saved schedule given as FOLDER@GAMMA, frozen (Trainer + MLRSCallback, its recorded cooldown
-                unless --cooldown), at that gamma
+  zoo           each saved schedule given as FOLDER@LR, frozen (Trainer + MLRSCallback, its recorded cooldown
+                unless --cooldown), at that learning_rate (gamma = LR / the schedule's start_output)
   learned       with --learned, each saved schedule frozen with its lr scale learned (no lr)
 and prints, per arm, the mean and the standard error over seeds, and its gap to the tuned constant and to the best
 tuned built-in paired by seed (every arm sees the same data order and initial model per seed, so the paired
@@ -37,6 +37,8 @@ sys.path.insert(0, str(HERE))
 import transfer  # noqa: E402, I001  (first: quality.py puts recipes/, which has a transfer.py of its own, ahead)
 import quality  # noqa: E402
 
+from hf_mlrs import MLRSNet  # noqa: E402
+
 
 def tuned_lrs(reuse: str, task: str) -> dict[str, float]:
     """The tuned lr of each built-in schedule on `task` at its standard model and length, from quality.py's results."""
@@ -61,7 +63,7 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--reuse", default=str(HERE / "results" / "quality_cpu.json"),
                         help="quality.py results that hold the tuned lr of each built-in schedule")
-    parser.add_argument("--schedules", default="", help="saved schedules as FOLDER@GAMMA, comma-separated")
+    parser.add_argument("--schedules", default="", help="saved schedules as FOLDER@LR, comma-separated")
     parser.add_argument("--cooldown", type=float, default=None, help="override the schedules' recorded cooldown")
     parser.add_argument("--learned", action="store_true", help="also each schedule with its lr scale learned")
     parser.add_argument("--out", default=str(HERE / "results" / "seeds"))
@@ -82,15 +84,18 @@ def main(argv=None):
     run_options = argparse.Namespace(smoke=False, device="cpu", optimizer="adamw")
     arms = [(f"builtin:{name}", "grid:" + name, lr, None, None) for name, lr in tuned_lrs(options.reuse, task).items()]
     for spec in filter(None, options.schedules.split(",")):
-        folder, _, gamma = spec.rpartition("@")
+        folder, _, lr = spec.rpartition("@")
         name = transfer.relative(folder)  # as transfer.py records a folder: never a path of this machine
+        start = MLRSNet.from_pretrained(folder).start_output  # the gamma an lr gives depends on it (lr / start)
         cooldown = None if options.cooldown is None else {"mlrs_cooldown_fraction": options.cooldown}
-        arms.append((f"zoo:{name}", "mlrs_transfer", float(gamma), folder, cooldown))
+        arms.append((f"zoo:{name}" + (f"/start{start:g}" if start != 1.0 else ""), "mlrs_transfer", float(lr),
+                     folder, cooldown))
+        # a learned scale does not start from the lr: start_output plays no part in its runs
         learned = (f"learned:{name}", "mlrs_transfer_learned", 1e-3, folder, None)
-        if options.learned and learned not in arms:  # once per schedule, however many gammas it is given at
+        if options.learned and learned not in arms:  # once per schedule, however many lrs it is given at
             arms.append(learned)
 
-    scores: dict[tuple[str, float], list[float]] = {}  # per (arm, lr): one schedule may be given at several gammas
+    scores: dict[tuple[str, float], list[float]] = {}  # per (arm, lr): one schedule may be given at several lrs
     for arm, run_arm, lr, folder, overrides in arms:
         for seed in range(options.seeds):
             key = (arm, lr, seed, threads)

@@ -66,7 +66,8 @@ SEEDS = 3
 # session 20). The accuracy cells reproduce run for run across sessions and keep 3.
 SEEDS_OF_CELL = {("lm", "gpt2-small"): 10}
 LEGEND = ("(gap: behind the best tuned built-in, in accuracy points or % of the LM loss, positive = behind; "
-          "vs constant: ahead of the tuned constant lr, same units, positive = ahead)")
+          "vs constant: ahead of the tuned constant lr, same units, positive = ahead; zoo lr: the Trainer's "
+          "learning_rate tuned on the built-ins' grid, gamma = lr / the schedule's start_output)")
 
 
 def learned_pairs(net) -> list[tuple[str, str]]:
@@ -276,7 +277,7 @@ def targets(rows: list[dict]) -> dict:
 
 
 def render(rows: list[dict], met: dict) -> str:
-    lines = ["| schedule | cell | relation | steps | best tuned built-in | zoo (tuned gamma) | gap | vs constant | "
+    lines = ["| schedule | cell | relation | steps | best tuned built-in | zoo (tuned lr) | gap | vs constant | "
              "learned scale | gap |", "|---" * 10 + "|"]
     for row in rows:
         lines += [row_line(row["row"], c) for c in row["cells"]]
@@ -300,7 +301,7 @@ def row_line(name: str, c: dict) -> str:
     else:
         lrs, spread = f"{a['zoo']['lr']:g}", {"zoo": "", "learned": ""}
     return (f"| {name}{via} | {c['task']}/{c['model']} | {c['relation']}{budget} | "
-            f"{c['steps']} | {best[8:]} {show(a[best]['score'])} | {show(a['zoo']['score'])} (gamma "
+            f"{c['steps']} | {best[8:]} {show(a[best]['score'])} | {show(a['zoo']['score'])} (lr "
             f"{lrs}) | {g['zoo']:+.2f}{spread['zoo']} | {versus} | {show(a['learned']['score'])} | "
             f"{g['learned']:+.2f}{spread['learned']} |")
 
@@ -316,7 +317,7 @@ def write_cards(rows: list[dict], command: str) -> None:
         net = MLRSNet.from_pretrained(folder)
         held = [c for c in row["cells"] if c["relation"].startswith("held-out task") and not c.get("budget")]
         summary = (f"held-out tasks: worst gap to the best tuned built-in {max(c['gaps']['zoo'] for c in held):+.2f} "
-                   f"(tuned gamma), {max(c['gaps']['learned'] for c in held):+.2f} (learned scale), "
+                   f"(tuned lr), {max(c['gaps']['learned'] for c in held):+.2f} (learned scale), "
                    f"over {len(held)} cell(s)") if held else "no held-out task measured"
         table = "\n".join(render([row], {}).splitlines()[:2] + [row_line(row["row"], c) for c in row["cells"]])
         net.provenance["transfer"] = {"summary": summary, "table": table + "\n\n" + LEGEND, "command": command}

@@ -161,7 +161,7 @@ def test_transfer_averages_a_cell_over_meta_training_draws_and_names_the_missing
     line = transfer.row_line("multitask-default", {**merged, "relation": "held-out task", "gaps": gaps,
                                                    "schedule": "multitask-without-digits"})
     assert "(as multitask-without-digits), 2 draws |" in line
-    assert "(gamma 0.01, 0.003) | +2.00 [+5.00, -1.00] |" in line
+    assert "(lr 0.01, 0.003) | +2.00 [+5.00, -1.00] |" in line
     assert transfer.over_draws([cell(0.85, 0.88, 1e-2, "a@1")])["arms"]["zoo"]["lr"] == 1e-2  # one draw: unchanged
     monkeypatch.setattr(importlib.import_module("zoo"), "ROOT", tmp_path)  # no draw built under this root
     with pytest.raises(FileNotFoundError, match="python recipes/zoo.py --entry multitask-without-bbc --draw 2"):
