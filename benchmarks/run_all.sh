@@ -139,3 +139,23 @@ python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 
 python benchmarks/transfer.py --entries multitask-default \
   --cells lm/gpt2-small,bbc/minilm-L2,digits/resnet-small,fashion/resnet-small \
   --no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown --write-cards
+# Session 21: the fashion shape past the grid (a diagnostic), then MLRSNet.start_output (a frozen shape starts at the
+# tuned learning_rate): bbc's and digits' variants rebuilt here, all four held-out cells remeasured, budgets and the
+# 10x ResNet on digits, card refilled. (The LM and fashion variants were built before --select wrote start_output:
+# rebuild them with the two commands above to get it.)
+S=outputs/zoo/multitask-without-fashion-select3/schedule
+python benchmarks/seeds_lab.py fashion --seeds 3 --schedules $S@0.01,$S@0.014,$S@0.03,$S@0.048
+for cell in bbc/minilm-L2 digits/resnet-small; do
+  python recipes/zoo.py --entry "multitask-without-${cell%%/*}" --select 3
+done
+for cell in fashion/resnet-small lm/gpt2-small bbc/minilm-L2; do
+  python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 0.2 --cells "$cell" --no-budgets \
+    --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown
+done
+python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 0.2 \
+  --cells digits/resnet-small,digits/resnet-large --reuse benchmarks/results/quality_cpu.json \
+  --out benchmarks/results/selected_cooldown
+python benchmarks/seeds_lab.py lm --seeds 10 --learned --schedules outputs/zoo/multitask-without-lm-select3/schedule@0.003
+python benchmarks/transfer.py --entries multitask-default \
+  --cells lm/gpt2-small,bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,digits/resnet-large \
+  --no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown --write-cards
