@@ -47,8 +47,9 @@ def test_list_shows_each_shipped_schedule_with_what_it_learned_on_and_how_it_tra
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" | ")[0] for line in lines] == pretrained.available()
     text_bbc = next(line for line in lines if line.startswith("text-bbc | "))  # its numbers change when remeasured
+    # cards filled before the schedules' start_output said "tuned gamma" (the same thing where start_output is 1)
     assert re.fullmatch(r"text-bbc \| learned on: bbc/minilm-L2; 1 round\(s\), 4,000 steps \| transfer: held-out "
-                        r"tasks: worst gap to the best tuned built-in [+-]\d+\.\d\d \(tuned (gamma|lr)\), "  # gamma: older cards
+                        r"tasks: worst gap to the best tuned built-in [+-]\d+\.\d\d \(tuned (gamma|lr)\), "
                         r"[+-]\d+\.\d\d \(learned scale\), over \d+ cell\(s\)", text_bbc), text_bbc
     assert not any("not measured yet" in line for line in lines)  # every shipped schedule's transfer is measured
 
