@@ -150,8 +150,8 @@ def gamma_note(net) -> str:
         return "`gamma` defaults to the Trainer's `learning_rate`: the schedule's lr never exceeds it."
     return (f"`gamma` defaults to the Trainer's `learning_rate / {net.start_output:g}` (`start_output` in "
             "config.json, the net's first output in the run it was learned from): the schedule starts at "
-            "`learning_rate`, as a "
-            "built-in schedule peaks at it, so tune `learning_rate` on the grid you would use for those.")
+            "`learning_rate`, as a built-in schedule peaks at it, so tune `learning_rate` on the grid you would use "
+            "for those.")
 
 
 def cooldown_note(net) -> str:
