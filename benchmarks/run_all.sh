@@ -156,6 +156,8 @@ python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 
   --cells digits/resnet-small,digits/resnet-large --reuse benchmarks/results/quality_cpu.json \
   --out benchmarks/results/selected_cooldown
 python benchmarks/seeds_lab.py lm --seeds 10 --learned --schedules outputs/zoo/multitask-without-lm-select3/schedule@0.003
+python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 0.2 --cells lm/gpt2-large --no-budgets \
+  --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown
 python benchmarks/transfer.py --entries multitask-default \
-  --cells lm/gpt2-small,bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,digits/resnet-large \
+  --cells lm/gpt2-small,bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,digits/resnet-large,lm/gpt2-large \
   --no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown --write-cards
