@@ -37,8 +37,6 @@ sys.path.insert(0, str(HERE))
 import transfer  # noqa: E402, I001  (first: quality.py puts recipes/, which has a transfer.py of its own, ahead)
 import quality  # noqa: E402
 
-from hf_mlrs import MLRSNet  # noqa: E402
-
 
 def tuned_lrs(reuse: str, task: str) -> dict[str, float]:
     """The tuned lr of each built-in schedule on `task` at its standard model and length, from quality.py's results."""
@@ -86,10 +84,9 @@ def main(argv=None):
     for spec in filter(None, options.schedules.split(",")):
         folder, _, lr = spec.rpartition("@")
         name = transfer.relative(folder)  # as transfer.py records a folder: never a path of this machine
-        start = MLRSNet.from_pretrained(folder).start_output  # the gamma an lr gives depends on it (lr / start)
         cooldown = None if options.cooldown is None else {"mlrs_cooldown_fraction": options.cooldown}
-        arms.append((f"zoo:{name}" + (f"/start{start:g}" if start != 1.0 else ""), "mlrs_transfer", float(lr),
-                     folder, cooldown))
+        # the gamma an lr gives depends on the schedule's start_output: it is part of the arm's name
+        arms.append((f"zoo:{name}{transfer.start_suffix(folder)}", "mlrs_transfer", float(lr), folder, cooldown))
         # a learned scale does not start from the lr: start_output plays no part in its runs
         learned = (f"learned:{name}", "mlrs_transfer_learned", 1e-3, folder, None)
         if options.learned and learned not in arms:  # once per schedule, however many lrs it is given at

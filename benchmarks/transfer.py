@@ -559,11 +559,17 @@ def label_of(schedule: str, folder: Path) -> str:
     one, since the gamma a run's lr gives depends on it (lr / start_output)."""
     import hashlib
 
+    digest = hashlib.sha256((Path(folder) / "model.safetensors").read_bytes()).hexdigest()[:8]
+    return f"{schedule}@{digest}{start_suffix(folder)}"
+
+
+def start_suffix(folder: Path) -> str:
+    """The part of a frozen-schedule arm's name that says what its lr means: `/start<start_output>` where the
+    schedule records one (gamma = lr / start_output), nothing where gamma = lr."""
     from hf_mlrs import MLRSNet
 
-    digest = hashlib.sha256((Path(folder) / "model.safetensors").read_bytes()).hexdigest()[:8]
     start = MLRSNet.from_pretrained(folder).start_output
-    return f"{schedule}@{digest}" + (f"/start{start:g}" if start != 1.0 else "")
+    return f"/start{start:g}" if start != 1.0 else ""
 
 
 def relative(folder: Path) -> str:

@@ -144,7 +144,7 @@ class MLRSCallback(TrainerCallback):
         if self.finished:  # resumed from the final checkpoint: the Trainer would train one step more
             tap_method(trainer, "get_batch_samples", lambda _: _no_batches)
             control.should_training_stop = True
-        gamma = self.gamma if self.gamma is not None else args.learning_rate / self.schedule.start_output
+        gamma = self.gamma if self.gamma is not None else self.schedule.gamma_for(args.learning_rate)
         if gamma == "learned":
             gamma = learned_scale(args.learning_rate)  # the MLRSTrainingArguments defaults
         self.scheduler = MLRSScheduler(

@@ -149,6 +149,11 @@ class MLRSNet(
         """The JSON-able constructor arguments: what `config.json` holds."""
         return {key: getattr(self, key) for key in self.CONFIG_KEYS}
 
+    def gamma_for(self, learning_rate: float) -> float:
+        """The lr scale gamma at which this schedule, applied frozen, starts at `learning_rate` (see `start_output`):
+        the default gamma of MLRSCallback and of a frozen MLRSTrainer."""
+        return learning_rate / self.start_output
+
     def init_state(self, device: torch.device | str | None = None) -> State:
         """The zero recurrent state (h_0, c_0) the paper starts from."""
         weight = self.stages[0].head.weight

@@ -198,7 +198,7 @@ class MLRSTrainer(Trainer):
             _require_lr_linear(type(base), base.defaults, self.args)  # whichever way the optimizer was made
             gamma = self.args.mlrs_gamma_value
             if self.args.mlrs_gamma is None and not self.meta_training:  # frozen: learning_rate is where it starts
-                gamma = gamma / self.schedule.start_output
+                gamma = self.schedule.gamma_for(gamma)
             hold = self.meta_training if self.args.mlrs_scale_hold is None else self.args.mlrs_scale_hold
             if gamma == "learned":
                 gamma = learned_scale(self.args.learning_rate, self.args, hold=hold)
