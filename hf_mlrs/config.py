@@ -24,6 +24,14 @@ NONLINEAR_OPTIM_NAMES = {
 # scale holds its lr, and a one-step lookahead does not anneal by itself in runs of a few hundred steps (RESULTS 3b).
 LEARNED_GAMMA_COOLDOWN = 0.2
 
+# The learned scale's linear growth per meta-update, in multiples of its start (`mlrs_scale_growth_linear`). A frozen
+# schedule that holds its scale after a confident growth grows twice as fast: its output is fixed, where a net
+# meta-trained from its initial output (0.72) rises to ~1 in the first steps and speeds the lr's growth by ~1.4x; and
+# from scratch the stop must come before the loss plateau, where the one-step signal is small and noisy and a late
+# stop held a byte-level LM at 3-4e-3, which stalled 7 seeds in 10 (RESULTS.md section 8, session 22).
+GROWTH_LINEAR = 1.35
+CONFIDENT_GROWTH_LINEAR = 2.7
+
 
 def resolve_cooldown(given: float | None, learned_gamma: bool, recorded: float) -> float:
     """The run's final cooldown share, one rule for MLRSTrainer and MLRSCallback: the one given; else
@@ -60,12 +68,13 @@ class MLRSTrainingArguments(TrainingArguments):
         hypergradient, averaged, says that a larger lr hurts; 0 disables the growth phase. Slow enough to let the
         first, fast fall of the loss pass: there a one-step lookahead favours a large lr that a model trained from
         scratch does not recover from (x1.22 overshot 5-10x on a byte-level LM, RESULTS.md 3b).
-    mlrs_scale_growth_linear (`float`, *optional*, defaults to `1.35`):
+    mlrs_scale_growth_linear (`float`, *optional*):
         With a learned gamma: once 5 held-out hypergradients in a row say "larger", each growth update adds this
         multiple of the start to gamma instead of multiplying it by exp(`mlrs_scale_growth`): a linear warmup
         while the signal agrees, exponential growth when it does not. An exponential ramp spends most of the growth
         phase at a tiny lr (1.7 accuracy points on Fashion-MNIST against a linear ramp to the same peak, RESULTS.md
-        3b session 8); 0 keeps the exponential growth (the default before session 9).
+        3b session 8); 0 keeps the exponential growth (the default before session 9). Defaults to 1.35, and to 2.7
+        for a frozen schedule whose scale holds after a confident growth (`mlrs_scale_hold`'s default there).
     mlrs_scale_min, mlrs_scale_max (`float`, *optional*, defaults to `1e-8`, `10.0`):
         With a learned gamma: hard bounds on it.
     mlrs_horizon (`int`, *optional*, defaults to `1`):
@@ -107,9 +116,13 @@ class MLRSTrainingArguments(TrainingArguments):
         then the net it meta-trains pulls the lr down earlier than a whole run wants (short-horizon bias). False:
         meta steps every `mlrs_meta_interval` steps to the cooldown, the scale tracking the signal and the net
         learning its shape (what a schedule meant for reuse needs: `recipes/meta_train.py` and
-        `MLRSMultiTaskTrainer` set it). Defaults to True when the net is meta-trained, False when a frozen
-        `schedule` is applied: there the scale is all that learns, and tracking is how it follows the frozen
-        shape's decay (RESULTS.md 3b, rows 27-29).
+        `MLRSMultiTaskTrainer` set it). Defaults to True when the net is meta-trained. When a frozen `schedule` is
+        applied it defaults to holding (and rewinding, `mlrs_scale_rewind`) only after a *confident* growth, one
+        whose signal said "larger" 5 times in a row (a model trained from scratch: the stop marks the largest lr
+        that still helps, and tracking pushed a byte-level LM up on its loss plateau into stalls), and to tracking
+        after a stop on noise (a pretrained model near its start, whose stop can come far too early), with a
+        faster linear growth (`mlrs_scale_growth_linear` 2.7; RESULTS.md section 8, session 22). True holds after
+        any stop, False always tracks (the default with a frozen schedule before session 22; 3b, rows 27-29).
     mlrs_scale_rewind (`bool`, *optional*):
         With a learned gamma that holds: when its growth stops, put the model's starting weights back and clear the
         optimizer's state, so the run trains from its start at the found gamma and the growth was only a probe (its
@@ -189,9 +202,10 @@ class MLRSTrainingArguments(TrainingArguments):
         default=0.1, metadata={"help": "Learned gamma: growth of log(gamma) per meta-update until the hypergradient "
                                "says stop (0: none)."}
     )
-    mlrs_scale_growth_linear: float = field(
-        default=1.35, metadata={"help": "Learned gamma: once 5 hypergradients in a row say 'larger', growth adds this "
-                               "multiple of the start per meta-update (0: exponential growth only)."}
+    mlrs_scale_growth_linear: float | None = field(
+        default=None, metadata={"help": "Learned gamma: once 5 hypergradients in a row say 'larger', growth adds this "
+                                "multiple of the start per meta-update (0: exponential growth only). Default: 1.35; "
+                                "2.7 for a frozen schedule that holds its scale after a confident growth."}
     )
     mlrs_scale_min: float = field(default=1e-8, metadata={"help": "Learned gamma: lower bound."})
     mlrs_scale_max: float = field(default=10.0, metadata={"help": "Learned gamma: upper bound."})
@@ -204,8 +218,8 @@ class MLRSTrainingArguments(TrainingArguments):
     )
     mlrs_scale_hold: bool | None = field(
         default=None, metadata={"help": "Learned gamma: no meta step once growth has stopped (gamma and the net hold "
-                                "until the cooldown). Default: True when the net is meta-trained, False with a "
-                                "frozen schedule."}
+                                "until the cooldown). Default: True when the net is meta-trained; with a frozen "
+                                "schedule, hold only after a confident growth (else track)."}
     )
     mlrs_scale_stop_votes: int = field(
         default=3, metadata={"help": "Learned gamma: growth also stops once this many of the last N+1 raw "
@@ -339,9 +353,10 @@ class MLRSTrainingArguments(TrainingArguments):
                  "learning_rate.")
         if not self.mlrs_scale_growth >= 0:
             fail("mlrs_scale_growth", f"{self.mlrs_scale_growth} < 0", "Default: 0.1; 0 disables growth.")
-        if not (math.isfinite(self.mlrs_scale_growth_linear) and self.mlrs_scale_growth_linear >= 0):
+        if self.mlrs_scale_growth_linear is not None and not (math.isfinite(self.mlrs_scale_growth_linear)
+                                                              and self.mlrs_scale_growth_linear >= 0):
             fail("mlrs_scale_growth_linear", f"{self.mlrs_scale_growth_linear} is not a number >= 0",
-                 "Default: 0 (exponential growth only); e.g. 1.35 adds 1.35 x the start per meta-update.")
+                 "Unset for the default; 0: exponential growth only; e.g. 1.35 adds 1.35 x the start per meta-update.")
         stop = self.mlrs_scale_growth_stop
         if stop is not None and not (isinstance(stop, (int, float)) and -1 <= stop < 1):
             fail("mlrs_scale_growth_stop", f"{stop!r} is not in [-1, 1): m / sqrt(v) never exceeds 1",
@@ -402,19 +417,25 @@ class MLRSTrainingArguments(TrainingArguments):
 
 
 def learned_scale(init: float, settings: MLRSTrainingArguments | type[MLRSTrainingArguments] = MLRSTrainingArguments,
-                  hold: bool = False) -> LearnedScale:
+                  hold: bool = False, confident_hold: bool = False) -> LearnedScale:
     """The LearnedScale of the `mlrs_scale_*` settings of `settings` (an instance, or the class for its defaults):
     one place that maps the arguments onto the scale, for MLRSTrainer and MLRSCallback alike. `hold`: whether the
-    scale holds once its growth stops (the margin's default depends on it)."""
+    scale holds once its growth stops (the margin's default depends on it); `confident_hold`: only after a
+    confident growth (a frozen schedule's default; `LearnedScale`), whose linear growth then defaults to
+    `CONFIDENT_GROWTH_LINEAR`."""
     margin = settings.mlrs_scale_margin
     if margin is None:
         margin = 0.8 if hold else 1.0
+    growth_linear = settings.mlrs_scale_growth_linear
+    if growth_linear is None:
+        growth_linear = CONFIDENT_GROWTH_LINEAR if confident_hold else GROWTH_LINEAR
     return LearnedScale(
         init,
         lr=settings.mlrs_scale_lr,
         bounds=(settings.mlrs_scale_min, settings.mlrs_scale_max),
         growth=settings.mlrs_scale_growth,
-        growth_linear=settings.mlrs_scale_growth_linear,
+        growth_linear=growth_linear,
+        confident_hold=confident_hold,
         growth_stop=settings.mlrs_scale_growth_stop,
         stop_votes=settings.mlrs_scale_stop_votes,
         min_growth=settings.mlrs_scale_min_growth,

@@ -109,7 +109,7 @@ class MetaLearner:
     def current_interval(self) -> int:
         if self.scale is not None and self.settle_interval and not self.scale.settled:
             return self.settle_interval
-        if self.scale is not None and self.hold and self.scale.settled:
+        if self.scale is not None and self.hold and self.scale.holds:
             # Hold (RESULTS.md 3b, session 7): after the one-step signal has found the largest lr that still helps,
             # it keeps pulling the lr down, earlier than a whole run wants (the short-horizon bias of Wu et al. 2018)
             return self.max_steps + 1  # never due again in this run

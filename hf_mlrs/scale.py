@@ -28,7 +28,7 @@ import math
 LINEAR_AFTER = 5
 
 STATE_KEYS = ("log_gamma", "initial_log_gamma", "m", "v", "t", "adam_t", "num_updates", "num_skipped", "settled",
-              "growing", "calibrated", "recent_positive", "last_larger", "larger_streak")
+              "growing", "calibrated", "recent_positive", "last_larger", "larger_streak", "confident")
 
 
 class LearnedScale:
@@ -76,6 +76,12 @@ class LearnedScale:
         start_update (`float`, *optional*): a start relative to the model, not to the user's lr: after the first
             step, gamma is reset so that this step moved the weights by `start_update` x their norm (the step is
             linear in the lr, so it is rescaled exactly). Whatever lr the user gave, the run then continues the same.
+        confident_hold (`bool`, defaults to `False`): where the run holds the scale once growth stops (`holds`),
+            hold only after a *confident* growth, one whose raw signal said "larger" `LINEAR_AFTER` times in a row
+            (the linear growth engaged): from scratch the stop then marks the largest lr that still helps, and
+            holding it (with the margin) beats following the one-step signal, which pushes the lr up on a plateau.
+            A stop reached while the signal was still noise (a pretrained model near its start) is not trusted:
+            no margin, and the scale goes on tracking (RESULTS.md section 8, session 22).
     """
 
     def __init__(
@@ -97,6 +103,7 @@ class LearnedScale:
         growth_linear: float = 0.0,
         margin: float = 1.0,
         min_growth: int = 3,
+        confident_hold: bool = False,
     ):
         low, high = (float(b) for b in bounds)
         if not (0 < low < high and math.isfinite(high)):
@@ -141,10 +148,18 @@ class LearnedScale:
         self.adam_t = 0  # Adam's own step count (restarts with its moments)
         self.start_update = start_update
         self.calibrated = start_update is None
+        self.confident_hold = bool(confident_hold)
+        self.confident = False  # the growth turned linear: LINEAR_AFTER raw "larger" votes in a row
 
     @property
     def gamma(self) -> float:
         return math.exp(self.log_gamma)
+
+    @property
+    def holds(self) -> bool:
+        """Whether a run that holds its scale (MetaLearner's `hold`) stops meta-updating it now: once settled, and
+        with `confident_hold` only after a confident growth."""
+        return self.settled and (self.confident or not self.confident_hold)
 
     def update(self, grad_log_gamma: float) -> float:
         """One clipped Adam step on s = log(gamma) along dL_meta/ds; returns the new gamma.
@@ -173,6 +188,8 @@ class LearnedScale:
         if stopped_now:
             self.growing, self.settled = False, True  # the held-out loss says the lr is now large enough
         self.larger_streak = self.larger_streak + 1 if g <= 0 else 0
+        if self.growing and self.larger_streak >= LINEAR_AFTER:
+            self.confident = True
         if self.growing and self.growth_linear and self.larger_streak >= LINEAR_AFTER:  # + c x start, not x e^growth
             step = self.log_gamma - math.log(self.gamma + self.growth_linear * math.exp(self.initial_log_gamma))
         elif self.growing:
@@ -185,8 +202,9 @@ class LearnedScale:
             step = max(0.0, self.log_gamma - target)
             self.m = self.v = 0.0
             self.adam_t = 0
-        if stopped_now:
-            step -= math.log(self.margin)  # below the stop by the margin (a factor; 1: none)
+        if stopped_now and (self.confident or not self.confident_hold):
+            step -= math.log(self.margin)  # below the stop by the margin (a factor; 1: none); not for a scale that
+            # goes on tracking after a stop on noise
         self.log_gamma = min(max(self.log_gamma - step, self.log_low), self.log_high)
         self.num_updates += 1
         if not self.settled and not self.growing and self.t >= self.settle_after:
@@ -209,6 +227,6 @@ class LearnedScale:
     def load_state_dict(self, state: dict) -> None:
         # A checkpoint written before the stop votes and the backoff existed: Adam never restarted in it.
         state = {"adam_t": state.get("t", 0), "recent_positive": [], "last_larger": state.get("log_gamma"),
-                 "larger_streak": 0, **state}
+                 "larger_streak": 0, "confident": False, **state}
         for key, value in state.items():
             setattr(self, key, value)

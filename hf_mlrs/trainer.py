@@ -199,9 +199,11 @@ class MLRSTrainer(Trainer):
             gamma = self.args.mlrs_gamma_value
             if self.args.mlrs_gamma is None and not self.meta_training:  # frozen: learning_rate is where it starts
                 gamma = self.schedule.gamma_for(gamma)
-            hold = self.meta_training if self.args.mlrs_scale_hold is None else self.args.mlrs_scale_hold
+            # Unset: hold where the net is meta-trained; with a frozen schedule only after a confident growth
+            hold = True if self.args.mlrs_scale_hold is None else self.args.mlrs_scale_hold
+            confident_hold = self.args.mlrs_scale_hold is None and not self.meta_training
             if gamma == "learned":
-                gamma = learned_scale(self.args.learning_rate, self.args, hold=hold)
+                gamma = learned_scale(self.args.learning_rate, self.args, hold=hold, confident_hold=confident_hold)
             self.lr_scheduler = MLRSScheduler(
                 optimizer,
                 self.schedule,
@@ -255,7 +257,7 @@ class MLRSTrainer(Trainer):
                     and self.accelerator.distributed_type != DistributedType.FSDP)
         if rewind and not hold:
             raise ValueError("MLRSTrainer: mlrs_scale_rewind needs a learned gamma that holds once it has stopped "
-                             "growing; this run tracks it (mlrs_scale_hold=False, or a frozen schedule). Set "
+                             "growing; this run tracks it (mlrs_scale_hold=False). Set "
                              "mlrs_scale_hold=True or drop mlrs_scale_rewind.")
         return rewind
 
@@ -433,7 +435,9 @@ class _MLRSHooks(TrainerCallback):
             learner.record_stages(state.global_step, scheduler.loss_ema)
         rewind = scheduler.rewind
         if rewind is not None and not rewind.done:
-            if learner.scale.settled and not rewind.due(state.global_step):
+            if learner.scale.settled and not learner.scale.holds:
+                rewind.skip()  # a stop on noise, which the scale goes on tracking (confident_hold): nothing to rerun
+            elif learner.scale.settled and not rewind.due(state.global_step):
                 rewind.skip()  # a long probe: its steps trained the model, and going on is cheaper than its rerun
             elif learner.scale.settled:  # the scale was found, and holds: train again from the start with it
                 trainer = self.trainer

@@ -7,9 +7,9 @@ import torch
 from transformers import TrainerCallback
 
 from hf_mlrs import MLRSTrainer, MLRSTrainingArguments
-from tests.test_scale import LeastSquares, gammas, least_squares_data
+from tests.test_scale import LeastSquares, NetAndScaleProbe, gammas, least_squares_data
 from tests.test_trainer import logged_lrs
-from tests.testing_utils import tiny_args
+from tests.testing_utils import constant_stages, tiny_args
 
 
 class StateProbe(TrainerCallback):
@@ -156,3 +156,32 @@ def test_a_checkpoint_without_the_rewind_resumes_without_it_unless_it_was_asked_
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), without.model.parameters()))
     with pytest.raises(ValueError, match="written without mlrs_scale_rewind"):
         train(tmp_path, resume=checkpoint, **settings)  # asked for explicitly: its start is not in the checkpoint
+
+
+@pytest.mark.parametrize("growth, confident", [(0.1, True), (1.0, False)])
+def test_a_frozen_schedule_rewinds_and_holds_only_after_a_confident_growth(tmp_path, growth, confident):
+    """A frozen schedule's default (mlrs_scale_hold unset): growth x1.105 per update says "larger" 5 times in a row
+    before the noise-free signal turns, so the stop is trusted: the run rewinds and gamma holds. Growth x e per
+    update reaches the turn within 4 updates, before the linear growth could engage: that stop is not trusted, the
+    starting weights are dropped without a rewind, and gamma goes on tracking the signal."""
+    data = least_squares_data()
+    args = rewind_args(tmp_path, mlrs_scale_rewind=None, mlrs_scale_growth=growth, mlrs_scale_min_growth=3,
+                       mlrs_meta_interval=1)
+    trainer = MLRSTrainer(model=LeastSquares(), args=args, train_dataset=data, meta_dataset=data,
+                          schedule=constant_stages(8.0))
+    probe, growing = StateProbe(trainer), NetAndScaleProbe(trainer)
+    trainer.add_callback(probe)
+    trainer.add_callback(growing)
+    trainer.train()
+    scale, rewind, values = trainer.lr_scheduler.scale, trainer.lr_scheduler.rewind, gammas(trainer)
+    assert scale.settled and scale.confident_hold and scale.confident == confident and scale.holds == confident
+    stop = growing.growing.index(False)  # 0-based step whose meta-update ended the growth
+    assert stop <= 12
+    if confident:
+        k = rewind.step
+        assert k is not None and values[k - 1] == values[-1]  # held from the step that stopped it
+        assert all(torch.equal(a, b) for a, b in zip(probe.after[k][0], probe.start))
+    else:
+        assert rewind.skipped and rewind.step is None and rewind.weights is None
+        tracked = values[stop + 1:-4]  # to the cooldown (the last 20% of the 24 steps, no meta-update)
+        assert len(tracked) > 5 and len(set(tracked)) == len(tracked)  # tracking: a meta-update every step moves it

@@ -249,6 +249,40 @@ def test_margin_lowers_the_stopped_gamma_once_by_its_factor():
             LearnedScale(1e-4, margin=bad)
 
 
+def test_confident_hold_holds_only_after_the_linear_growth_engaged():
+    """confident_hold: a stop after LINEAR_AFTER raw "larger" in a row (the linear growth engaged) holds, with the
+    margin; a stop while the signal was still noise does not hold (MetaLearner keeps meta-updating it) and gets no
+    margin. Without confident_hold every stop holds, as before; the flag rides in the checkpointed state."""
+    from hf_mlrs.hypergrad import MetaLearner
+    from hf_mlrs.scale import LINEAR_AFTER as n
+
+    def scale(**kw):
+        return LearnedScale(1e-4, growth=0.1, growth_linear=1.0, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0),
+                            margin=0.8, min_growth=3, **kw)
+
+    confident, noisy, old = scale(confident_hold=True), scale(confident_hold=True), scale()
+    for g in [-1.0] * n + [2.0] * 3:  # n "larger" in a row, then the signal turns
+        confident.update(g)
+    for g in [-1.0, 2.0] * 3 + [2.0] * 3:  # never more than one "larger" in a row, then "smaller"
+        noisy.update(g)
+        old.update(g)
+    assert confident.confident and confident.settled and confident.holds
+    assert not noisy.confident and noisy.settled and not noisy.holds
+    assert old.holds  # without confident_hold a stop on noise holds
+    assert noisy.gamma == pytest.approx(old.gamma / 0.8, rel=1e-12)  # no margin where it goes on tracking
+    learner = MetaLearner(MLRSNet(), [torch.nn.Parameter(torch.zeros(1))], interval=4, meta_lr=0.0, weight_decay=0.0,
+                          max_steps=100, train_net=False, scale=noisy, hold=True)
+    assert learner.current_interval() == 4  # still meta-updating: the scale tracks
+    learner.scale = confident
+    assert learner.current_interval() == 101  # never due again: it holds
+    restored = scale(confident_hold=True)
+    restored.load_state_dict(confident.state_dict())
+    assert restored.confident and restored.holds
+    legacy = {k: v for k, v in confident.state_dict().items() if k != "confident"}
+    restored.load_state_dict(legacy)  # a checkpoint from before session 22: not confident
+    assert not restored.confident
+
+
 def test_relative_start_makes_the_run_independent_of_learning_rate(tmp_path):
     """The first step is rescaled to move the weights by start_update x their norm: any lr gives the same run."""
     data = least_squares_data()
@@ -455,12 +489,13 @@ class NetAndScaleProbe(TrainerCallback):
 
 
 @pytest.mark.parametrize("hold, frozen, holds", [(True, False, True), (False, False, False), (None, False, True),
-                                                 (None, True, False)])
+                                                 (None, True, True), (False, True, False)])
 def test_hold_ends_meta_steps_once_growth_stops(tmp_path, hold, frozen, holds):
     """mlrs_scale_hold: once the growth phase ends, gamma and the meta-trained net keep their values to the end of
-    the run; without it they keep moving. Its default holds when the net is meta-trained and tracks when a frozen
-    schedule is applied. Noise-free least squares, SGD: the one-step signal turns at about 1 / curvature, reached by
-    growth from 0.1 within the run."""
+    the run; without it they keep moving. Its default holds when the net is meta-trained, and when a frozen
+    schedule is applied after a confident growth (the signal here says "larger" at every step until it turns).
+    Noise-free least squares, SGD: the one-step signal turns at about 1 / curvature, reached by growth from 0.1
+    within the run."""
     data = least_squares_data()
     args = learned_args(tmp_path, learning_rate=0.1, optim="sgd", per_device_train_batch_size=64, max_steps=40,
                         max_grad_norm=0.0, mlrs_scale_growth=0.1, mlrs_settle_interval=1, mlrs_meta_interval=1,
@@ -472,6 +507,8 @@ def test_hold_ends_meta_steps_once_growth_stops(tmp_path, hold, frozen, holds):
     trainer.train()
     values = gammas(trainer)
     assert trainer.lr_scheduler.scale.margin == (0.8 if holds else 1.0)  # the margin's default follows the hold
+    assert trainer.lr_scheduler.scale.confident_hold == (frozen and hold is None)
+    assert trainer.lr_scheduler.scale.confident  # the noise-free signal said "larger" at every step before the turn
     stop = probe.growing.index(False)  # 0-based step whose meta-update ended the growth
     assert 3 <= stop < 30 and values[stop] > 2 * values[0]
     after_values, after_nets = values[stop + 1:], probe.nets[stop:]
