@@ -161,3 +161,25 @@ python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 
 python benchmarks/transfer.py --entries multitask-default \
   --cells lm/gpt2-small,bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,digits/resnet-large,lm/gpt2-large \
   --no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown --write-cards
+# Session 22: a frozen schedule's learned scale holds (and rewinds) after a confident growth, tracks after a stop on
+# noise (the designs tried, then the default's cells and the single-run entries' cells remeasured with it).
+for variant in track hold sign holdfast confident default; do
+  python benchmarks/frozen_scale_lab.py "$variant" \
+    lm:gpt2-small:10,bbc:minilm-L2:3,digits:resnet-small:3,fashion:resnet-small:3
+done
+for variant in confident down default; do
+  python benchmarks/frozen_scale_lab.py "$variant" lm:gpt2-large:3
+done
+python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 0.2 \
+  --cells lm/gpt2-small,bbc/minilm-L2,fashion/resnet-small,lm/gpt2-large --no-budgets --remeasure learned \
+  --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown
+python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 0.2 \
+  --cells digits/resnet-small,digits/resnet-large --remeasure learned \
+  --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown
+python benchmarks/transfer.py --entries multitask-default \
+  --cells lm/gpt2-small,bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,digits/resnet-large,lm/gpt2-large \
+  --no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown --write-cards
+mkdir -p benchmarks/results/confident_hold && cp benchmarks/results/transfer_cpu.json benchmarks/results/confident_hold/
+python benchmarks/transfer.py --entries text-bbc,image-fashion,lm-bytes --no-budgets --remeasure learned \
+  --cells bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,digits/resnet-large,lm/gpt2-large,bbc/minilm-L6 \
+  --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/confident_hold

@@ -445,7 +445,8 @@ def main(argv=None):
                 cell = over_draws([measure_cell(runs, task, model, steps, f, builtins, options, label, suffix)
                                    for f, label in labels.items()])
                 add_cell(row, {**cell, "relation": kind, "gaps": gaps(cell), "schedule": schedule})
-            if options.budgets and not any(c.get("budget") for c in row["cells"]):  # one budget cell per row
+            # one budget cell per row (measured again with --remeasure, which otherwise would not reach it)
+            if options.budgets and (runs.redo or not any(c.get("budget") for c in row["cells"])):
                 held = [c for c in row["cells"] if c["schedule"] == schedule]
                 per_draw = [budget_cells(runs, schedule, f, MLRSNet.from_pretrained(f), label, held, options, suffix)
                             for f, label in labels.items()]

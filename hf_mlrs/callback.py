@@ -52,8 +52,9 @@ class MLRSCallback(TrainerCallback):
             schedule starts at (the lr a built-in schedule peaks at; `start_output` is 1 unless the schedule records
             one). `"learned"` learns it from `meta_dataset` while the net stays
             frozen (a schedule carries a shape, not a scale for a new model): it starts relative to the model, grows
-            until the held-out hypergradient says stop, then tracks it; a meta step (one forward/backward of a meta
-            batch) every step while it settles, every `meta_interval` steps after. `"auto"` uses the paper's
+            until the held-out hypergradient says stop, then tracks it (MLRSTrainer with a frozen `schedule` holds it
+            after a confident growth and rewinds, which the callback does not); a meta step (one forward/backward of
+            a meta batch) every step while it settles, every `meta_interval` steps after. `"auto"` uses the paper's
             heuristic (SGD on classification only).
         meta_dataset (`Dataset`, *optional*): held-out data for `gamma="learned"`, never trained on.
         meta_interval (`int`, *optional*, defaults to `4`): with `gamma="learned"`, a meta step every this many

@@ -31,6 +31,10 @@ LEARNED_GAMMA_COOLDOWN = 0.2
 # stop held a byte-level LM at 3-4e-3, which stalled 7 seeds in 10 (RESULTS.md section 8, session 22).
 GROWTH_LINEAR = 1.35
 CONFIDENT_GROWTH_LINEAR = 2.7
+# ... and holds 40% below its stop (`mlrs_scale_margin`; 20% where the net is meta-trained): the stop is read in the
+# first fall of the loss, and a model trained from scratch wants less for the rest of the run the larger it is (a 5x
+# larger GPT-2 held at 0.8 x its stop, 2.0-2.4e-3 where its tuned peak is 1e-3, stalled on 2 seeds of 3).
+CONFIDENT_MARGIN = 0.6
 
 
 def resolve_cooldown(given: float | None, learned_gamma: bool, recorded: float) -> float:
@@ -106,9 +110,10 @@ class MLRSTrainingArguments(TrainingArguments):
         With a learned gamma: when its growth stops, gamma (after the backoff) is multiplied by this factor in
         (0, 1]. The one-step signal stops growth near the largest lr that helps right now, the edge of stability of
         a model trained from scratch: a byte-level LM held there spiked on 1 seed in 3-5, held 15-20% lower on none
-        (RESULTS.md 3b, session 9). Defaults to 0.8 when the scale then holds (`mlrs_scale_hold`), 1 (none) when it
-        tracks the signal, as with a frozen schedule: tracking moves it anyway, and a frozen shape that decays the lr
-        under-trains a pretrained model with a smaller scale.
+        (RESULTS.md 3b, session 9). Defaults to 0.8 when the scale then holds (`mlrs_scale_hold`), 0.6 for a frozen
+        schedule's hold after a confident growth (the larger a model trained from scratch, the further below the
+        stop its best lr; RESULTS.md section 8, session 22), 1 (none) when it tracks the signal: tracking moves it
+        anyway, and a frozen shape that decays the lr under-trains a pretrained model with a smaller scale.
     mlrs_scale_hold (`bool`, *optional*):
         With a learned gamma: once it has settled (its growth has stopped; with `mlrs_scale_growth=0`, once its
         signal no longer agrees in sign), no more meta steps: gamma and the net hold until the cooldown anneals the
@@ -235,7 +240,8 @@ class MLRSTrainingArguments(TrainingArguments):
     )
     mlrs_scale_margin: float | None = field(
         default=None, metadata={"help": "Learned gamma: when growth stops, gamma (after the backoff) times this "
-                                "factor in (0, 1]. Default: 0.8 when the scale then holds, 1 (none) when it tracks."}
+                                "factor in (0, 1]. Default: 0.8 when the scale then holds (0.6 for a frozen "
+                                "schedule's confident hold), 1 (none) when it tracks."}
     )
     mlrs_scale_rewind: bool | None = field(
         default=None, metadata={"help": "Learned gamma that holds: when growth stops within the first "
@@ -425,7 +431,7 @@ def learned_scale(init: float, settings: MLRSTrainingArguments | type[MLRSTraini
     `CONFIDENT_GROWTH_LINEAR`."""
     margin = settings.mlrs_scale_margin
     if margin is None:
-        margin = 0.8 if hold else 1.0
+        margin = CONFIDENT_MARGIN if confident_hold else 0.8 if hold else 1.0
     growth_linear = settings.mlrs_scale_growth_linear
     if growth_linear is None:
         growth_linear = CONFIDENT_GROWTH_LINEAR if confident_hold else GROWTH_LINEAR

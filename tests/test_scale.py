@@ -244,6 +244,9 @@ def test_margin_lowers_the_stopped_gamma_once_by_its_factor():
     from hf_mlrs.config import learned_scale
 
     assert learned_scale(1e-3, hold=True).margin == 0.8 and learned_scale(1e-3).margin == 1.0  # the defaults
+    assert learned_scale(1e-3, hold=True, confident_hold=True).margin == 0.6  # a frozen schedule's confident hold
+    assert learned_scale(1e-3, hold=True, confident_hold=True).growth_linear == 2.7
+    assert learned_scale(1e-3, hold=True).growth_linear == 1.35
     for bad in (0.0, 1.5, float("nan")):  # a factor in (0, 1]
         with pytest.raises(ValueError, match="margin"):
             LearnedScale(1e-4, margin=bad)
@@ -506,7 +509,8 @@ def test_hold_ends_meta_steps_once_growth_stops(tmp_path, hold, frozen, holds):
     trainer.add_callback(probe)
     trainer.train()
     values = gammas(trainer)
-    assert trainer.lr_scheduler.scale.margin == (0.8 if holds else 1.0)  # the margin's default follows the hold
+    margin = 0.6 if frozen and hold is None else 0.8 if holds else 1.0  # the margin's default follows the hold
+    assert trainer.lr_scheduler.scale.margin == margin
     assert trainer.lr_scheduler.scale.confident_hold == (frozen and hold is None)
     assert trainer.lr_scheduler.scale.confident  # the noise-free signal said "larger" at every step before the turn
     stop = probe.growing.index(False)  # 0-based step whose meta-update ended the growth

@@ -1,0 +1,108 @@
+"""A frozen schedule with its lr scale learned: what the scale does after its growth stops (RESULTS.md section 8,
+session 22).
+
+Applies the default's leave-one-task-out variant of each task (`outputs/zoo/multitask-without-<task>-select3`, built
+by `python recipes/zoo.py --entry multitask-without-<task> --select 3`) frozen with `mlrs_gamma="learned"`, as
+`benchmarks/transfer.py`'s learned-scale arm does (`quality.run_one`, arm `mlrs_transfer_learned`), under one design:
+
+  track      the session-21 default: growth (linear 1.35 x the start), stop, then tracking the signal
+  hold       hold after any stop (margin 0.8, rewind when the probe took at most 20% of the run), growth 1.35
+  sign       track, but on the signs of the raw hypergradients (a robust average: on a plateau the signal is small,
+             mostly "smaller", with rare large "larger" values that Adam's average follows)
+  holdfast   hold after any stop, growth 2.7
+  confident  hold (and rewind) after a confident growth, track after a stop on noise, growth 2.7, margin 0.8
+  down       confident, then the scale keeps meta-updating but only downwards (never above the held value)
+  default    the library's default since session 22: confident with a margin of 0.6
+
+(The `track` records in results/frozen_scale_lab.jsonl are transfer.py's learned-scale runs of session 21, made with
+that default; the others were made with this script's design before it was committed, in the same process setup.)
+
+    python benchmarks/frozen_scale_lab.py default lm:gpt2-small:10,bbc:minilm-L2:3,digits:resnet-small:3
+
+Prints one line per run and appends its record to results/frozen_scale_lab.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import transfer  # noqa: E402, F401, I001  (first: quality.py puts recipes/, which has a transfer.py of its own, ahead)
+import quality  # noqa: E402
+
+VARIANTS = {
+    "track": {"mlrs_scale_hold": False, "mlrs_scale_growth_linear": 1.35},
+    "hold": {"mlrs_scale_hold": True, "mlrs_scale_growth_linear": 1.35},
+    "sign": {"mlrs_scale_hold": False, "mlrs_scale_growth_linear": 1.35},
+    "holdfast": {"mlrs_scale_hold": True, "mlrs_scale_growth_linear": 2.7},
+    "confident": {"mlrs_scale_margin": 0.8},
+    "down": {"mlrs_scale_margin": 0.8},
+    "default": {},
+}
+
+
+def patch(variant: str) -> None:
+    """The two designs that are not settings: patched into the library for this process only."""
+    from hf_mlrs import hypergrad, scale
+
+    update, interval = scale.LearnedScale.update, hypergrad.MetaLearner.current_interval
+    if variant == "sign":
+        def signed_update(self, g):  # tracking on the sign of each raw hypergradient (growth unchanged)
+            g = float(g)
+            if not self.growing and math.isfinite(g) and g != 0:
+                g = math.copysign(1.0, g)
+            return update(self, g)
+
+        scale.LearnedScale.update = signed_update
+    elif variant == "down":
+        def capped_update(self, g):  # after the stop: never above the gamma it stopped (and held) at
+            growing = self.growing
+            update(self, g)
+            if growing and not self.growing:
+                self.cap = self.log_gamma
+            if not self.growing and getattr(self, "cap", None) is not None:
+                self.log_gamma = min(self.log_gamma, self.cap)
+            return self.gamma
+
+        def tracking_interval(self):  # meta-updates go on after the stop (the rewind still happens)
+            return self.interval if self.scale is not None and self.scale.settled else interval(self)
+
+        scale.LearnedScale.update = capped_update
+        hypergrad.MetaLearner.current_interval = tracking_interval
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variant", choices=sorted(VARIANTS))
+    parser.add_argument("cells", help="task:model:seeds,... e.g. lm:gpt2-small:10,fashion:resnet-small:3")
+    options = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    patch(options.variant)
+    run_options = argparse.Namespace(smoke=False, device="cpu", optimizer="adamw")
+    root = HERE.parent
+    with open(HERE / "results" / "frozen_scale_lab.jsonl", "a") as out:
+        for cell in options.cells.split(","):
+            task, model, seeds = cell.split(":")
+            source = root / "outputs" / "zoo" / f"multitask-without-{task}-select3" / "schedule"
+            for seed in range(int(seeds)):
+                r = quality.run_one(task, "mlrs_transfer_learned", 1e-3, seed, run_options,
+                                    schedule_source=str(source), model=model,
+                                    overrides=dict(VARIANTS[options.variant]))
+                r["variant"], r["schedule"] = options.variant, source.parent.name
+                out.write(json.dumps(r) + "\n")
+                out.flush()
+                every = max(1, len(r["lrs"]) // 7)
+                print(f"{options.variant} {task}/{model} seed={seed} score={quality.score(r):.4f} "
+                      f"lrs: {[f'{x:.1e}' for _, x in r['lrs'][::every]]} ({r['seconds']:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
