@@ -13,6 +13,8 @@ by `python recipes/zoo.py --entry multitask-without-<task> --select 3`) frozen w
   confident  hold (and rewind) after a confident growth, track after a stop on noise, growth 2.7, margin 0.8
   down       confident, then the scale keeps meta-updating but only downwards (never above the held value)
   default    the library's default since session 22: confident with a margin of 0.6
+  stagetrack default, and from the frozen net's next stage on, the held scale tracks again (a shape learned elsewhere
+             may step the lr down further than this task wants; tracking is how a scale follows such a step)
 
 (The `track` records in results/frozen_scale_lab.jsonl are transfer.py's learned-scale runs of session 21, made with
 that default; the others were made with this script's design before it was committed, in the same process setup.)
@@ -46,6 +48,7 @@ VARIANTS = {
     "confident": {"mlrs_scale_margin": 0.8},
     "down": {"mlrs_scale_margin": 0.8},
     "default": {},
+    "stagetrack": {},
 }
 
 
@@ -77,12 +80,28 @@ def patch(variant: str) -> None:
 
         scale.LearnedScale.update = capped_update
         hypergrad.MetaLearner.current_interval = tracking_interval
+    elif variant == "stagetrack":
+        from hf_mlrs import scheduler
+
+        update_stage = scheduler.MLRSScheduler._update_stage
+
+        def stage_then_track(self):  # a held scale tracks again once the frozen net moves to a later stage
+            before = self.stage
+            update_stage(self)
+            learner = self.meta_learner
+            if self.stage > before and self.scale is not None and self.scale.holds and learner is not None:
+                self.scale.confident = False  # holds is now False: MetaLearner schedules meta-updates again
+                learner.next_due = self.num_observed - 1 + learner.interval
+                learner.window_length = min(learner.horizon, learner.interval)
+
+        scheduler.MLRSScheduler._update_stage = stage_then_track
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", choices=sorted(VARIANTS))
-    parser.add_argument("cells", help="task:model:seeds,... e.g. lm:gpt2-small:10,fashion:resnet-small:3")
+    parser.add_argument("cells", help="task:model:seeds[:schedule],... e.g. lm:gpt2-small:10,fashion:resnet-small:3 "
+                        "(schedule: a shipped name; default: the default's variant without the task)")
     options = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     patch(options.variant)
@@ -90,13 +109,14 @@ def main(argv=None) -> None:
     root = HERE.parent
     with open(HERE / "results" / "frozen_scale_lab.jsonl", "a") as out:
         for cell in options.cells.split(","):
-            task, model, seeds = cell.split(":")
-            source = root / "outputs" / "zoo" / f"multitask-without-{task}-select3" / "schedule"
+            task, model, seeds, *shipped = cell.split(":")
+            source = (root / "hf_mlrs" / "pretrained" / shipped[0] if shipped else
+                      root / "outputs" / "zoo" / f"multitask-without-{task}-select3" / "schedule")
             for seed in range(int(seeds)):
                 r = quality.run_one(task, "mlrs_transfer_learned", 1e-3, seed, run_options,
                                     schedule_source=str(source), model=model,
                                     overrides=dict(VARIANTS[options.variant]))
-                r["variant"], r["schedule"] = options.variant, source.parent.name
+                r["variant"], r["schedule"] = options.variant, shipped[0] if shipped else source.parent.name
                 out.write(json.dumps(r) + "\n")
                 out.flush()
                 every = max(1, len(r["lrs"]) // 7)

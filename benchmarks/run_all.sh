@@ -180,6 +180,11 @@ python benchmarks/transfer.py --entries multitask-default \
   --cells lm/gpt2-small,bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,digits/resnet-large,lm/gpt2-large \
   --no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown --write-cards
 mkdir -p benchmarks/results/confident_hold && cp benchmarks/results/transfer_cpu.json benchmarks/results/confident_hold/
-python benchmarks/transfer.py --entries text-bbc,image-fashion,lm-bytes --no-budgets --remeasure learned \
-  --cells bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,digits/resnet-large,lm/gpt2-large,bbc/minilm-L6 \
-  --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/confident_hold
+R="--no-budgets --remeasure learned --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/confident_hold"
+python benchmarks/transfer.py --entries lm-bytes \
+  --cells bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,lm/gpt2-large,digits/resnet-large $R
+python benchmarks/transfer.py --entries text-bbc --cells digits/resnet-small,fashion/resnet-small,digits/resnet-large $R
+python benchmarks/transfer.py --entries image-fashion --cells bbc/minilm-L2,digits/resnet-small,digits/resnet-large $R
+python benchmarks/frozen_scale_lab.py stagetrack lm:gpt2-small:10,bbc:minilm-L2:3,digits:resnet-small:3,\
+fashion:resnet-small:3,lm:gpt2-large:3,fashion:resnet-small:3:lm-bytes,bbc:minilm-L2:3:lm-bytes,\
+fashion:resnet-small:3:text-bbc,bbc:minilm-L2:3:image-fashion
