@@ -188,3 +188,12 @@ python benchmarks/transfer.py --entries image-fashion --cells bbc/minilm-L2,digi
 python benchmarks/frozen_scale_lab.py stagetrack lm:gpt2-small:10,bbc:minilm-L2:3,digits:resnet-small:3,\
 fashion:resnet-small:3,lm:gpt2-large:3,fashion:resnet-small:3:lm-bytes,bbc:minilm-L2:3:lm-bytes,\
 fashion:resnet-small:3:text-bbc,bbc:minilm-L2:3:image-fashion
+# the two LM cells of text-bbc and image-fashion on 10 seeds (first copy the LM's built-in runs of
+# results/selected_cooldown/transfer_cpu.json into results/confident_hold/transfer_cpu.json: they are reused by key),
+# then the image-fashion and lm-bytes cards refilled from these rows (text-bbc's keeps its three-draw cells)
+python benchmarks/transfer.py --entries text-bbc,image-fashion --cells lm/gpt2-small $R
+W="--no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/confident_hold --write-cards"
+python benchmarks/transfer.py --entries image-fashion \
+  --cells bbc/minilm-L2,digits/resnet-small,lm/gpt2-small,digits/resnet-large $W
+python benchmarks/transfer.py --entries lm-bytes \
+  --cells bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,lm/gpt2-large,digits/resnet-large $W
