@@ -197,3 +197,6 @@ python benchmarks/transfer.py --entries image-fashion \
   --cells bbc/minilm-L2,digits/resnet-small,lm/gpt2-small,digits/resnet-large $W
 python benchmarks/transfer.py --entries lm-bytes \
   --cells bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,lm/gpt2-large,digits/resnet-large $W
+for task in digits lm; do
+  python benchmarks/scale_lab.py "$task" mlrs_learned:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"mlrs_scale_growth_linear": 2.7}'
+done
