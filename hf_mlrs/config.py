@@ -136,7 +136,9 @@ class MLRSTrainingArguments(TrainingArguments):
         beat the growth's ramp (a model trained from scratch decides in those steps whether it stalls on a
         plateau); a long probe's steps had trained the model (RESULTS.md 3b, sessions 12-13). Keeps one copy of the
         model's state in CPU memory (and in checkpoints) until the probe ends. Defaults to on where it applies (a
-        learned gamma that holds, not under FSDP2); False skips the copy.
+        learned gamma that holds, not under FSDP2); False skips the copy. With a frozen schedule and
+        `mlrs_scale_hold` unset, the hold, and so the rewind, comes only after a confident growth: a stop on noise
+        goes on tracking without a rewind, even with `mlrs_scale_rewind=True`.
     mlrs_scale_rewind_max_share (`float`, *optional*, defaults to 0.2):
         The longest probe, as a share of the run's optimizer steps, after which the run still rewinds; a growth that
         stops later goes on from where it is. 1.0 rewinds after any probe.

@@ -54,9 +54,10 @@ class MetaLearner:
         settle_interval (`int`, *optional*): with a learned scale, the interval used until the scale has settled
             (see `LearnedScale.settled`); `interval` after that. A window is never longer than its interval.
         stop_step (`int`, *optional*): no meta-update from this (0-based) step on, e.g. during a final cooldown.
-        hold (`bool`, defaults to `False`): with a learned scale, no meta-update once it has settled (see
-            `LearnedScale.settled`: its growth has stopped, or, without a growth phase, its signal no longer agrees in
-            sign): gamma and the net keep their values, and only `stop_step`'s cooldown changes the lr after.
+        hold (`bool`, defaults to `False`): with a learned scale, no meta-update once it holds (see
+            `LearnedScale.holds`: it has settled, i.e. its growth has stopped or, without a growth phase, its signal
+            no longer agrees in sign; with `confident_hold`, only after a confident growth): gamma and the net keep
+            their values, and only `stop_step`'s cooldown changes the lr after.
         take_snapshots (`bool`, defaults to `True`): copy the live net into the earlier stages at fractions of this
             run (the paper's epoch-1/100/200 nets). False leaves the earlier stages alone (the stage switch losses
             are still recorded): a net meta-trained over several runs gets its snapshots from the caller.

@@ -220,6 +220,15 @@ class MLRSScheduler(LRScheduler):
         self.set_lr(value)
         return value
 
+    def read_from_start(self) -> None:
+        """After a rewind (the model back at its starting weights): the net reads the loss curve from its start again:
+        a fresh recurrent state and, with stage_by="loss", the first stage and no smoothed loss (the probe may have
+        crossed a switch loss, and stages only move forward). The loss scale (the first loss) is kept."""
+        self.hidden = self.schedule.init_state("cpu")
+        if self.stage_by == "loss":
+            self.stage, self.loss_ema = 0, None
+            self.recent_losses.clear()
+
     def hold_lr(self) -> float:
         """Keep the lr already in the optimizer (clamped to the bounds); used when a step cannot be trusted."""
         lr = self.optimizer.param_groups[0]["lr"] / (self.group_ratios[0] or 1.0)

@@ -252,8 +252,10 @@ class MLRSTrainer(Trainer):
     def _rewinds(self, hold: bool) -> bool:
         """Whether this run keeps its starting weights to rewind to once the learned scale's growth stops."""
         rewind = self.args.mlrs_scale_rewind
-        if rewind is None:  # on where it applies: a learned gamma that holds, outside FSDP2 (which shards the state)
-            return (self.lr_scheduler.scale is not None and hold
+        scale = self.lr_scheduler.scale
+        if rewind is None:  # on where it applies: a learned gamma that holds, outside FSDP2 (which shards the state);
+            # not where a confident hold can never come (no growth phase)
+            return (scale is not None and hold and not (scale.confident_hold and not scale.growing)
                     and self.accelerator.distributed_type != DistributedType.FSDP)
         if rewind and not hold:
             raise ValueError("MLRSTrainer: mlrs_scale_rewind needs a learned gamma that holds once it has stopped "
@@ -437,12 +439,13 @@ class _MLRSHooks(TrainerCallback):
         if rewind is not None and not rewind.done:
             if learner.scale.settled and not learner.scale.holds:
                 rewind.skip()  # a stop on noise, which the scale goes on tracking (confident_hold): nothing to rerun
-            elif learner.scale.settled and not rewind.due(state.global_step):
-                rewind.skip()  # a long probe: its steps trained the model, and going on is cheaper than its rerun
+            elif not rewind.due(state.global_step):
+                rewind.skip()  # a long probe (or one still going): its steps trained the model, and going on is
+                # cheaper than their rerun; the kept copy is dropped now, not when the growth stops
             elif learner.scale.settled:  # the scale was found, and holds: train again from the start with it
                 trainer = self.trainer
                 rewind.apply(trainer.accelerator.unwrap_model(trainer.model), trainer.optimizer, state.global_step)
-                scheduler.hidden = trainer.schedule.init_state("cpu")  # the net reads the loss curve from its start
+                scheduler.read_from_start()  # the net reads the loss curve from its start
             elif learner.finished(state.global_step):
                 rewind.skip()  # growth reached the cooldown: nothing to rewind to any more
         if scheduler.meta_share is not None and learner.finished(state.global_step):

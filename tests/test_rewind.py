@@ -185,3 +185,24 @@ def test_a_frozen_schedule_rewinds_and_holds_only_after_a_confident_growth(tmp_p
         assert rewind.skipped and rewind.step is None and rewind.weights is None
         tracked = values[stop + 1:-4]  # to the cooldown (the last 20% of the 24 steps, no meta-update)
         assert len(tracked) > 5 and len(set(tracked)) == len(tracked)  # tracking: a meta-update every step moves it
+
+
+def test_the_kept_copy_is_dropped_once_the_latest_rewind_step_has_passed(tmp_path):
+    """A growth still going past the last step that may rewind (mlrs_scale_rewind_max_share) will not rewind: the
+    kept starting state is dropped then, not when the growth stops (it is a whole model in CPU memory and in every
+    checkpoint)."""
+    data = least_squares_data()
+    trainer = MLRSTrainer(model=LeastSquares(), args=rewind_args(tmp_path, mlrs_scale_rewind_max_share=3 / 24),
+                          train_dataset=data, meta_dataset=data)
+    kept = []
+
+    class Kept(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            rewind = trainer.lr_scheduler.rewind
+            kept.append((rewind.weights is not None, trainer.lr_scheduler.scale.growing))
+
+    trainer.add_callback(Kept())
+    trainer.train()
+    assert kept[:3] == [(True, True)] * 3  # steps 1-3 may still rewind (3 = floor(3 / 24 x 24) is the last)
+    assert kept[3] == (False, True)  # at step 4 the growth is still going: it can no longer rewind, the copy goes
+    assert trainer.lr_scheduler.rewind.skipped and trainer.lr_scheduler.rewind.step is None

@@ -31,6 +31,28 @@ def test_horizon_free_loss_mode_switches_when_the_smoothed_loss_reaches_the_reco
     assert stages == expected and stages[0] == 0 and stages[-1] == 2
 
 
+def test_read_from_start_after_a_rewind_reads_the_loss_curve_again():
+    """After a rewind the model is back at its start: in loss mode the stage and the smoothed loss start over (a probe
+    that crossed a switch loss must not leave the rerun in a later stage); the loss scale is kept; the recurrent
+    state is fresh in every mode, and a stage set by progress or fixed is left alone."""
+    net = constant_stages(2.0, 0.0, -2.0)
+    net.stage_switch_losses[1:] = torch.tensor([0.7, 0.4])
+    scheduler = MLRSScheduler(optimizer(), net, gamma=1.0, stage_by="loss")
+    for t in range(30):
+        scheduler.observe(max(0.1, 1.0 - 0.05 * t))
+    assert scheduler.stage == 2 and scheduler.loss_ema < 0.4
+    scheduler.read_from_start()
+    assert scheduler.stage == 0 and scheduler.loss_ema is None and not scheduler.recent_losses
+    assert scheduler.initial_loss == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(scheduler.hidden, net.init_state("cpu")))
+    scheduler.observe(1.0)  # reads the rerun's first loss as the run's first: stage 0 again
+    assert scheduler.stage == 0 and scheduler.loss_ema == pytest.approx(1.0)
+    fixed = MLRSScheduler(optimizer(), net, gamma=1.0, stage_by="fixed", stage=1)
+    fixed.observe(1.0)
+    fixed.read_from_start()
+    assert fixed.stage == 1 and fixed.loss_ema is not None
+
+
 def test_loss_mode_needs_recorded_switch_losses():
     with pytest.raises(ValueError, match="switch losses recorded at meta-training"):
         MLRSScheduler(optimizer(), constant_stages(1.0, 0.0), gamma=1.0, stage_by="loss")
