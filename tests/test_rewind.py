@@ -40,10 +40,10 @@ def rewind_args(output_dir, **overrides):
     return tiny_args(output_dir, **values)
 
 
-def train(output_dir, resume=None, **overrides):
+def train(output_dir, resume=None, schedule=None, **overrides):
     data = least_squares_data()
     trainer = MLRSTrainer(model=LeastSquares(), args=rewind_args(output_dir, **overrides), train_dataset=data,
-                          meta_dataset=data)
+                          meta_dataset=data, schedule=schedule)
     probe = StateProbe(trainer)
     trainer.add_callback(probe)
     trainer.train(resume_from_checkpoint=resume)
@@ -206,3 +206,22 @@ def test_the_kept_copy_is_dropped_once_the_latest_rewind_step_has_passed(tmp_pat
     assert kept[:3] == [(True, True)] * 3  # steps 1-3 may still rewind (3 = floor(3 / 24 x 24) is the last)
     assert kept[3] == (False, True)  # at step 4 the growth is still going: it can no longer rewind, the copy goes
     assert trainer.lr_scheduler.rewind.skipped and trainer.lr_scheduler.rewind.step is None
+
+
+@pytest.mark.parametrize("growth, checkpoint", [(0.1, 4), (0.1, 16), (1.0, 4), (1.0, 16)])
+def test_a_frozen_schedule_resumes_bitwise_before_and_after_its_confident_or_noisy_stop(tmp_path, growth, checkpoint):
+    """A frozen schedule's default (confident hold): resumed from a checkpoint before the stop or after it, the run
+    ends as the uninterrupted one, bit for bit, whether it rewound and held (a confident growth) or tracks (a stop
+    before the signal could agree 5 times in a row): the confident flag and the rewind ride in the checkpoint."""
+    settings = dict(save_strategy="steps", save_steps=4, mlrs_scale_rewind=None, mlrs_scale_growth=growth,
+                    mlrs_scale_min_growth=3, mlrs_meta_interval=1)
+    full, _ = train(tmp_path / "full", schedule=constant_stages(8.0), **settings)
+    scale, rewind = full.lr_scheduler.scale, full.lr_scheduler.rewind
+    assert scale.confident == (growth == 0.1) and (rewind.step is not None) == scale.confident
+    assert rewind.step is None or 4 < rewind.step < 16  # checkpoint 4 is before the stop, 16 after (the noisy: step 6)
+    resumed, _ = train(tmp_path / "full", resume=str(tmp_path / "full" / f"checkpoint-{checkpoint}"),
+                       schedule=constant_stages(8.0), **settings)
+    assert resumed.lr_scheduler.scale.state_dict() == scale.state_dict()
+    assert resumed.lr_scheduler.rewind.step == rewind.step and resumed.lr_scheduler.rewind.skipped == rewind.skipped
+    assert logged_lrs(resumed)[-8:] == logged_lrs(full)[-8:] and gammas(resumed)[-8:] == gammas(full)[-8:]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), full.model.parameters()))
