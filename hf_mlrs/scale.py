@@ -156,10 +156,16 @@ class LearnedScale:
         return math.exp(self.log_gamma)
 
     @property
+    def trusts_stop(self) -> bool:
+        """Whether a stop of the growth is held (with the margin) rather than tracked: always, unless
+        `confident_hold` asks for a confident growth first."""
+        return self.confident or not self.confident_hold
+
+    @property
     def holds(self) -> bool:
         """Whether a run that holds its scale (MetaLearner's `hold`) stops meta-updating it now: once settled, and
         with `confident_hold` only after a confident growth."""
-        return self.settled and (self.confident or not self.confident_hold)
+        return self.settled and self.trusts_stop
 
     def update(self, grad_log_gamma: float) -> float:
         """One clipped Adam step on s = log(gamma) along dL_meta/ds; returns the new gamma.
@@ -188,9 +194,9 @@ class LearnedScale:
         if stopped_now:
             self.growing, self.settled = False, True  # the held-out loss says the lr is now large enough
         self.larger_streak = self.larger_streak + 1 if g <= 0 else 0
-        if self.growing and self.larger_streak >= LINEAR_AFTER:
-            self.confident = True
-        if self.growing and self.growth_linear and self.larger_streak >= LINEAR_AFTER:  # + c x start, not x e^growth
+        agreeing = self.growing and self.larger_streak >= LINEAR_AFTER  # the signal agrees: a confident growth
+        self.confident = self.confident or agreeing
+        if agreeing and self.growth_linear:  # + c x start, not x e^growth
             step = self.log_gamma - math.log(self.gamma + self.growth_linear * math.exp(self.initial_log_gamma))
         elif self.growing:
             step = -self.growth
@@ -202,7 +208,7 @@ class LearnedScale:
             step = max(0.0, self.log_gamma - target)
             self.m = self.v = 0.0
             self.adam_t = 0
-        if stopped_now and (self.confident or not self.confident_hold):
+        if stopped_now and self.trusts_stop:
             step -= math.log(self.margin)  # below the stop by the margin (a factor; 1: none); not for a scale that
             # goes on tracking after a stop on noise
         self.log_gamma = min(max(self.log_gamma - step, self.log_low), self.log_high)
