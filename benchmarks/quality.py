@@ -13,6 +13,11 @@ Arms (AdamW unless said; every arm x every seed):
   mlrs_transfer        Trainer + MLRSCallback with a zoo schedule learned on another task and modality (bbc:
                        image-fashion; digits, fashion: text-bbc), gamma = 5e-5
   mlrs_transfer_tuned  the same with gamma = the tuned linear schedule's peak lr
+  mlrs_learned:<v>     MLRSTrainer(mlrs_gamma="learned"), the net meta-trained too, from each of 5 starting lrs
+  mlrs_frozen:default  MLRSTrainer(schedule=..., mlrs_gamma="learned"): the multi-task default frozen, only its lr
+                       scale learned, from each of 5 starting lrs; on each task the default's leave-one-task-out
+                       variant that never saw it (outputs/zoo/multitask-without-<task>-select3, made by
+                       `python recipes/zoo.py --entry multitask-without-<task> --select 3`)
 With --optimizer sgd every arm uses SGD with momentum 0.9 (lr grid 1e-2..1, learned-scale starts 1e-4..1).
 Reported: final validation/test loss and accuracy (mean +- std over seeds), and steps to reach the target
 validation accuracy, the best tuned arm's mean final validation accuracy (AlgoPerf-style), with a performance
@@ -174,6 +179,25 @@ LEARNED_VARIANTS["s10"] = {"mlrs_scale_rewind": False}
 LEARNED_VARIANTS["rewind"] = {"mlrs_scale_rewind": True, "mlrs_scale_rewind_max_share": 1.0}
 
 
+def frozen_source(task_name: str, entry: str, smoke: bool = False):
+    """The frozen schedule of arm `mlrs_frozen:<entry>` on a task: for "default", the shipped multi-task default's
+    leave-one-task-out variant made as the default is (a selection over its draws), so the task is a held-out one."""
+    from hf_mlrs import MLRSNet
+
+    if smoke:
+        return MLRSNet()
+    if entry != "default":
+        raise ValueError(f"mlrs_frozen:{entry}: only mlrs_frozen:default (the multi-task default, held out) exists")
+    import zoo
+
+    name = f"multitask-without-{task_name}"
+    folder = zoo.pool_dir(name, zoo.entry("multitask-default")["select"], "select")
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist: make it with `python recipes/zoo.py --entry {name} "
+                                f"--select {zoo.entry('multitask-default')['select']}` (after its draws)")
+    return MLRSNet.from_pretrained(folder)
+
+
 def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_source=None, model: str | None = None,
             steps: int | None = None, overrides: dict | None = None, lr_sequence: list[float] | None = None) -> dict:
     """Train one arm on one task with one seed; returns its validation curve and final metrics.
@@ -243,7 +267,9 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
             torch.nn.init.zeros_(flat.stages[0].head.weight)
         trainer = MLRSTrainer(model=task.model, args=args, schedule=flat,
                               meta_dataset=train.shuffle(seed=10_007 + seed) if meta_from_train else None, **data)
-    elif arm == "mlrs_transfer_learned":  # a frozen shape, its scale learned on a held-out 10% (no lr given)
+    elif arm == "mlrs_transfer_learned" or arm.startswith("mlrs_frozen:"):  # a frozen shape, its scale learned
+        if arm.startswith("mlrs_frozen:"):
+            schedule_source = frozen_source(task_name, arm.split(":")[1].split("@")[0], options.smoke)
         net = MLRSNet.from_pretrained(schedule_source) if isinstance(schedule_source, str) else schedule_source
         common["lr_scheduler_type"] = "constant"
         args = arguments(MLRSTrainingArguments, mlrs_gamma="learned")
@@ -334,7 +360,7 @@ def run_task(task_name: str, options, log, earlier: list[dict]) -> list[dict]:
         if "mlrs_meta" in arms:
             record("mlrs_meta", DEFAULT_LR, seed)
         for arm in arms:
-            if arm.startswith(("mlrs_learned:", "mlrs_scale:")):
+            if arm.startswith(("mlrs_learned:", "mlrs_scale:", "mlrs_frozen:")):
                 for lr in learned_lrs(options):
                     record(f"{arm}@{lr:g}", lr, seed)
         if "mlrs_transfer" in arms and source is not None:
@@ -384,7 +410,7 @@ def learned_scale_table(task: str, runs: list[dict], best_tuned: float, starts: 
     for r in runs:
         if r["task"] != task:
             continue
-        if r["arm"].startswith(("mlrs_learned:", "mlrs_scale:")):
+        if r["arm"].startswith(("mlrs_learned:", "mlrs_scale:", "mlrs_frozen:")):
             name = r["arm"].split("@")[0]
         elif r["arm"].startswith(("sweep:", "grid:")) and r["arm"].split(":")[1] in ("constant", "cosine") \
                 and r["lr"] in starts:
@@ -507,8 +533,8 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     adamw_only = {"schedule_free", "prodigy", "mlrs_meta", "mlrs_transfer"} & set(options.arms.split(","))
     if is_sgd(options) and adamw_only:
-        parser.error(f"--optimizer sgd runs the tuned, sweep, default and mlrs_learned:/mlrs_scale: arms; "
-                     f"{', '.join(sorted(adamw_only))} are AdamW arms: drop them from --arms.")
+        parser.error(f"--optimizer sgd runs the tuned, sweep, default and mlrs_learned:/mlrs_scale:/mlrs_frozen: "
+                     f"arms; {', '.join(sorted(adamw_only))} are AdamW arms: drop them from --arms.")
     if options.smoke:
         options.seeds, options.tasks = 1, "digits"
     out = Path(options.out)

@@ -76,15 +76,33 @@ def test_quality_smoke(tmp_path):
 
 def test_quality_sgd_runs_every_arm_with_sgd_and_its_own_starting_lrs(tmp_path):
     quality = load("quality")
-    summary = quality.main(["--smoke", "--optimizer", "sgd", "--arms", "tuned,mlrs_learned:default",
-                            "--out", str(tmp_path)])
+    summary = quality.main(["--smoke", "--optimizer", "sgd", "--arms",
+                            "tuned,mlrs_learned:default,mlrs_frozen:default", "--out", str(tmp_path)])
     runs = json.loads((tmp_path / "quality_cpu_sgd_smoke.json").read_text())["runs"]
     assert runs and {r["optimizer"] for r in runs} == {"SGD"}
-    assert {r["lr"] for r in runs if r["arm"].startswith("mlrs_learned")} == set(quality.SGD_LEARNED_LRS[:2])
+    for family in ("mlrs_learned", "mlrs_frozen"):
+        assert {r["lr"] for r in runs if r["arm"].startswith(family)} == set(quality.SGD_LEARNED_LRS[:2])
+        assert f"{family}:default" in summary["digits"]["learned"]
     assert {r["lr"] for r in runs if r["arm"].startswith("grid:")} == set(quality.SGD_GRID[:2])
-    assert "mlrs_learned:default" in summary["digits"]["learned"]
+    assert all(r["gammas"] for r in runs if r["arm"].startswith("mlrs_frozen"))  # its scale is learned (logged)
     with pytest.raises(SystemExit):  # AdamW-only arms are refused, not silently run with AdamW
         quality.main(["--smoke", "--optimizer", "sgd", "--arms", "prodigy", "--out", str(tmp_path)])
+
+
+def test_frozen_arm_applies_the_defaults_held_out_variant_and_names_the_command_that_makes_it(tmp_path, monkeypatch):
+    quality = load("quality")
+    import zoo  # recipes/zoo.py, on the path quality.py set
+
+    from hf_mlrs import MLRSNet
+
+    monkeypatch.setattr(zoo, "pool_dir", lambda name, count, kind: tmp_path / f"{name}-{kind}{count}" / "schedule")
+    with pytest.raises(FileNotFoundError, match=r"python recipes/zoo.py --entry multitask-without-fashion --select 3"):
+        quality.frozen_source("fashion", "default")
+    net = MLRSNet(hidden_size=4)
+    net.save_pretrained(tmp_path / "multitask-without-fashion-select3" / "schedule")
+    assert quality.frozen_source("fashion", "default").hidden_size == 4  # the variant that never saw fashion
+    with pytest.raises(ValueError, match="only mlrs_frozen:default"):
+        quality.frozen_source("fashion", "text-bbc")
 
 
 def test_replay_steps_through_the_given_lrs_and_the_overrides_reach_the_arguments():
