@@ -15,6 +15,9 @@ by `python recipes/zoo.py --entry multitask-without-<task> --select 3`) frozen w
   default    the library's default since session 22: confident with a margin of 0.6
   stagetrack default, and from the frozen net's next stage on, the held scale tracks again (a shape learned elsewhere
              may step the lr down further than this task wants; tracking is how a scale follows such a step)
+  fromstart  default, but a growth is confident (linear, then held) only if its signal said "larger" from the first
+             update on, as from scratch; a run of "larger" after a "smaller" (a pretrained model's head learning
+             after a noisy start: bbc, session 23) keeps the gentle growth and tracks after the stop
 
 (The `track` records in results/frozen_scale_lab.jsonl are transfer.py's learned-scale runs of session 21, made with
 that default; the others were made with this script's design before it was committed, in the same process setup.)
@@ -49,6 +52,7 @@ VARIANTS = {
     "down": {"mlrs_scale_margin": 0.8},
     "default": {},
     "stagetrack": {},
+    "fromstart": {},
 }
 
 
@@ -95,6 +99,15 @@ def patch(variant: str) -> None:
                 learner.window_length = min(learner.horizon, learner.interval)
 
         scheduler.MLRSScheduler._update_stage = stage_then_track
+    elif variant == "fromstart":
+        def from_start_update(self, g):  # one "smaller" before the growth turned linear: never confident
+            if not self.confident and math.isfinite(float(g)) and float(g) > 0:
+                self.doubted = True
+            if getattr(self, "doubted", False) and not self.confident:
+                self.larger_streak = min(self.larger_streak, scale.LINEAR_AFTER - 2)  # this update cannot reach it
+            return update(self, g)
+
+        scale.LearnedScale.update = from_start_update
 
 
 def main(argv=None) -> None:

@@ -10,6 +10,9 @@ Arms (same model, data, batch size, AdamW; the meta batch is as large as the tra
   learned    MLRSTrainer meta-training with the learned lr scale (the recommended settings: a meta step every
              step until the scale settles, every 4th after, none in the final cooldown); its cost is reported over
              the whole run, warm-up steps included, since its meta steps are denser at the start
+  frozen_learned  MLRSTrainer applying the shipped multitask-default frozen with the learned lr scale (the no-lr
+             path: only the scale is learned; meta steps every step while it grows, then none if it holds or every
+             4th if it tracks, none in the cooldown); reported over the whole run, as `learned`
 Each arm runs in a fresh process, because peak memory (RSS on CPU) is a per-process high-water mark; arms are
 interleaved over repeats and the fastest repeat of each is kept. Whole-step times on a shared host are noisy, so the
 time spent inside hf_mlrs's own per-step code (the callback's hooks, the trainer's before/after-step halves: the lr
@@ -36,7 +39,7 @@ from pathlib import Path
 
 
 HERE = Path(__file__).resolve().parent
-ARMS = ["plain", "transfer", "meta_1", "meta_10", "paper_1", "paper_10", "learned"]
+ARMS = ["plain", "transfer", "meta_1", "meta_10", "paper_1", "paper_10", "learned", "frozen_learned"]
 SIZES = {  # BERT encoders; vocabulary kept small so the transformer body dominates the parameter count
     "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=1024),
     "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
@@ -121,12 +124,14 @@ def worker(arm: str, size: str, steps: int, warmup: int, batch: int, seq: int, d
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=train, callbacks=callbacks)
     else:
         cls = paper_style_trainer_class() if arm.startswith("paper") else MLRSTrainer
-        if arm == "learned":
+        if arm in ("learned", "frozen_learned"):
             settings = dict(mlrs_gamma="learned")  # the library defaults for a learned scale
         else:
             settings = dict(mlrs_meta_interval=int(arm.split("_")[1]))
         args = MLRSTrainingArguments(**common, **settings, mlrs_meta_batch_size=batch)
-        trainer = cls(model=model, args=args, train_dataset=train, meta_dataset=meta, callbacks=[clock])
+        schedule = MLRSNet.from_pretrained("multitask-default") if arm == "frozen_learned" else None
+        trainer = cls(model=model, args=args, train_dataset=train, meta_dataset=meta, callbacks=[clock],
+                      schedule=schedule)
         timed(cls.meta_step_class, "before_step")
         timed(cls.meta_step_class, "after_step")
     trainer.train()

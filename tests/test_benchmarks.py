@@ -24,7 +24,7 @@ def load(name):
 def test_overhead_smoke():
     summary = load("overhead").main(["--smoke"])
     arms = {r["arm"] for r in summary["rows"]}
-    assert {"plain", "transfer", "meta_1", "meta_10", "paper_1", "paper_10"} <= arms
+    assert {"plain", "transfer", "meta_1", "meta_10", "paper_1", "paper_10", "learned", "frozen_learned"} <= arms
     assert all(r["step_s"] > 0 for r in summary["rows"] if "step_s" in r)
 
 
