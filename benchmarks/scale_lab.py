@@ -12,6 +12,9 @@ variant, or a built-in schedule with a warmup):
 
     python benchmarks/scale_lab.py fashion tuned:warmup_stable_decay 1e-2 0,1,2 '{"warmup_steps": 0.3}'
     python benchmarks/scale_lab.py lm mlrs_learned:default 1e-2 0,1,2 '{"optimizer": "sgd"}'   # quality.py's SGD
+    python benchmarks/scale_lab.py bbc mlrs_learned:default 1e-3 0,1,2 '{"patch": "fromstart"}'  # a lab design
+
+(`"patch"`: one of frozen_scale_lab.py's designs that are not settings, patched into the library for the process.)
 """
 
 import json
@@ -31,13 +34,18 @@ def main(task: str, arms: str, lrs: str, seeds: str, overrides: str = "{}") -> N
     shown, overrides = ("" if overrides == "{}" else overrides + " "), json.loads(overrides)
     # not a training argument: quality.py's optimizer ("sgd": SGD with momentum 0.9, as `--optimizer sgd`)
     options = types.SimpleNamespace(smoke=False, device="cpu", optimizer=overrides.pop("optimizer", "adamw"))
+    patched = overrides.pop("patch", None)  # not a training argument either: a design of frozen_scale_lab.py
+    if patched:
+        import frozen_scale_lab
+
+        frozen_scale_lab.patch(patched)
     with open(HERE / "results" / "scale_lab.jsonl", "a") as out:
         for arm in arms.split(","):
             for lr in (float(x) for x in lrs.split(",")):
                 for seed in (int(s) for s in seeds.split(",")):
                     r = quality.run_one(task, arm, lr, seed, options, overrides=overrides)
                     every = max(1, len(r["gammas"]) // 6)
-                    r["overrides"] = overrides
+                    r["overrides"] = {**overrides, **({"patch": patched} if patched else {})}
                     print(f"{task} {arm:24s} {shown}lr={lr:<8.2g} s={seed} val={r['val_accuracy']} "
                           f"test={r['test_accuracy']} "
                           f"vloss={r['val_loss']:.4f} gamma: {[f'{g:.2e}' for _, g in r['gammas'][::every]]} "
