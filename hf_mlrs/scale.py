@@ -65,7 +65,9 @@ class LearnedScale:
             start to gamma (still clipped to `max_step`) instead of multiplying it by exp(growth); a sign that
             disagrees returns to exponential growth (0: always exponential). From scratch, where the early signal
             says "larger" every time, this is a linear warmup to wherever the signal stops it; a pretrained model
-            whose signal is noise near its start keeps the gentle exponential growth.
+            whose signal is noise near its start keeps the gentle exponential growth. The first time, the streak must
+            run from the first update on (a *confident* growth): on a pretrained model a run of "larger" after a
+            noisy start is its head learning fast, and a linear step there overshot (RESULTS.md 3b, session 23).
         min_growth (`int`, defaults to `3`): the update (counted from 1) from which a stop can end the growth phase
             (on a pretrained model the first raw hypergradients are noise, and stop votes read from them end it by
             chance).
@@ -77,11 +79,12 @@ class LearnedScale:
             step, gamma is reset so that this step moved the weights by `start_update` x their norm (the step is
             linear in the lr, so it is rescaled exactly). Whatever lr the user gave, the run then continues the same.
         confident_hold (`bool`, defaults to `False`): where the run holds the scale once growth stops (`holds`),
-            hold only after a *confident* growth, one whose raw signal said "larger" `LINEAR_AFTER` times in a row
-            (the linear growth engaged): from scratch the stop then marks the largest lr that still helps, and
-            holding it (with the margin) beats following the one-step signal, which pushes the lr up on a plateau.
-            A stop reached while the signal was still noise (a pretrained model near its start) is not trusted:
-            no margin, and the scale goes on tracking (RESULTS.md section 8, session 22).
+            hold only after a *confident* growth, one whose raw signal said "larger" from its first update on, at
+            least `LINEAR_AFTER` times (the linear growth engaged): from scratch the stop then marks the largest lr
+            that still helps, and holding it (with the margin) beats following the one-step signal, which pushes the
+            lr up on a plateau. A stop reached while the signal was still noise (a pretrained model near its start),
+            or after a streak that began later, is not trusted: no margin, and the scale goes on tracking (RESULTS.md
+            section 8, session 22; 3b, session 23).
     """
 
     def __init__(
@@ -194,7 +197,10 @@ class LearnedScale:
         if stopped_now:
             self.growing, self.settled = False, True  # the held-out loss says the lr is now large enough
         self.larger_streak = self.larger_streak + 1 if g <= 0 else 0
-        agreeing = self.growing and self.larger_streak >= LINEAR_AFTER  # the signal agrees: a confident growth
+        # The signal agrees: a confident growth if it has said "larger" at every update so far (from scratch), or
+        # once it was confident; a streak after a "smaller" is not (a pretrained model, session 23).
+        agreeing = self.growing and self.larger_streak >= LINEAR_AFTER and (
+            self.confident or self.larger_streak == self.t)
         self.confident = self.confident or agreeing
         if agreeing and self.growth_linear:  # + c x start, not x e^growth
             step = self.log_gamma - math.log(self.gamma + self.growth_linear * math.exp(self.initial_log_gamma))

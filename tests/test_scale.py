@@ -252,6 +252,28 @@ def test_margin_lowers_the_stopped_gamma_once_by_its_factor():
             LearnedScale(1e-4, margin=bad)
 
 
+def test_a_streak_after_a_noisy_start_is_not_confident_and_keeps_the_gentle_growth():
+    """The linear growth engages (and a growth counts as confident) only if the signal said "larger" from the first
+    update on; the same streak after one "smaller" (a pretrained model's head learning after a noisy start) keeps
+    growing exponentially and is not held. Once confident, a later streak turns linear again."""
+    from hf_mlrs.scale import LINEAR_AFTER as n
+
+    def scale():
+        return LearnedScale(1e-4, growth=0.1, growth_linear=1.0, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0),
+                            margin=0.8, min_growth=3, confident_hold=True)
+
+    late, early = scale(), scale()
+    late.update(2.0)  # one "smaller" first
+    gammas = [late.update(-1.0) for _ in range(2 * n)]
+    assert gammas[-1] == pytest.approx(gammas[0] * math.exp(0.1 * (2 * n - 1)), rel=1e-12)  # exponential throughout
+    assert not late.confident
+    for g in [2.0] * 3:  # the signal turns: a stop that is tracked, not held
+        late.update(g)
+    assert late.settled and not late.holds
+    gammas = [early.update(-1.0) for _ in range(n + 1)]
+    assert early.confident and gammas[n] == pytest.approx(gammas[n - 1] + 1e-4, rel=1e-12)  # linear: + the start
+
+
 def test_confident_hold_holds_only_after_the_linear_growth_engaged():
     """confident_hold: a stop after LINEAR_AFTER raw "larger" in a row (the linear growth engaged) holds, with the
     margin; a stop while the signal was still noise does not hold (MetaLearner keeps meta-updating it) and gets no
