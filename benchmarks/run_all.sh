@@ -200,3 +200,43 @@ python benchmarks/transfer.py --entries lm-bytes \
 for task in digits lm; do
   python benchmarks/scale_lab.py "$task" mlrs_learned:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"mlrs_scale_growth_linear": 2.7}'
 done
+# Session 23: the no-lr path (the default's leave-one-task-out variants frozen, the scale learned) by issue 9's
+# protocol (five starts x 3 seeds, AdamW and SGD; merged into quality_cpu*.json), seeds 3-9 at start 1e-3, the
+# from-the-first-update rule tried as a patch (frozen and meta-trained), then in the library: the bbc runs and every
+# cell it could move remeasured, cards refilled, and the cost of the no-lr path.
+python benchmarks/quality.py --tasks digits,fashion,bbc,lm --arms mlrs_frozen:default \
+  --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/quality_s23
+for task in digits fashion lm bbc; do
+  python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-3 3,4,5,6,7,8,9
+done
+python benchmarks/frozen_scale_lab.py fromstart bbc:minilm-L2:10,lm:gpt2-small:10,digits:resnet-small:3,\
+fashion:resnet-small:3,digits:resnet-large:3,lm:gpt2-large:3
+for task in bbc lm digits fashion; do
+  python benchmarks/scale_lab.py "$task" mlrs_learned:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"patch": "fromstart"}'
+done
+python benchmarks/frozen_scale_lab.py fromstart bbc:minilm-L2:3:lm-bytes,bbc:minilm-L2:3:image-fashion
+# (the rule now in hf_mlrs/scale.py)
+python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 3,4,5,6,7,8,9
+python benchmarks/quality.py --tasks bbc --arms mlrs_frozen:default --reuse benchmarks/results/quality_cpu.json \
+  --out benchmarks/results/quality_s23b
+python benchmarks/quality.py --optimizer sgd --tasks digits,fashion,lm,bbc --arms mlrs_frozen:default \
+  --reuse benchmarks/results/quality_cpu_sgd.json --out benchmarks/results/quality_s23b_sgd
+python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 0.2 --cells bbc/minilm-L2 \
+  --no-budgets --remeasure learned --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown
+python benchmarks/transfer.py --entries multitask-default \
+  --cells lm/gpt2-small,bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,digits/resnet-large,lm/gpt2-large \
+  --no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown --write-cards
+R="--no-budgets --remeasure learned --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/confident_hold"
+python benchmarks/transfer.py --entries lm-bytes \
+  --cells bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,lm/gpt2-large,digits/resnet-large $R
+python benchmarks/transfer.py --entries image-fashion \
+  --cells bbc/minilm-L2,digits/resnet-small,digits/resnet-large,lm/gpt2-small $R
+python benchmarks/transfer.py --entries text-bbc \
+  --cells digits/resnet-small,fashion/resnet-small,digits/resnet-large,lm/gpt2-small $R
+W="--no-budgets --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/confident_hold --write-cards"
+python benchmarks/transfer.py --entries image-fashion \
+  --cells bbc/minilm-L2,digits/resnet-small,lm/gpt2-small,digits/resnet-large $W
+python benchmarks/transfer.py --entries lm-bytes \
+  --cells bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,lm/gpt2-large,digits/resnet-large $W
+python benchmarks/overhead.py --sizes small --arms plain,learned,frozen_learned --steps 150 --repeats 2 \
+  --out benchmarks/results/overhead_learned
