@@ -56,6 +56,9 @@ VARIANTS = {
 }
 
 
+PATCHES = ("sign", "down", "stagetrack", "fromstart")  # the designs that are code, not settings
+
+
 def patch(variant: str) -> None:
     """The two designs that are not settings: patched into the library for this process only."""
     from hf_mlrs import hypergrad, scale

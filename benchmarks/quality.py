@@ -184,10 +184,10 @@ def frozen_source(task_name: str, entry: str, smoke: bool = False):
     leave-one-task-out variant made as the default is (a selection over its draws), so the task is a held-out one."""
     from hf_mlrs import MLRSNet
 
-    if smoke:
-        return MLRSNet()
     if entry != "default":
         raise ValueError(f"mlrs_frozen:{entry}: only mlrs_frozen:default (the multi-task default, held out) exists")
+    if smoke:
+        return MLRSNet()
     import zoo
 
     name = f"multitask-without-{task_name}"

@@ -38,6 +38,10 @@ def main(task: str, arms: str, lrs: str, seeds: str, overrides: str = "{}") -> N
     if patched:
         import frozen_scale_lab
 
+        if patched not in frozen_scale_lab.PATCHES:
+            raise SystemExit(f"patch {patched!r}: frozen_scale_lab.py patches one of "
+                             f"{sorted(frozen_scale_lab.PATCHES)} (its other designs are settings: pass them as "
+                             f"overrides)")
         frozen_scale_lab.patch(patched)
     with open(HERE / "results" / "scale_lab.jsonl", "a") as out:
         for arm in arms.split(","):

@@ -73,9 +73,11 @@ class MLRSTrainingArguments(TrainingArguments):
         first, fast fall of the loss pass: there a one-step lookahead favours a large lr that a model trained from
         scratch does not recover from (x1.22 overshot 5-10x on a byte-level LM, RESULTS.md 3b).
     mlrs_scale_growth_linear (`float`, *optional*):
-        With a learned gamma: once 5 held-out hypergradients in a row say "larger", each growth update adds this
-        multiple of the start to gamma instead of multiplying it by exp(`mlrs_scale_growth`): a linear warmup
-        while the signal agrees, exponential growth when it does not. An exponential ramp spends most of the growth
+        With a learned gamma: once 5 held-out hypergradients in a row say "larger" (the first time, only if they
+        have said so from the first meta-update on: on a pretrained model a later streak is its head learning, and
+        a linear step there overshot; RESULTS.md 3b session 23), each growth update adds this multiple of the start
+        to gamma instead of multiplying it by exp(`mlrs_scale_growth`): a linear warmup while the signal agrees,
+        exponential growth when it does not. An exponential ramp spends most of the growth
         phase at a tiny lr (1.7 accuracy points on Fashion-MNIST against a linear ramp to the same peak, RESULTS.md
         3b session 8); 0 keeps the exponential growth (the default before session 9). Defaults to 1.35, and to 2.7
         for a frozen schedule whose scale holds after a confident growth (`mlrs_scale_hold`'s default there).
@@ -123,9 +125,10 @@ class MLRSTrainingArguments(TrainingArguments):
         learning its shape (what a schedule meant for reuse needs: `recipes/meta_train.py` and
         `MLRSMultiTaskTrainer` set it). Defaults to True when the net is meta-trained. When a frozen `schedule` is
         applied it defaults to holding (and rewinding, `mlrs_scale_rewind`) only after a *confident* growth, one
-        whose signal said "larger" 5 times in a row (a model trained from scratch: the stop marks the largest lr
-        that still helps, and tracking pushed a byte-level LM up on its loss plateau into stalls), and to tracking
-        after a stop on noise (a pretrained model near its start, whose stop can come far too early), with a
+        whose signal said "larger" from its first meta-update on, 5 times or more (a model trained from scratch:
+        the stop marks the largest lr that still helps, and tracking pushed a byte-level LM up on its loss plateau
+        into stalls), and to tracking after a stop on noise (a pretrained model near its start, whose stop can come
+        far too early, or whose head, learning fast after a noisy start, says "larger" for a while), with a
         faster linear growth (`mlrs_scale_growth_linear` 2.7; RESULTS.md section 8, session 22). True holds after
         any stop, False always tracks (the default with a frozen schedule before session 22; 3b, rows 27-29).
     mlrs_scale_rewind (`bool`, *optional*):
@@ -210,8 +213,9 @@ class MLRSTrainingArguments(TrainingArguments):
                                "says stop (0: none)."}
     )
     mlrs_scale_growth_linear: float | None = field(
-        default=None, metadata={"help": "Learned gamma: once 5 hypergradients in a row say 'larger', growth adds this "
-                                "multiple of the start per meta-update (0: exponential growth only). Default: 1.35; "
+        default=None, metadata={"help": "Learned gamma: once 5 hypergradients in a row say 'larger' (the first time: "
+                                "from the first meta-update on), growth adds this multiple of the start per "
+                                "meta-update (0: exponential growth only). Default: 1.35; "
                                 "2.7 for a frozen schedule that holds its scale after a confident growth."}
     )
     mlrs_scale_min: float = field(default=1e-8, metadata={"help": "Learned gamma: lower bound."})

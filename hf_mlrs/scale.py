@@ -152,7 +152,7 @@ class LearnedScale:
         self.start_update = start_update
         self.calibrated = start_update is None
         self.confident_hold = bool(confident_hold)
-        self.confident = False  # the growth turned linear: LINEAR_AFTER raw "larger" votes in a row
+        self.confident = False  # the growth turned linear: LINEAR_AFTER or more raw "larger" votes from the first
 
     @property
     def gamma(self) -> float:

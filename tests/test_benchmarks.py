@@ -84,7 +84,8 @@ def test_quality_sgd_runs_every_arm_with_sgd_and_its_own_starting_lrs(tmp_path):
         assert {r["lr"] for r in runs if r["arm"].startswith(family)} == set(quality.SGD_LEARNED_LRS[:2])
         assert f"{family}:default" in summary["digits"]["learned"]
     assert {r["lr"] for r in runs if r["arm"].startswith("grid:")} == set(quality.SGD_GRID[:2])
-    assert all(r["gammas"] for r in runs if r["arm"].startswith("mlrs_frozen"))  # its scale is learned (logged)
+    frozen = [r for r in runs if r["arm"].startswith("mlrs_frozen")]
+    assert all(r["gammas"][-1][1] != r["lr"] for r in frozen)  # its scale is learned, not the starting lr
     with pytest.raises(SystemExit):  # AdamW-only arms are refused, not silently run with AdamW
         quality.main(["--smoke", "--optimizer", "sgd", "--arms", "prodigy", "--out", str(tmp_path)])
 

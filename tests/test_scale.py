@@ -270,6 +270,7 @@ def test_a_streak_after_a_noisy_start_is_not_confident_and_keeps_the_gentle_grow
     for g in [2.0] * 3:  # the signal turns: a stop that is tracked, not held
         late.update(g)
     assert late.settled and not late.holds
+    early.update(float("nan"))  # a skipped (non-finite) update counts neither way
     gammas = [early.update(-1.0) for _ in range(n + 1)]
     assert early.confident and gammas[n] == pytest.approx(gammas[n - 1] + 1e-4, rel=1e-12)  # linear: + the start
 
