@@ -240,3 +240,5 @@ python benchmarks/transfer.py --entries lm-bytes \
   --cells bbc/minilm-L2,digits/resnet-small,fashion/resnet-small,lm/gpt2-large,digits/resnet-large $W
 python benchmarks/overhead.py --sizes small --arms plain,learned,frozen_learned --steps 150 --repeats 2 \
   --out benchmarks/results/overhead_learned
+python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 0.2 --cells digits/resnet-small \
+  --remeasure learned --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown
