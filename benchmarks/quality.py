@@ -177,6 +177,10 @@ LEARNED_VARIANTS["s10"] = {"mlrs_scale_rewind": False}
 # trains again from there at the found gamma (hf_mlrs/rewind.py; the growth's steps are spent as a probe), whatever
 # the probe's length
 LEARNED_VARIANTS["rewind"] = {"mlrs_scale_rewind": True, "mlrs_scale_rewind_max_share": 1.0}
+# Since session 23 the linear growth engages the first time only after a streak of "larger" from the first update
+# (hf_mlrs/scale.py). The bbc runs of the default of sessions 13-22 are kept as "mlrs_learned:s13@<lr>" in
+# results/quality_cpu.json: a label, not a variant (the difference is code); on digits, fashion and the LM the rule did
+# not act (the same scale trajectories on 10 seeds, RESULTS.md 3b session 23), and their runs stay "default".
 
 
 def frozen_source(task_name: str, entry: str, smoke: bool = False):

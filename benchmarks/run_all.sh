@@ -242,3 +242,7 @@ python benchmarks/overhead.py --sizes small --arms plain,learned,frozen_learned 
   --out benchmarks/results/overhead_learned
 python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 0.2 --cells digits/resnet-small \
   --remeasure learned --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/selected_cooldown
+# the meta-trained default's bbc row under the session-23 rule (merged into quality_cpu.json; the earlier runs
+# relabelled mlrs_learned:s13)
+python benchmarks/quality.py --tasks bbc --arms mlrs_learned:default --reuse benchmarks/results/quality_cpu.json \
+  --out benchmarks/results/quality_s23c
