@@ -18,6 +18,9 @@ by `python recipes/zoo.py --entry multitask-without-<task> --select 3`) frozen w
   fromstart  default, but a growth is confident (linear, then held) only if its signal said "larger" from the first
              update on, as from scratch; a run of "larger" after a "smaller" (a pretrained model's head learning
              after a noisy start: bbc, session 23) keeps the gentle growth and tracks after the stop
+  confidentmeta  (for scale_lab.py's meta-trained arms, '{"patch": "confidentmeta"}') the meta-trained default's
+             scale, too, holds (and rewinds) only after a confident growth and tracks after a stop on noise, with its
+             own margin (0.8) and growth (1.35)
 
 (The `track` records in results/frozen_scale_lab.jsonl are transfer.py's learned-scale runs of session 21, made with
 that default; the others were made with this script's design before it was committed, in the same process setup.)
@@ -56,7 +59,7 @@ VARIANTS = {
 }
 
 
-PATCHES = ("sign", "down", "stagetrack", "fromstart")  # the designs that are code, not settings
+PATCHES = ("sign", "down", "stagetrack", "fromstart", "confidentmeta")  # the designs that are code, not settings
 
 
 def patch(variant: str) -> None:
@@ -111,6 +114,13 @@ def patch(variant: str) -> None:
             return update(self, g)
 
         scale.LearnedScale.update = from_start_update
+    elif variant == "confidentmeta":  # every learned scale holds only after a confident growth (with its own margin
+        init = scale.LearnedScale.__init__  # and growth: for a meta-trained net 0.8 and 1.35, as learned_scale sets)
+
+        def confident_init(self, *args, **kwargs):
+            init(self, *args, **{**kwargs, "confident_hold": True})
+
+        scale.LearnedScale.__init__ = confident_init
 
 
 def main(argv=None) -> None:

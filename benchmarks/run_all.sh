@@ -246,3 +246,10 @@ python benchmarks/transfer.py --entries multitask-default --select 3 --cooldown 
 # relabelled mlrs_learned:s13)
 python benchmarks/quality.py --tasks bbc --arms mlrs_learned:default --reuse benchmarks/results/quality_cpu.json \
   --out benchmarks/results/quality_s23c
+# session 23, tried and not adopted: sparser tracking for the no-lr path's cost; SGD without the hold's margin; the
+# meta-trained default tracking after a stop on noise
+python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"mlrs_meta_interval": 8}'
+for task in fashion digits lm; do
+  python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-2 0,1,2 '{"optimizer": "sgd", "mlrs_scale_margin": 1.0}'
+done
+python benchmarks/scale_lab.py bbc mlrs_learned:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"patch": "confidentmeta"}'
