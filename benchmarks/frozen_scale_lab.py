@@ -63,7 +63,8 @@ PATCHES = ("sign", "down", "stagetrack", "fromstart", "confidentmeta")  # the de
 
 
 def patch(variant: str) -> None:
-    """The two designs that are not settings: patched into the library for this process only."""
+    """The designs that are not settings (PATCHES): patched into the library for this process only. (`fromstart` has
+    been the library's own rule since session 23, hf_mlrs/scale.py: there it changes nothing.)"""
     from hf_mlrs import hypergrad, scale
 
     update, interval = scale.LearnedScale.update, hypergrad.MetaLearner.current_interval
@@ -136,8 +137,7 @@ def main(argv=None) -> None:
     with open(HERE / "results" / "frozen_scale_lab.jsonl", "a") as out:
         for cell in options.cells.split(","):
             task, model, seeds, *shipped = cell.split(":")
-            source = (root / "hf_mlrs" / "pretrained" / shipped[0] if shipped else
-                      root / "outputs" / "zoo" / f"multitask-without-{task}-select3" / "schedule")
+            source = root / "hf_mlrs" / "pretrained" / shipped[0] if shipped else quality.held_out_default_dir(task)[0]
             for seed in range(int(seeds)):
                 r = quality.run_one(task, "mlrs_transfer_learned", 1e-3, seed, run_options,
                                     schedule_source=str(source), model=model,

@@ -183,6 +183,15 @@ LEARNED_VARIANTS["rewind"] = {"mlrs_scale_rewind": True, "mlrs_scale_rewind_max_
 # not act (the same scale trajectories on 10 seeds, RESULTS.md 3b session 23), and their runs stay "default".
 
 
+def held_out_default_dir(task_name: str) -> tuple[Path, str]:
+    """Where the multi-task default's leave-one-task-out variant without `task_name` lives, made as the shipped
+    default is (a selection over its draws), and the command that makes it."""
+    import zoo
+
+    name, count = f"multitask-without-{task_name}", zoo.entry("multitask-default")["select"]
+    return zoo.pool_dir(name, count, "select"), f"python recipes/zoo.py --entry {name} --select {count}"
+
+
 def frozen_source(task_name: str, entry: str, smoke: bool = False):
     """The frozen schedule of arm `mlrs_frozen:<entry>` on a task: for "default", the shipped multi-task default's
     leave-one-task-out variant made as the default is (a selection over its draws), so the task is a held-out one."""
@@ -192,13 +201,9 @@ def frozen_source(task_name: str, entry: str, smoke: bool = False):
         raise ValueError(f"mlrs_frozen:{entry}: only mlrs_frozen:default (the multi-task default, held out) exists")
     if smoke:
         return MLRSNet()
-    import zoo
-
-    name = f"multitask-without-{task_name}"
-    folder = zoo.pool_dir(name, zoo.entry("multitask-default")["select"], "select")
+    folder, command = held_out_default_dir(task_name)
     if not folder.exists():
-        raise FileNotFoundError(f"{folder} does not exist: make it with `python recipes/zoo.py --entry {name} "
-                                f"--select {zoo.entry('multitask-default')['select']}` (after its draws)")
+        raise FileNotFoundError(f"{folder} does not exist: make it with `{command}` (after its draws)")
     return MLRSNet.from_pretrained(folder)
 
 
