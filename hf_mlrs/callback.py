@@ -10,11 +10,15 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
+import os
 
+import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoints import nothing_left_to_train, save_checkpoint_safely
-from .config import learned_scale, resolve_cooldown
+from .config import MLRSTrainingArguments, learned_scale, resolve_cooldown
 from .hypergrad import MetaLearner
 from .integration import (
     StepLossMeter,
@@ -26,10 +30,12 @@ from .integration import (
 )
 from .metastep import MetaStep
 from .modeling import MLRSNet
+from .rewind import Rewind, rewind_when_due
 from .scheduler import MLRSScheduler
 
 
 STATE_KEY = "hf_mlrs.MLRSCallback"  # our entry in TrainerState.stateful_callbacks (saved in trainer_state.json)
+REWIND_WEIGHTS = "hf_mlrs_rewind_weights.pt"  # a checkpoint's copy of the starting weights while a rewind may come
 
 
 class MLRSCallback(TrainerCallback):
@@ -52,10 +58,13 @@ class MLRSCallback(TrainerCallback):
             schedule starts at (the lr a built-in schedule peaks at; `start_output` is 1 unless the schedule records
             one). `"learned"` learns it from `meta_dataset` while the net stays
             frozen (a schedule carries a shape, not a scale for a new model): it starts relative to the model, grows
-            until the held-out hypergradient says stop, then tracks it (MLRSTrainer with a frozen `schedule` holds it
-            after a confident growth and rewinds, which the callback does not); a meta step (one forward/backward of
-            a meta batch) every step while it settles, every `meta_interval` steps after. `"auto"` uses the paper's
-            heuristic (SGD on classification only).
+            until the held-out hypergradient says stop, then, as MLRSTrainer with a frozen `schedule` does, holds it
+            (below the stop by a margin, no meta step left) after a confident growth (from scratch: the signal said
+            "larger" from the first step on), and tracks it after a stop on noise (a pretrained model near its
+            start). After a held stop within the first 20% of the run it rewinds (see `rewind`). Unlike MLRSTrainer
+            it cannot return the held-out data to training. A meta step (one forward/backward of a meta batch) every
+            step while it settles, every `meta_interval` steps while it tracks. `"auto"` uses the paper's heuristic
+            (SGD on classification only).
         meta_dataset (`Dataset`, *optional*): held-out data for `gamma="learned"`, never trained on.
         meta_interval (`int`, *optional*, defaults to `4`): with `gamma="learned"`, a meta step every this many
             optimizer steps once the scale has settled.
@@ -72,6 +81,12 @@ class MLRSCallback(TrainerCallback):
             section 8, sessions 16-18).
         on_nonfinite (`str`, *optional*, defaults to `"skip"`): on a NaN/inf loss keep the previous lr (`"skip"`),
             and with `"stop"` also stop training.
+        rewind (`bool`, *optional*, defaults to `True`): with `gamma="learned"`, as MLRSTrainer's
+            `mlrs_scale_rewind`: the scale's growth is a probe; once it stops and holds within the first 20% of the
+            run, the model's starting weights are put back, the optimizer's state cleared, and the run trains again
+            from its start at the found scale (a model trained from scratch: a GPT-2 ended 5% lower in loss with it,
+            benchmarks/RESULTS.md 3b, session 24). Until then a copy of the starting weights is kept in CPU memory
+            and in each checkpoint. Not under FSDP (sharded weights).
 
     Example:
 
@@ -95,6 +110,7 @@ class MLRSCallback(TrainerCallback):
         meta_dataset=None,
         meta_interval: int = 4,
         meta_batch_size: int | None = None,
+        rewind: bool = True,
     ):
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"MLRSCallback: on_nonfinite={on_nonfinite!r} is not 'skip' or 'stop'.")
@@ -122,6 +138,7 @@ class MLRSCallback(TrainerCallback):
         self.meta_dataset = meta_dataset
         self.meta_interval = meta_interval
         self.meta_batch_size = meta_batch_size
+        self.rewind = rewind
         # internal state, (re)built at every train()
         self.trainer: Trainer | None = None
         self.scheduler: MLRSScheduler | None = None
@@ -140,14 +157,15 @@ class MLRSCallback(TrainerCallback):
         fix_loss_scaling(trainer)
         self.loss_meter = StepLossMeter()  # nothing left over from an interrupted train()
         _tap_training_step(trainer, self.loss_meter)
-        tap_method(trainer, "_save_checkpoint", lambda save: _safe_save(trainer, save))
+        tap_method(trainer, "_save_checkpoint", lambda save: _safe_save(trainer, save, self.save_rewind_weights))
         self.finished = nothing_left_to_train(state)
         if self.finished:  # resumed from the final checkpoint: the Trainer would train one step more
             tap_method(trainer, "get_batch_samples", lambda _: _no_batches)
             control.should_training_stop = True
         gamma = self.gamma if self.gamma is not None else self.schedule.gamma_for(args.learning_rate)
         if gamma == "learned":
-            gamma = learned_scale(args.learning_rate)  # the MLRSTrainingArguments defaults
+            # MLRSTrainer's defaults with a frozen schedule: hold after a confident growth, else track
+            gamma = learned_scale(args.learning_rate, hold=True, confident_hold=True)
         self.scheduler = MLRSScheduler(
             kwargs["optimizer"],
             self.schedule,
@@ -167,7 +185,7 @@ class MLRSCallback(TrainerCallback):
                 self.schedule, [p for group in optimizer.param_groups for p in group["params"]],
                 interval=self.meta_interval, meta_lr=0.0, weight_decay=0.0, max_steps=state.max_steps,
                 train_net=False, scale=self.scheduler.scale, settle_interval=1,
-                stop_step=state.max_steps - self.scheduler.cooldown_steps)
+                stop_step=state.max_steps - self.scheduler.cooldown_steps, hold=True)
             self.meta_step = MetaStep(trainer, self.scheduler, self.on_nonfinite)
             self.meta_step.set_meta_data(self.meta_dataset, self.meta_batch_size or args.per_device_train_batch_size,
                                          args.seed)
@@ -182,6 +200,10 @@ class MLRSCallback(TrainerCallback):
                 return tapped
 
             tap_method(trainer, "log", with_scale_logs)
+            if self.rewind and self.scheduler.scale.growing and \
+                    trainer.accelerator.distributed_type != DistributedType.FSDP:  # a growth whose stop can hold
+                share = MLRSTrainingArguments.mlrs_scale_rewind_max_share  # MLRSTrainer's default
+                self.scheduler.rewind = Rewind(latest_step=math.floor(share * state.max_steps))
         self.fingerprint = _fingerprint(self.schedule)
         saved = state.stateful_callbacks.get(STATE_KEY)
         if state.global_step > 0 and saved:  # resuming: continue the recurrent state where it was saved
@@ -193,6 +215,35 @@ class MLRSCallback(TrainerCallback):
             self.scheduler.load_run_state(saved)
             if self.meta_step is not None:
                 self.scheduler.meta_learner.load_state_dict(saved["meta_learner"])
+        self._restore_rewind(trainer, state, saved)
+
+    def _restore_rewind(self, trainer: Trainer, state: TrainerState, saved: dict | None) -> None:
+        """A fresh run keeps its starting weights; a resumed one takes the rewind's state from its checkpoint."""
+        rewind = self.scheduler.rewind
+        if rewind is None:
+            return
+        if state.global_step == 0:
+            rewind.keep(trainer.accelerator.unwrap_model(trainer.model))
+            return
+        if not saved or "rewind" not in saved:
+            rewind.skip()  # a checkpoint written without the rewind: the run goes on without it
+            return
+        rewind.step, rewind.skipped = saved["rewind"]["step"], saved["rewind"]["skipped"]
+        if rewind.done:
+            return
+        path = os.path.join(_resumed_checkpoint(trainer, state), REWIND_WEIGHTS)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"MLRSCallback: {path} is missing: the checkpoint being resumed was saved before this run's rewind, "
+                "and it holds no copy of the starting weights to rewind to. Resume from the whole checkpoint folder "
+                "MLRSCallback wrote, or pass rewind=False to go on without the rewind.")
+        rewind.weights = torch.load(path, map_location="cpu", weights_only=True)
+
+    def save_rewind_weights(self, folder: str) -> None:
+        """Into a checkpoint being written: the starting weights, while a rewind may still come."""
+        rewind = self.scheduler.rewind if self.scheduler is not None else None
+        if rewind is not None and not rewind.done and rewind.weights is not None:
+            torch.save(rewind.weights, os.path.join(folder, REWIND_WEIGHTS))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # Gradients are final here and the step comes next: the paper's order, lr_t from loss_t.
@@ -218,9 +269,16 @@ class MLRSCallback(TrainerCallback):
         # leave our state where the next checkpoint's trainer_state.json will pick it up.
         for group, lr in zip(self.scheduler.optimizer.param_groups, self.applied_lrs):
             group["lr"] = lr
+        rewind = self.scheduler.rewind
+        if rewind is not None:
+            trainer = self.trainer
+            rewind_when_due(rewind, self.scheduler, trainer.accelerator.unwrap_model(trainer.model),
+                            self.scheduler.optimizer, state.global_step)
         saved = {**self.scheduler.run_state(), "schedule_fingerprint": self.fingerprint}
         if self.meta_step is not None:
             saved["meta_learner"] = self.scheduler.meta_learner.state_dict()
+        if rewind is not None:
+            saved["rewind"] = {"step": rewind.step, "skipped": rewind.skipped}
         state.stateful_callbacks[STATE_KEY] = saved
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -260,11 +318,30 @@ def _tap_training_step(trainer: Trainer, meter: StepLossMeter) -> None:
     tap_method(trainer, "training_step", wrap)
 
 
-def _safe_save(trainer: Trainer, save):
+def _safe_save(trainer: Trainer, save, save_extra):
+    def save_with_extra(model, trial):  # inside the safe save: its marker covers the extra files too
+        save(model, trial)
+        if trainer.args.should_save:
+            folder = os.path.join(trainer._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
+            save_extra(folder)
+
     def _save_checkpoint(model, trial):
-        save_checkpoint_safely(trainer, save, model, trial)
+        save_checkpoint_safely(trainer, save_with_extra, model, trial)
 
     return _save_checkpoint
+
+
+def _resumed_checkpoint(trainer: Trainer, state: TrainerState) -> str:
+    """The checkpoint folder this train() resumed from: the Trainer's training loop has it as an argument (after
+    resolving `True` to the last one); failing that, the output folder's checkpoint of the resumed step."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        folder = frame.f_locals.get("resume_from_checkpoint")
+        if frame.f_locals.get("self") is trainer and isinstance(folder, (str, os.PathLike)):
+            return os.fspath(folder)
+        frame = frame.f_back
+    return os.path.join(trainer.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 def _no_batches(epoch_iterator, num_batches, device):

@@ -62,3 +62,22 @@ class Rewind:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.skipped, self.weights = state["step"], state["skipped"], state["weights"]
+
+
+def rewind_when_due(rewind: Rewind | None, scheduler, model: torch.nn.Module, optimizer, global_step: int) -> None:
+    """After optimizer step `global_step` (MLRSTrainer and MLRSCallback alike): once the learned scale's growth has
+    stopped and holds, within `rewind.latest_step`, put the starting weights back and let the net read the loss curve
+    from its start; drop the kept copy as soon as no rewind can come any more."""
+    if rewind is None or rewind.done:
+        return
+    learner = scheduler.meta_learner
+    if learner.scale.settled and not learner.scale.holds:
+        rewind.skip()  # a stop on noise, which the scale goes on tracking (confident_hold): nothing to rerun
+    elif not rewind.due(global_step):
+        rewind.skip()  # a long probe (or one still going): its steps trained the model, and going on is cheaper
+        # than their rerun; the kept copy is dropped now, not when the growth stops
+    elif learner.scale.settled:  # the scale was found, and holds: train again from the start with it
+        rewind.apply(model, optimizer, global_step)
+        scheduler.read_from_start()  # the net reads the loss curve from its start
+    elif learner.finished(global_step):
+        rewind.skip()  # growth reached the cooldown: nothing to rewind to any more

@@ -38,7 +38,7 @@ from .integration import (
 )
 from .metastep import MetaStep
 from .modeling import MLRSNet
-from .rewind import Rewind
+from .rewind import Rewind, rewind_when_due
 from .scheduler import MLRSScheduler
 
 
@@ -435,19 +435,9 @@ class _MLRSHooks(TrainerCallback):
         learner = scheduler.meta_learner
         if learner is not None and learner.train_net:
             learner.record_stages(state.global_step, scheduler.loss_ema)
-        rewind = scheduler.rewind
-        if rewind is not None and not rewind.done:
-            if learner.scale.settled and not learner.scale.holds:
-                rewind.skip()  # a stop on noise, which the scale goes on tracking (confident_hold): nothing to rerun
-            elif not rewind.due(state.global_step):
-                rewind.skip()  # a long probe (or one still going): its steps trained the model, and going on is
-                # cheaper than their rerun; the kept copy is dropped now, not when the growth stops
-            elif learner.scale.settled:  # the scale was found, and holds: train again from the start with it
-                trainer = self.trainer
-                rewind.apply(trainer.accelerator.unwrap_model(trainer.model), trainer.optimizer, state.global_step)
-                scheduler.read_from_start()  # the net reads the loss curve from its start
-            elif learner.finished(state.global_step):
-                rewind.skip()  # growth reached the cooldown: nothing to rewind to any more
+        trainer = self.trainer
+        rewind_when_due(scheduler.rewind, scheduler, trainer.accelerator.unwrap_model(trainer.model),
+                        trainer.optimizer, state.global_step)
         if scheduler.meta_share is not None and learner.finished(state.global_step):
             scheduler.meta_share.release()  # no meta batch is drawn again: the share trains from the next epoch
 

@@ -457,6 +457,82 @@ def test_callback_learns_only_the_scale_of_a_frozen_schedule_and_resumes_exactly
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), trainer.model.parameters()))
 
 
+def near_solution_data():
+    """Noise-free least squares whose solution is 0.3% of LeastSquares' starting weights away: a learned scale's
+    relative start is near its stop, so a confident growth stops within a few steps."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    with torch.no_grad():
+        labels = LeastSquares().linear(x).squeeze(-1) + 0.003 * (x @ torch.randn(8, generator=g))
+    return Dataset.from_dict({"x": x.tolist(), "labels": labels.tolist()})
+
+
+def callback_run(output_dir, max_steps=80, resume=None, save_steps=None, **callback_options):
+    """A plain Trainer + MLRSCallback(gamma="learned") on near_solution_data, SGD."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_mlrs import MLRSCallback
+
+    data = near_solution_data()
+    args = TrainingArguments(str(output_dir), max_steps=max_steps, per_device_train_batch_size=64, learning_rate=1e-3,
+                             optim="sgd", max_grad_norm=0.0, logging_steps=1, report_to="none", use_cpu=True,
+                             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+                             disable_tqdm=True, seed=0)
+    callback = MLRSCallback(constant_stages(8.0), gamma="learned", meta_dataset=data, **callback_options)
+    trainer = Trainer(model=LeastSquares(), args=args, train_dataset=data, callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, callback
+
+
+def test_callback_learned_scale_holds_and_rewinds_as_mlrs_trainer_with_a_frozen_schedule(tmp_path):
+    """MLRSCallback(gamma="learned") follows MLRSTrainer(schedule=..., mlrs_gamma="learned") step for step: its
+    defaults (a relative start, growth, a hold after a confident growth with its margin, the rewind after a probe of
+    at most 20% of the run, the cooldown), lrs and final weights. The growth here is confident and stops by step 16
+    of 80, so both hold and rewind; with rewind=False the callback goes on from the probe's weights."""
+    from hf_mlrs import MLRSTrainingArguments
+
+    plain, callback = callback_run(tmp_path / "callback")
+    data = near_solution_data()
+    args = MLRSTrainingArguments(str(tmp_path / "trainer"), mlrs_gamma="learned", max_steps=80,
+                                 per_device_train_batch_size=64, learning_rate=1e-3, optim="sgd", max_grad_norm=0.0,
+                                 logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                                 disable_tqdm=True, seed=0)
+    trainer = MLRSTrainer(model=LeastSquares(), args=args, train_dataset=data, meta_dataset=data,
+                          schedule=constant_stages(8.0))
+    trainer.train()
+    scale, rewind = callback.scheduler.scale, callback.scheduler.rewind
+    assert scale.confident and scale.holds and scale.margin == 0.6
+    assert rewind.step is not None and rewind.step == trainer.lr_scheduler.rewind.step <= 16
+    assert callback.scheduler.meta_learner.num_meta_steps == rewind.step  # none once it holds
+    torch.testing.assert_close(torch.tensor(gammas(plain)), torch.tensor(gammas(trainer)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.tensor(logged_lrs(plain)), torch.tensor(logged_lrs(trainer)), rtol=1e-6, atol=0)
+    for ours, theirs in zip(plain.model.parameters(), trainer.model.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    no_rewind, without = callback_run(tmp_path / "no_rewind", rewind=False)
+    assert without.scheduler.rewind is None and gammas(no_rewind) == gammas(plain)
+    assert not all(torch.equal(a, b) for a, b in zip(no_rewind.model.parameters(), plain.model.parameters()))
+
+
+def test_callback_resumed_before_its_rewind_rewinds_to_the_run_start_bitwise(tmp_path):
+    """A checkpoint saved during the probe carries the starting weights (inside its completion marker); resumed from
+    it, the run rewinds to the same start and ends bitwise as the uninterrupted one. Without that file the resume
+    names the problem and the fix."""
+    full, callback = callback_run(tmp_path / "run", save_steps=2)
+    k = callback.scheduler.rewind.step
+    assert k is not None and k > 2
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert (checkpoint / "hf_mlrs_rewind_weights.pt").is_file()
+    assert not (tmp_path / "run" / f"checkpoint-{k + k % 2}" / "hf_mlrs_rewind_weights.pt").exists()  # after it
+    resumed, again = callback_run(tmp_path / "run", save_steps=2, resume=str(checkpoint))
+    assert again.scheduler.rewind.step == k
+    assert logged_lrs(resumed)[-(80 - 2):] == logged_lrs(full)[-(80 - 2):]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), full.model.parameters()))
+    (checkpoint / "hf_mlrs_rewind_weights.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="rewind=False"):
+        callback_run(tmp_path / "run", save_steps=2, resume=str(checkpoint))
+
 def test_callback_learned_scale_needs_a_meta_dataset():
     from hf_mlrs import MLRSCallback
 
