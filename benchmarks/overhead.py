@@ -13,6 +13,8 @@ Arms (same model, data, batch size, AdamW; the meta batch is as large as the tra
   frozen_learned  MLRSTrainer applying the shipped multitask-default frozen with the learned lr scale (the no-lr
              path: only the scale is learned; meta steps every step while it grows, then none if it holds or every
              4th if it tracks, none in the cooldown); reported over the whole run, as `learned`
+  callback_learned  the same no-lr path in a plain Trainer: MLRSCallback(multitask-default, gamma="learned",
+             meta_dataset=...), timed as `transfer` (its hooks) and reported over the whole run, as `learned`
 Each arm runs in a fresh process, because peak memory (RSS on CPU) is a per-process high-water mark; arms are
 interleaved over repeats and the fastest repeat of each is kept. Whole-step times on a shared host are noisy, so the
 time spent inside hf_mlrs's own per-step code (the callback's hooks, the trainer's before/after-step halves: the lr
@@ -39,7 +41,8 @@ from pathlib import Path
 
 
 HERE = Path(__file__).resolve().parent
-ARMS = ["plain", "transfer", "meta_1", "meta_10", "paper_1", "paper_10", "learned", "frozen_learned"]
+ARMS = ["plain", "transfer", "meta_1", "meta_10", "paper_1", "paper_10", "learned", "frozen_learned",
+        "callback_learned"]
 SIZES = {  # BERT encoders; vocabulary kept small so the transformer body dominates the parameter count
     "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=1024),
     "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
@@ -116,11 +119,14 @@ def worker(arm: str, size: str, steps: int, warmup: int, batch: int, seq: int, d
     common = dict(output_dir="/tmp/hf_mlrs_overhead", max_steps=steps + warmup, per_device_train_batch_size=batch,
                   learning_rate=1e-4, report_to="none", save_strategy="no", logging_steps=10_000,
                   disable_tqdm=True, use_cpu=device == "cpu", dataloader_pin_memory=False)
-    if arm in ("plain", "transfer"):
+    if arm in ("plain", "transfer", "callback_learned"):
         callbacks = [clock] + ([MLRSCallback(MLRSNet())] if arm == "transfer" else [])
+        if arm == "callback_learned":
+            callbacks.append(MLRSCallback(MLRSNet.from_pretrained("multitask-default"), gamma="learned",
+                                          meta_dataset=meta, meta_batch_size=batch))
         for callback in callbacks[1:]:
-            timed(callback, "on_pre_optimizer_step")
-            timed(callback, "on_step_end")
+            for hook in ("on_pre_optimizer_step", "on_optimizer_step", "on_step_end"):
+                timed(callback, hook)
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=train, callbacks=callbacks)
     else:
         cls = paper_style_trainer_class() if arm.startswith("paper") else MLRSTrainer

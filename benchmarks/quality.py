@@ -18,6 +18,9 @@ Arms (AdamW unless said; every arm x every seed):
                        scale learned, from each of 5 starting lrs; on each task the default's leave-one-task-out
                        variant that never saw it (outputs/zoo/multitask-without-<task>-select3, made by
                        `python recipes/zoo.py --entry multitask-without-<task> --select 3`)
+  mlrs_callback:default  the same schedule and learned scale through a plain Trainer + MLRSCallback(gamma="learned",
+                       meta_dataset=...): the held-out 10% MLRSTrainer would split off is passed as meta_dataset and
+                       never trained on (the callback neither rewinds nor returns it to training)
 With --optimizer sgd every arm uses SGD with momentum 0.9 (lr grid 1e-2..1, learned-scale starts 1e-4..1).
 Reported: final validation/test loss and accuracy (mean +- std over seeds), and steps to reach the target
 validation accuracy, the best tuned arm's mean final validation accuracy (AlgoPerf-style), with a performance
@@ -192,6 +195,10 @@ def held_out_default_dir(task_name: str) -> tuple[Path, str]:
     return zoo.pool_dir(name, count, "select"), f"python recipes/zoo.py --entry {name} --select {count}"
 
 
+# Arm families run from each starting lr of the learned scale (LEARNED_LRS), one record per start and seed
+LEARNED_FAMILIES = ("mlrs_learned:", "mlrs_scale:", "mlrs_frozen:", "mlrs_callback:")
+
+
 def frozen_source(task_name: str, entry: str, smoke: bool = False):
     """The frozen schedule of arm `mlrs_frozen:<entry>` on a task: for "default", the shipped multi-task default's
     leave-one-task-out variant made as the default is (a selection over its draws), so the task is a held-out one."""
@@ -283,6 +290,14 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
         common["lr_scheduler_type"] = "constant"
         args = arguments(MLRSTrainingArguments, mlrs_gamma="learned")
         trainer = MLRSTrainer(model=task.model, args=args, schedule=net, **data)
+    elif arm.startswith("mlrs_callback:"):  # the no-lr path in an unmodified Trainer: MLRSTrainer's held-out split
+        from hf_mlrs.data import split_meta_set
+
+        train, meta = split_meta_set(train, MLRSTrainingArguments.mlrs_meta_fraction, seed)
+        net = frozen_source(task_name, arm.split(":")[1].split("@")[0], options.smoke)
+        common["lr_scheduler_type"] = "constant"
+        callback = MLRSCallback(net, gamma="learned", meta_dataset=meta)
+        trainer = Trainer(model=task.model, args=arguments(), callbacks=[callback], **{**data, "train_dataset": train})
     elif arm.startswith("mlrs_transfer"):
         net = MLRSNet.from_pretrained(schedule_source) if isinstance(schedule_source, str) else schedule_source
         callback = MLRSCallback(net, cooldown_fraction=overrides.pop("mlrs_cooldown_fraction", None))  # None: net's
@@ -369,7 +384,7 @@ def run_task(task_name: str, options, log, earlier: list[dict]) -> list[dict]:
         if "mlrs_meta" in arms:
             record("mlrs_meta", DEFAULT_LR, seed)
         for arm in arms:
-            if arm.startswith(("mlrs_learned:", "mlrs_scale:", "mlrs_frozen:")):
+            if arm.startswith(LEARNED_FAMILIES):
                 for lr in learned_lrs(options):
                     record(f"{arm}@{lr:g}", lr, seed)
         if "mlrs_transfer" in arms and source is not None:
@@ -419,7 +434,7 @@ def learned_scale_table(task: str, runs: list[dict], best_tuned: float, starts: 
     for r in runs:
         if r["task"] != task:
             continue
-        if r["arm"].startswith(("mlrs_learned:", "mlrs_scale:", "mlrs_frozen:")):
+        if r["arm"].startswith(LEARNED_FAMILIES):
             name = r["arm"].split("@")[0]
         elif r["arm"].startswith(("sweep:", "grid:")) and r["arm"].split(":")[1] in ("constant", "cosine") \
                 and r["lr"] in starts:
@@ -542,7 +557,7 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     adamw_only = {"schedule_free", "prodigy", "mlrs_meta", "mlrs_transfer"} & set(options.arms.split(","))
     if is_sgd(options) and adamw_only:
-        parser.error(f"--optimizer sgd runs the tuned, sweep, default and mlrs_learned:/mlrs_scale:/mlrs_frozen: "
+        parser.error(f"--optimizer sgd runs the tuned, sweep, default and {'/'.join(LEARNED_FAMILIES)} "
                      f"arms; {', '.join(sorted(adamw_only))} are AdamW arms: drop them from --arms.")
     if options.smoke:
         options.seeds, options.tasks = 1, "digits"

@@ -253,3 +253,18 @@ for task in fashion digits lm; do
   python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-2 0,1,2 '{"optimizer": "sgd", "mlrs_scale_margin": 1.0}'
 done
 python benchmarks/scale_lab.py bbc mlrs_learned:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"patch": "confidentmeta"}'
+# session 24: the no-lr path through MLRSCallback (with the hold and the rewind), merged into quality_cpu.json (the
+# first run, before the callback rewound, kept as results/quality_s24_norewind/); what the callback lacked, taken
+# out of MLRSTrainer; its cost; two more thinnings of the meta steps (negative)
+python benchmarks/quality.py --tasks bbc,digits,fashion,lm --arms mlrs_callback:default \
+  --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/quality_s24b
+for task in lm fashion; do
+  python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_release_meta_share": false}'
+  python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_scale_rewind": false}'
+done
+python benchmarks/overhead.py --sizes small --arms plain,frozen_learned,callback_learned --steps 150 --repeats 2 \
+  --out benchmarks/results/overhead_callback
+python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"mlrs_meta_interval": 8, "mlrs_scale_lr": 0.2}'
+G='{"mlrs_settle_interval": 2, "mlrs_scale_growth": 0.2, "mlrs_scale_growth_linear": 5.4}'
+python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9 "$G"
+for task in lm digits fashion; do python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-3 0,1,2 "$G"; done

@@ -24,7 +24,7 @@ def load(name):
 def test_overhead_smoke():
     summary = load("overhead").main(["--smoke"])
     arms = {r["arm"] for r in summary["rows"]}
-    assert {"plain", "transfer", "meta_1", "meta_10", "paper_1", "paper_10", "learned", "frozen_learned"} <= arms
+    assert set(load("overhead").ARMS) <= arms and "callback_learned" in arms
     assert all(r["step_s"] > 0 for r in summary["rows"] if "step_s" in r)
 
 
@@ -77,14 +77,15 @@ def test_quality_smoke(tmp_path):
 def test_quality_sgd_runs_every_arm_with_sgd_and_its_own_starting_lrs(tmp_path):
     quality = load("quality")
     summary = quality.main(["--smoke", "--optimizer", "sgd", "--arms",
-                            "tuned,mlrs_learned:default,mlrs_frozen:default", "--out", str(tmp_path)])
+                            "tuned,mlrs_learned:default,mlrs_frozen:default,mlrs_callback:default", "--out",
+                            str(tmp_path)])
     runs = json.loads((tmp_path / "quality_cpu_sgd_smoke.json").read_text())["runs"]
     assert runs and {r["optimizer"] for r in runs} == {"SGD"}
-    for family in ("mlrs_learned", "mlrs_frozen"):
+    for family in ("mlrs_learned", "mlrs_frozen", "mlrs_callback"):
         assert {r["lr"] for r in runs if r["arm"].startswith(family)} == set(quality.SGD_LEARNED_LRS[:2])
         assert f"{family}:default" in summary["digits"]["learned"]
     assert {r["lr"] for r in runs if r["arm"].startswith("grid:")} == set(quality.SGD_GRID[:2])
-    frozen = [r for r in runs if r["arm"].startswith("mlrs_frozen")]
+    frozen = [r for r in runs if r["arm"].startswith(("mlrs_frozen", "mlrs_callback"))]
     assert all(r["gammas"][-1][1] != r["lr"] for r in frozen)  # its scale is learned, not the starting lr
     with pytest.raises(SystemExit):  # AdamW-only arms are refused, not silently run with AdamW
         quality.main(["--smoke", "--optimizer", "sgd", "--arms", "prodigy", "--out", str(tmp_path)])
