@@ -1,7 +1,8 @@
 """Run under `accelerate launch` with 2 CPU processes (see tests/test_distributed.py).
 
-Meta-trains a tiny BERT with MLRSTrainer over an uneven last batch and gradient accumulation, then checks on every
-rank that the lrs, the schedule net and the model are identical, and that meta steps add no gradient all-reduce.
+Meta-trains a tiny BERT with MLRSTrainer over an uneven last batch and gradient accumulation (mode "callback": a plain
+Trainer + MLRSCallback learning only the scale of a frozen schedule), then checks on every rank that the lrs, the
+schedule net and the model are identical, and that meta steps add no gradient all-reduce.
 Writes the verdict of rank 0 as JSON to argv[1].
 """
 
@@ -13,11 +14,12 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from hf_mlrs import MLRSTrainer  # noqa: E402
+from hf_mlrs import MLRSCallback, MLRSNet, MLRSTrainer  # noqa: E402
+from hf_mlrs.data import split_meta_set  # noqa: E402
 from tests.testing_utils import tiny_args, tiny_bert, tiny_dataset  # noqa: E402
 
 
@@ -56,27 +58,40 @@ def main(out_path, gamma):
     if gamma == "rewind":  # growth stoppable from its 3rd update, so that it stops (and rewinds) before the cooldown,
         # after a probe longer than the default max share of a 14-step run
         learned.update(mlrs_scale_rewind=True, mlrs_scale_min_growth=3, mlrs_scale_rewind_max_share=1.0)
-    trainer = MLRSTrainer(
-        model=tiny_bert(),
-        args=tiny_args(os.path.dirname(out_path) + "/ddp", max_steps=14, per_device_train_batch_size=8,
-                       gradient_accumulation_steps=2, mlrs_meta_interval=2, mlrs_meta_lr=1e-2, seed=7, **learned),
-        train_dataset=dataset,
-    )
+    common = dict(max_steps=14, per_device_train_batch_size=8, gradient_accumulation_steps=2, seed=7)
+    if gamma == "callback":  # the same run shape, the net frozen, the scale learned from a held-out 20 examples
+        train, meta = split_meta_set(dataset, 20 / len(dataset), 7)
+        callback = MLRSCallback(MLRSNet.from_pretrained("multitask-default"), gamma="learned", meta_dataset=meta,
+                                meta_interval=2, cooldown_fraction=0.5)
+        args = TrainingArguments(os.path.dirname(out_path) + "/ddp", learning_rate=1e-3, logging_steps=1,
+                                 report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, **common)
+        trainer = Trainer(model=tiny_bert(), args=args, train_dataset=train, callbacks=[callback])
+        net, scheduler_of = callback.schedule, lambda: callback.scheduler
+    else:
+        trainer = MLRSTrainer(
+            model=tiny_bert(),
+            args=tiny_args(os.path.dirname(out_path) + "/ddp", mlrs_meta_interval=2, mlrs_meta_lr=1e-2, **common,
+                           **learned),
+            train_dataset=dataset,
+        )
+        net, scheduler_of = trainer.schedule, lambda: trainer.lr_scheduler
     counter = CountAllReduces(trainer)
     trainer.add_callback(counter)
     trainer.train()
+    scheduler = scheduler_of()
+    share = getattr(trainer, "_meta_share", None)
 
     lrs = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
     mine = {
         "lrs": lrs,
-        "net": digest(trainer.schedule.state_dict().values()),
+        "net": digest(net.state_dict().values()),
         "model": digest(trainer.model.parameters()),
-        "meta_updates": trainer.lr_scheduler.meta_learner.num_updates,
+        "meta_updates": scheduler.meta_learner.num_updates,
         "gammas": [e["mlrs/gamma"] for e in trainer.state.log_history if "mlrs/gamma" in e],
-        "scale": trainer.lr_scheduler.run_state()["scale"],
+        "scale": scheduler.run_state()["scale"],
         "allreduces_per_step": counter.per_step,
-        "released_from": trainer._meta_share.released_from if trainer._meta_share is not None else None,
-        "rewound_at": trainer.lr_scheduler.rewind.step if trainer.lr_scheduler.rewind is not None else None,
+        "released_from": share.released_from if share is not None else None,
+        "rewound_at": scheduler.rewind.step if scheduler.rewind is not None else None,
     }
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
