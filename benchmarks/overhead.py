@@ -13,6 +13,7 @@ Arms (same model, data, batch size, AdamW; the meta batch is as large as the tra
   frozen_learned  MLRSTrainer applying the shipped multitask-default frozen with the learned lr scale (the no-lr
              path: only the scale is learned; meta steps every step while it grows, then none if it holds or every
              4th if it tracks, none in the cooldown); reported over the whole run, as `learned`
+  frozen_learned_half  the same with mlrs_scale_track_batch_share=0.5 (half of each meta batch while it tracks)
   callback_learned  the same no-lr path in a plain Trainer: MLRSCallback(multitask-default, gamma="learned",
              meta_dataset=...), timed as `transfer` (its hooks) and reported over the whole run, as `learned`
 Each arm runs in a fresh process, because peak memory (RSS on CPU) is a per-process high-water mark; arms are
@@ -42,7 +43,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ARMS = ["plain", "transfer", "meta_1", "meta_10", "paper_1", "paper_10", "learned", "frozen_learned",
-        "callback_learned"]
+        "frozen_learned_half", "callback_learned"]
 SIZES = {  # BERT encoders; vocabulary kept small so the transformer body dominates the parameter count
     "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=1024),
     "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
@@ -130,12 +131,14 @@ def worker(arm: str, size: str, steps: int, warmup: int, batch: int, seq: int, d
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=train, callbacks=callbacks)
     else:
         cls = paper_style_trainer_class() if arm.startswith("paper") else MLRSTrainer
-        if arm in ("learned", "frozen_learned"):
+        if arm in ("learned", "frozen_learned", "frozen_learned_half"):
             settings = dict(mlrs_gamma="learned")  # the library defaults for a learned scale
+            if arm == "frozen_learned_half":
+                settings["mlrs_scale_track_batch_share"] = 0.5
         else:
             settings = dict(mlrs_meta_interval=int(arm.split("_")[1]))
         args = MLRSTrainingArguments(**common, **settings, mlrs_meta_batch_size=batch)
-        schedule = MLRSNet.from_pretrained("multitask-default") if arm == "frozen_learned" else None
+        schedule = MLRSNet.from_pretrained("multitask-default") if arm.startswith("frozen_learned") else None
         trainer = cls(model=model, args=args, train_dataset=train, meta_dataset=meta, callbacks=[clock],
                       schedule=schedule)
         timed(cls.meta_step_class, "before_step")

@@ -268,3 +268,17 @@ python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9 
 G='{"mlrs_settle_interval": 2, "mlrs_scale_growth": 0.2, "mlrs_scale_growth_linear": 5.4}'
 python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9 "$G"
 for task in lm digits fashion; do python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-3 0,1,2 "$G"; done
+# half of each meta batch: everywhere (negative on the from-scratch tasks), and only while the scale tracks
+python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"mlrs_meta_batch_size": 8}'
+python benchmarks/scale_lab.py lm mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_meta_batch_size": 8}'
+python benchmarks/scale_lab.py digits mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_meta_batch_size": 16}'
+python benchmarks/scale_lab.py fashion mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_meta_batch_size": 32}'
+for share in 0.5 1.0; do
+  python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19 \
+    "{\"mlrs_scale_track_batch_share\": $share}"
+done  # (share 1.0: seeds 10-19 only; seeds 0-9 are the default's runs above)
+python benchmarks/overhead.py --sizes small --arms plain,frozen_learned,frozen_learned_half,callback_learned \
+  --steps 150 --repeats 2 --out benchmarks/results/overhead_s24
+# by the protocol with the share at 0.5 (set as mlrs_scale_track_batch_share's default to rerun; not merged)
+python benchmarks/quality.py --tasks bbc --arms mlrs_frozen:default,mlrs_callback:default \
+  --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/quality_s24c_halftrack

@@ -185,7 +185,8 @@ class MLRSCallback(TrainerCallback):
                 self.schedule, [p for group in optimizer.param_groups for p in group["params"]],
                 interval=self.meta_interval, meta_lr=0.0, weight_decay=0.0, max_steps=state.max_steps,
                 train_net=False, scale=self.scheduler.scale, settle_interval=1,
-                stop_step=state.max_steps - self.scheduler.cooldown_steps, hold=True)
+                stop_step=state.max_steps - self.scheduler.cooldown_steps, hold=True,
+                track_batch_share=MLRSTrainingArguments.mlrs_scale_track_batch_share)
             self.meta_step = MetaStep(trainer, self.scheduler, self.on_nonfinite)
             self.meta_step.set_meta_data(self.meta_dataset, self.meta_batch_size or args.per_device_train_batch_size,
                                          args.seed)

@@ -145,6 +145,13 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_rewind_max_share (`float`, *optional*, defaults to 0.2):
         The longest probe, as a share of the run's optimizer steps, after which the run still rewinds; a growth that
         stops later goes on from where it is. 1.0 rewinds after any probe.
+    mlrs_scale_track_batch_share (`float`, *optional*, defaults to 1.0):
+        With a frozen schedule and a learned gamma that tracks (after a stop on noise): the share of each meta
+        batch its meta steps use (its first examples; the growth and its stop always read the whole batch). 0.5
+        halves the tracking meta steps' cost: the no-lr path's whole run went from 1.34x to 1.26x a plain Trainer
+        run in `benchmarks/overhead.py`. Its quality cost is unresolved: on bbc, 20 seeds paired, -0.17 +- 0.31
+        points (level), but -2.9 points at the worst start of the 3-seed protocol (seeds 0-2 lose 0.8-2.4 each), so
+        it is not the default (RESULTS.md 3b, session 24).
     mlrs_meta_eval_mode (`bool`, *optional*, defaults to `False`):
         Measure the meta loss in eval mode (BatchNorm running statistics, no dropout) instead of train mode.
     mlrs_cooldown_fraction (`float`, *optional*):
@@ -258,6 +265,9 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_rewind_max_share: float = field(
         default=0.2, metadata={"help": "Rewind only after a probe of at most this share of the run's steps."}
     )
+    mlrs_scale_track_batch_share: float = field(
+        default=1.0, metadata={"help": "Frozen schedule, learned gamma that tracks: share of each meta batch used."}
+    )
     mlrs_meta_eval_mode: bool = field(
         default=False, metadata={"help": "Measure the meta loss in eval mode (running statistics, no dropout)."}
     )
@@ -353,6 +363,9 @@ class MLRSTrainingArguments(TrainingArguments):
             fail("mlrs_scale_rewind", "rewinds to the start once a learned gamma stops growing and holds, and this "
                  f"run has mlrs_gamma={self.mlrs_gamma!r}, mlrs_scale_hold={self.mlrs_scale_hold!r}",
                  "Set mlrs_gamma='learned' (and leave mlrs_scale_hold unset or True), or drop mlrs_scale_rewind.")
+        if not 0 < self.mlrs_scale_track_batch_share <= 1:
+            fail("mlrs_scale_track_batch_share", f"{self.mlrs_scale_track_batch_share} is not a share in (0, 1]",
+                 "Use e.g. 0.5 (half of each meta batch while the scale tracks) or 1.0 (the whole batch).")
         if not (0 < self.mlrs_scale_min < self.mlrs_scale_max and math.isfinite(self.mlrs_scale_max)):
             fail("mlrs_scale_min",
                  f"bounds ({self.mlrs_scale_min}, {self.mlrs_scale_max}) are not 0 < min < max < inf",

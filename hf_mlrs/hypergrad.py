@@ -79,6 +79,7 @@ class MetaLearner:
         stop_step: int | None = None,
         take_snapshots: bool = True,
         hold: bool = False,
+        track_batch_share: float = 1.0,
     ):
         if not 1 <= horizon <= interval:
             raise ValueError(f"MetaLearner: horizon={horizon} must be between 1 and the meta interval ({interval}).")
@@ -89,6 +90,7 @@ class MetaLearner:
         self.interval = interval
         self.settle_interval = settle_interval
         self.hold = hold
+        self.track_batch_share = track_batch_share
         self.horizon = horizon
         self.max_steps = max_steps
         self.train_net = train_net
@@ -115,6 +117,12 @@ class MetaLearner:
             # it keeps pulling the lr down, earlier than a whole run wants (the short-horizon bias of Wu et al. 2018)
             return self.max_steps + 1  # never due again in this run
         return self.interval
+
+    def meta_batch_share(self) -> float:
+        """The share of the meta batch this meta step uses: `track_batch_share` while a frozen net's learned scale
+        tracks (its growth over and not held), the whole batch otherwise."""
+        tracking = not self.train_net and self.scale is not None and self.scale.settled
+        return self.track_batch_share if tracking else 1.0
 
     def finished(self, step: int) -> bool:
         """Whether no meta-update is left in the run from 0-based step `step` on (a scale that holds, a cooldown)."""

@@ -71,9 +71,11 @@ class MetaStep:
         self.meta_rows = rows
         self.meta_sampler = MetaBatchSampler(len(meta_dataset), batch_size, seed)
 
-    def meta_batch(self, m: int) -> dict:
+    def meta_batch(self, m: int, share: float = 1.0) -> dict:
+        """Meta batch `m` of this rank, or its first `share` of it (at least one example)."""
         accelerator = self.trainer.accelerator
-        features = self.meta_rows(self.meta_sampler.indices(m, accelerator.process_index, accelerator.num_processes))
+        indices = self.meta_sampler.indices(m, accelerator.process_index, accelerator.num_processes)
+        features = self.meta_rows(indices[:max(1, math.ceil(share * len(indices)))])
         return self.trainer._prepare_inputs(self.meta_collator(features))
 
     # ---- before the optimizer step ------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ class MetaStep:
         model = trainer.model if learner.sharded else trainer.accelerator.unwrap_model(trainer.model)
         for p in learner.params:
             p.grad = None
-        inputs = self.meta_batch(meta_step)
+        inputs = self.meta_batch(meta_step, learner.meta_batch_share())
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
         was_training = model.training
         if self.eval_mode:  # the held-out loss as evaluation sees it: running statistics, no dropout

@@ -231,6 +231,7 @@ class MLRSTrainer(Trainer):
                     stop_step=num_training_steps - self.lr_scheduler.cooldown_steps,
                     take_snapshots=self._take_snapshots,
                     hold=hold,
+                    track_batch_share=self.args.mlrs_scale_track_batch_share,
                 )
                 if self._meta_optimizer_state is not None:  # Adam's moments from the previous run (a resumed
                     self.lr_scheduler.meta_learner.load_meta_optimizer_state(self._meta_optimizer_state)  # checkpoint

@@ -24,7 +24,7 @@ def load(name):
 def test_overhead_smoke():
     summary = load("overhead").main(["--smoke"])
     arms = {r["arm"] for r in summary["rows"]}
-    assert set(load("overhead").ARMS) <= arms and "callback_learned" in arms
+    assert set(load("overhead").ARMS) <= arms and {"callback_learned", "frozen_learned_half"} <= arms
     assert all(r["step_s"] > 0 for r in summary["rows"] if "step_s" in r)
 
 

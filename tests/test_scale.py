@@ -622,3 +622,43 @@ def test_hold_ends_meta_steps_once_growth_stops(tmp_path, hold, frozen, holds):
     else:
         assert len(set(after_values)) == len(after_values)  # a meta-update every step moved gamma ...
         assert frozen or not torch.equal(after_nets[0], after_nets[-1])  # ... and the net, unless it is frozen
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_a_tracking_frozen_scale_uses_its_share_of_each_meta_batch(tmp_path, share):
+    """mlrs_scale_track_batch_share: a frozen schedule's scale that tracks after its growth stopped reads the first
+    `share` of each meta batch (the same examples, in the same order: a resume draws them alike); its growth reads
+    the whole batch; a meta-trained net always does."""
+    from hf_mlrs.metastep import MetaStep
+
+    data = least_squares_data()
+    sizes = []
+    original = MetaStep.meta_batch
+
+    def counted(self, m, share=1.0):
+        batch = original(self, m, share)
+        sizes.append((self.scheduler.scale.settled, len(batch["labels"])))
+        return batch
+
+    args = learned_args(tmp_path, learning_rate=0.1, optim="sgd", per_device_train_batch_size=64, max_steps=40,
+                        max_grad_norm=0.0, mlrs_scale_growth=0.1, mlrs_meta_batch_size=8, mlrs_scale_hold=False,
+                        mlrs_scale_track_batch_share=share)
+    trainer = MLRSTrainer(model=LeastSquares(), args=args, train_dataset=data, meta_dataset=data,
+                          schedule=constant_stages(8.0))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MetaStep, "meta_batch", counted)
+        trainer.train()
+    growing = [n for settled, n in sizes if not settled]
+    tracking = [n for settled, n in sizes if settled]
+    assert growing and tracking and set(growing) == {8}
+    assert set(tracking) == {8 if share == 1.0 else 4}
+    meta_batch = trainer._meta_step.meta_batch(3, share)["labels"]
+    assert torch.equal(meta_batch, trainer._meta_step.meta_batch(3)["labels"][:len(meta_batch)])  # its first share
+    assert trainer.lr_scheduler.meta_learner.track_batch_share == share
+
+
+def test_track_batch_share_must_be_a_share():
+    from hf_mlrs import MLRSTrainingArguments
+
+    with pytest.raises(ValueError, match="mlrs_scale_track_batch_share.*not a share in"):
+        MLRSTrainingArguments("out", mlrs_scale_track_batch_share=0.0)
