@@ -145,10 +145,11 @@ def build(config: dict, sharded: bool, world: int, rank: int):
         scale=scheduler.scale, settle_interval=1 if learned else None, stop_step=STEPS)
     trainer = LoopTrainer(model, world if sharded else 1, rank if sharded else 0)
     step = MetaStep(trainer, scheduler)
+    # (the net is meta-trained: every meta step reads its whole batch, share 1)
     if sharded:  # this rank's half of the global meta batch
-        step.meta_batch = lambda m: part(batch(m, 2 * META_BATCH, seed=2), rank, world)
+        step.meta_batch = lambda m, share=1.0: part(batch(m, 2 * META_BATCH, seed=2), rank, world)
     else:
-        step.meta_batch = lambda m: batch(m, 2 * META_BATCH, seed=2)
+        step.meta_batch = lambda m, share=1.0: batch(m, 2 * META_BATCH, seed=2)
     return SimpleNamespace(model=model, optimizer=optimizer, net=net, scheduler=scheduler, trainer=trainer, step=step)
 
 
