@@ -282,3 +282,5 @@ python benchmarks/overhead.py --sizes small --arms plain,frozen_learned,frozen_l
 # by the protocol with the share at 0.5 (set as mlrs_scale_track_batch_share's default to rerun; not merged)
 python benchmarks/quality.py --tasks bbc --arms mlrs_frozen:default,mlrs_callback:default \
   --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/quality_s24c_halftrack
+# the callback's 10 seeds at start 1e-3 (seeds 0-2: the protocol's runs)
+for task in bbc digits fashion lm; do python benchmarks/scale_lab.py "$task" mlrs_callback:default 1e-3 3,4,5,6,7,8,9; done
