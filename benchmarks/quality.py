@@ -20,7 +20,7 @@ Arms (AdamW unless said; every arm x every seed):
                        `python recipes/zoo.py --entry multitask-without-<task> --select 3`)
   mlrs_callback:default  the same schedule and learned scale through a plain Trainer + MLRSCallback(gamma="learned",
                        meta_dataset=...): the held-out 10% MLRSTrainer would split off is passed as meta_dataset and
-                       never trained on (the callback neither rewinds nor returns it to training)
+                       never trained on (a callback cannot return it to training, as MLRSTrainer does)
 With --optimizer sgd every arm uses SGD with momentum 0.9 (lr grid 1e-2..1, learned-scale starts 1e-4..1).
 Reported: final validation/test loss and accuracy (mean +- std over seeds), and steps to reach the target
 validation accuracy, the best tuned arm's mean final validation accuracy (AlgoPerf-style), with a performance

@@ -229,7 +229,7 @@ class MLRSCallback(TrainerCallback):
         if not saved or "rewind" not in saved:
             rewind.skip()  # a checkpoint written without the rewind: the run goes on without it
             return
-        rewind.step, rewind.skipped = saved["rewind"]["step"], saved["rewind"]["skipped"]
+        rewind.load_state_dict({**saved["rewind"], "weights": None})
         if rewind.done:
             return
         path = os.path.join(_resumed_checkpoint(trainer, state), REWIND_WEIGHTS)
@@ -271,15 +271,13 @@ class MLRSCallback(TrainerCallback):
         for group, lr in zip(self.scheduler.optimizer.param_groups, self.applied_lrs):
             group["lr"] = lr
         rewind = self.scheduler.rewind
-        if rewind is not None:
-            trainer = self.trainer
-            rewind_when_due(rewind, self.scheduler, trainer.accelerator.unwrap_model(trainer.model),
-                            self.scheduler.optimizer, state.global_step)
+        rewind_when_due(rewind, self.scheduler, self.trainer.accelerator.unwrap_model(self.trainer.model),
+                        self.scheduler.optimizer, state.global_step)
         saved = {**self.scheduler.run_state(), "schedule_fingerprint": self.fingerprint}
         if self.meta_step is not None:
             saved["meta_learner"] = self.scheduler.meta_learner.state_dict()
-        if rewind is not None:
-            saved["rewind"] = {"step": rewind.step, "skipped": rewind.skipped}
+        if rewind is not None:  # JSON: the kept weights go into the checkpoint's own file (save_rewind_weights)
+            saved["rewind"] = {k: v for k, v in rewind.state_dict().items() if k != "weights"}
         state.stateful_callbacks[STATE_KEY] = saved
 
     def on_epoch_end(self, args, state, control, **kwargs):
