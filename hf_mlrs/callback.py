@@ -36,6 +36,7 @@ from .scheduler import MLRSScheduler
 
 STATE_KEY = "hf_mlrs.MLRSCallback"  # our entry in TrainerState.stateful_callbacks (saved in trainer_state.json)
 REWIND_WEIGHTS = "hf_mlrs_rewind_weights.pt"  # a checkpoint's copy of the starting weights while a rewind may come
+PENDING_DELTA = "hf_mlrs_pending_delta.pt"  # a checkpoint's last step while its next-batch meta-update is pending
 
 
 class MLRSCallback(TrainerCallback):
@@ -56,16 +57,21 @@ class MLRSCallback(TrainerCallback):
         gamma (`float`, `"learned"` or `"auto"`, *optional*): the lr scale gamma (lr = gamma * A_t, A_t in (0, 1));
             defaults to the Trainer's `learning_rate / schedule.start_output`, so `learning_rate` is the lr the
             schedule starts at (the lr a built-in schedule peaks at; `start_output` is 1 unless the schedule records
-            one). `"learned"` learns it from `meta_dataset` while the net stays
-            frozen (a schedule carries a shape, not a scale for a new model): it starts relative to the model, grows
-            until the held-out hypergradient says stop, then, as MLRSTrainer with a frozen `schedule` does, holds it
+            one). `"learned"` learns it while the net stays frozen (a schedule carries a shape, not a scale for a
+            new model), from `meta_dataset` if given, else from the next step's training gradient (no held-out data,
+            no extra forward or backward: see `meta_dataset`): it starts relative to the model, grows
+            until the hypergradient says stop, then, as MLRSTrainer with a frozen `schedule` does, holds it
             (below the stop by a margin, no meta step left) after a confident growth (from scratch: the signal said
             "larger" from the first step on), and tracks it after a stop on noise (a pretrained model near its
             start). After a held stop within the first 20% of the run it rewinds (see `rewind`). Unlike MLRSTrainer
-            it cannot return the held-out data to training. A meta step (one forward/backward of a meta batch) every
-            step while it settles, every `meta_interval` steps while it tracks. `"auto"` uses the paper's heuristic
-            (SGD on classification only).
-        meta_dataset (`Dataset`, *optional*): held-out data for `gamma="learned"`, never trained on.
+            it cannot return a held-out `meta_dataset` to training. A meta step every step while it settles, every
+            `meta_interval` steps while it tracks; with a `meta_dataset` each is one forward/backward of a meta
+            batch. `"auto"` uses the paper's heuristic (SGD on classification only).
+        meta_dataset (`Dataset`, *optional*): held-out data for `gamma="learned"`, never trained on: the paper's
+            meta loss, one forward and backward of a meta batch per meta step. Without it (the default) the
+            hypergradient of step t is <g_{t+1}, w_{t+1} - w_t> with g_{t+1} the gradient the Trainer computes for
+            step t+1 anyway (MLRSTrainer's `mlrs_meta_source="next_batch"`): all the training data trains, a meta
+            step costs one dot product, and its update to the scale applies from step t+1.
         meta_interval (`int`, *optional*, defaults to `4`): with `gamma="learned"`, a meta step every this many
             optimizer steps once the scale has settled.
         meta_batch_size (`int`, *optional*): defaults to the Trainer's `per_device_train_batch_size`.
@@ -117,9 +123,6 @@ class MLRSCallback(TrainerCallback):
         if not isinstance(schedule, MLRSNet):
             raise TypeError(f"MLRSCallback needs an MLRSNet, got {type(schedule).__name__}; load one with "
                             "MLRSNet.from_pretrained(...).")
-        if gamma == "learned" and meta_dataset is None:
-            raise ValueError("MLRSCallback: gamma='learned' learns the lr scale from held-out data: pass "
-                             "meta_dataset=... (examples the Trainer does not train on), or a number as gamma.")
         if meta_interval < 1:
             raise ValueError(f"MLRSCallback: meta_interval={meta_interval} < 1.")
         cooldown_fraction = resolve_cooldown(cooldown_fraction, gamma == "learned", schedule.cooldown_fraction)
@@ -157,7 +160,7 @@ class MLRSCallback(TrainerCallback):
         fix_loss_scaling(trainer)
         self.loss_meter = StepLossMeter()  # nothing left over from an interrupted train()
         _tap_training_step(trainer, self.loss_meter)
-        tap_method(trainer, "_save_checkpoint", lambda save: _safe_save(trainer, save, self.save_rewind_weights))
+        tap_method(trainer, "_save_checkpoint", lambda save: _safe_save(trainer, save, self.save_tensors))
         self.finished = nothing_left_to_train(state)
         if self.finished:  # resumed from the final checkpoint: the Trainer would train one step more
             tap_method(trainer, "get_batch_samples", lambda _: _no_batches)
@@ -187,9 +190,11 @@ class MLRSCallback(TrainerCallback):
                 train_net=False, scale=self.scheduler.scale, settle_interval=1,
                 stop_step=state.max_steps - self.scheduler.cooldown_steps, hold=True,
                 track_batch_share=MLRSTrainingArguments.mlrs_scale_track_batch_share)
-            self.meta_step = MetaStep(trainer, self.scheduler, self.on_nonfinite)
-            self.meta_step.set_meta_data(self.meta_dataset, self.meta_batch_size or args.per_device_train_batch_size,
-                                         args.seed)
+            self.meta_step = MetaStep(trainer, self.scheduler, self.on_nonfinite,
+                                      next_batch=self.meta_dataset is None)
+            if self.meta_dataset is not None:
+                self.meta_step.set_meta_data(self.meta_dataset,
+                                             self.meta_batch_size or args.per_device_train_batch_size, args.seed)
             meta_step = self.meta_step
 
             def with_scale_logs(log):  # the Trainer's log() is the only way into its log_history
@@ -215,8 +220,20 @@ class MLRSCallback(TrainerCallback):
                 )
             self.scheduler.load_run_state(saved)
             if self.meta_step is not None:
-                self.scheduler.meta_learner.load_state_dict(saved["meta_learner"])
+                self._restore_meta_learner(trainer, state, saved["meta_learner"])
         self._restore_rewind(trainer, state, saved)
+
+    def _restore_meta_learner(self, trainer: Trainer, state: TrainerState, saved: dict) -> None:
+        """The learner's counters from trainer_state.json; a pending next-batch update's step from its own file."""
+        if saved.get("pending_alpha") is not None:
+            path = os.path.join(_resumed_checkpoint(trainer, state), PENDING_DELTA)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"MLRSCallback: {path} is missing: the checkpoint being resumed was saved with a meta-update "
+                    "waiting for the next step's gradient, and it holds no copy of the step it measures. Resume from "
+                    "the whole checkpoint folder MLRSCallback wrote.")
+            saved = {**saved, "pending_delta": torch.load(path, map_location="cpu", weights_only=True)}
+        self.scheduler.meta_learner.load_state_dict(saved)
 
     def _restore_rewind(self, trainer: Trainer, state: TrainerState, saved: dict | None) -> None:
         """A fresh run keeps its starting weights; a resumed one takes the rewind's state from its checkpoint."""
@@ -240,11 +257,15 @@ class MLRSCallback(TrainerCallback):
                 "MLRSCallback wrote, or pass rewind=False to go on without the rewind.")
         rewind.weights = torch.load(path, map_location="cpu", weights_only=True)
 
-    def save_rewind_weights(self, folder: str) -> None:
-        """Into a checkpoint being written: the starting weights, while a rewind may still come."""
+    def save_tensors(self, folder: str) -> None:
+        """Into a checkpoint being written, what trainer_state.json cannot hold: the starting weights while a rewind
+        may still come, and the last step while its next-batch meta-update waits for the next gradient."""
         rewind = self.scheduler.rewind if self.scheduler is not None else None
         if rewind is not None and not rewind.done and rewind.weights is not None:
             torch.save(rewind.weights, os.path.join(folder, REWIND_WEIGHTS))
+        learner = self.scheduler.meta_learner if self.scheduler is not None else None
+        if learner is not None and learner.pending_alpha is not None:
+            torch.save(learner.state_dict()["pending_delta"], os.path.join(folder, PENDING_DELTA))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # Gradients are final here and the step comes next: the paper's order, lr_t from loss_t.
@@ -274,9 +295,9 @@ class MLRSCallback(TrainerCallback):
         rewind_when_due(rewind, self.scheduler, self.trainer.accelerator.unwrap_model(self.trainer.model),
                         self.scheduler.optimizer, state.global_step)
         saved = {**self.scheduler.run_state(), "schedule_fingerprint": self.fingerprint}
-        if self.meta_step is not None:
-            saved["meta_learner"] = self.scheduler.meta_learner.state_dict()
-        if rewind is not None:  # JSON: the kept weights go into the checkpoint's own file (save_rewind_weights)
+        if self.meta_step is not None:  # JSON: a pending update's delta goes into its own file (save_tensors)
+            saved["meta_learner"] = self.scheduler.meta_learner.state_dict(include_delta=False)
+        if rewind is not None:  # JSON: the kept weights go into the checkpoint's own file (save_tensors)
             saved["rewind"] = {k: v for k, v in rewind.state_dict().items() if k != "weights"}
         state.stateful_callbacks[STATE_KEY] = saved
 

@@ -101,6 +101,9 @@ class MetaLearner:
         self.delta: list[torch.Tensor] | None = None  # the one extra parameter-sized buffer: w_start, then delta
         self.window_open = False  # whether delta holds w_start of the current window (not after a resume)
         self.window_lrs: list[torch.Tensor] = []  # alpha_j of the window's earlier steps, with graphs to theta
+        # With the next training batch as the meta batch (MetaStep(next_batch=True)): alpha_t of the step whose delta
+        # waits in the buffer for the next step's gradient; None when no such update is pending.
+        self.pending_alpha: float | None = None
         self.stop_step = stop_step if stop_step is not None else max_steps
         self.next_due = self.current_interval() - 1  # 0-based step of the next meta-update
         self.window_length = min(horizon, self.current_interval())  # steps of the window ending at next_due
@@ -171,6 +174,7 @@ class MetaLearner:
     def close_window(self) -> None:
         """The buffer's content is spent: the next meta-update needs a new remember_weights()."""
         self.window_open = False
+        self.pending_alpha = None
 
     @torch.no_grad()
     def weights_to_delta(self) -> None:
@@ -265,12 +269,18 @@ class MetaLearner:
 
     # ---- checkpointing ------------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
+    def state_dict(self, include_delta: bool = True) -> dict:
+        """Counters and the meta-optimizer's state; while a next-batch update is pending, its alpha and (unless
+        `include_delta=False`, for a caller that saves the tensors itself) a CPU copy of its delta."""
         state = {"next_due": self.next_due, "window_length": self.window_length,
                  "num_meta_steps": self.num_meta_steps, "num_updates": self.num_updates,
                  "num_skipped": self.num_skipped}
         if self.meta_optimizer is not None:
             state["meta_optimizer"] = self.meta_optimizer.state_dict()
+        if self.pending_alpha is not None:  # a next-batch update waits for the next step's gradient: its delta too
+            state["pending_alpha"] = self.pending_alpha
+            if include_delta:
+                state["pending_delta"] = [d.detach().to("cpu", copy=True) for d in self.delta]
         return state  # the scale's state rides in the scheduler's run state
 
     def load_meta_optimizer_state(self, state: dict) -> None:
@@ -290,6 +300,13 @@ class MetaLearner:
         self.window_length = state["window_length"]
         self.num_updates = state["num_updates"]
         self.num_skipped = state["num_skipped"]
+        self.pending_alpha = state.get("pending_alpha")
+        if self.pending_alpha is not None:
+            if state.get("pending_delta") is None:
+                raise ValueError("hf_mlrs: this checkpoint has a next-batch meta-update pending but not its step "
+                                 "(delta); resume from the whole checkpoint folder hf_mlrs wrote.")
+            self.delta = [d.to(p.device, p.dtype) for d, p in zip(state["pending_delta"], self.local_params())]
+            self.window_open = True
 
 
 # ---- FSDP2 shards ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ Per optimizer step t, once gradients are complete (accumulated, synced, clipped)
                 the learned scale (dL/dlog(gamma) = dot) take one step; with a one-step window the step just taken
                 is rescaled to the updated lr, w = w_start + (alpha'_t / alpha_t) delta: the paper's order, exactly.
 The first step of a learned scale that starts relative to the model is a calibration step instead (see
-`LearnedScale.start_update`). Under DDP only two scalars per meta step cross processes. Under FSDP2 the meta
+`LearnedScale.start_update`). With `next_batch=True` (a frozen net's learned scale) no meta batch is drawn: the
+gradient at w_{t+1} is the one the Trainer computes for step t+1 anyway, so after_step only turns the buffer into
+delta_t, and before_step of step t+1 takes dot = <g_{t+1}, delta_t> and updates gamma before alpha_{t+1} is set; the
+step t stands as taken (its gradient is spent); under DDP that gradient is already averaged: nothing to communicate.
+With held-out meta batches, under DDP only two scalars per meta step cross processes. Under FSDP2 the meta
 backward runs through the sharded model (its all-gathers and reduce-scatter, as any backward), the dot product is
 taken over each rank's shards, and the same two scalars are all-reduced.
 """
@@ -34,9 +38,15 @@ class MetaStep:
         on_nonfinite (`str`): "skip" (warn, keep lr and net) or "stop" (also stop training).
     """
 
-    def __init__(self, trainer, scheduler: MLRSScheduler, on_nonfinite: str = "skip", eval_mode: bool = False):
+    def __init__(self, trainer, scheduler: MLRSScheduler, on_nonfinite: str = "skip", eval_mode: bool = False,
+                 next_batch: bool = False):
+        learner = scheduler.meta_learner
+        if next_batch and learner is not None and (learner.train_net or learner.horizon != 1 or learner.sharded):
+            raise ValueError("hf_mlrs: the next training batch as the meta batch learns only the scale of a frozen "
+                             "schedule, with one-step windows and without FSDP2; use held-out meta batches here.")
         self.trainer = trainer
         self.eval_mode = eval_mode
+        self.next_batch = next_batch
         self.scheduler = scheduler
         self.on_nonfinite = on_nonfinite
         self.log_window: dict[str, list[float]] = {"meta_loss": [], "hypergrad": []}
@@ -86,6 +96,8 @@ class MetaStep:
         step = self.trainer.state.global_step
         if scheduler.scale is not None and not scheduler.scale.calibrated:
             return self._calibration_before_step(loss)
+        if learner is not None and learner.pending_alpha is not None:
+            self._next_batch_update()
         if learner is not None and learner.window_starts(step):
             learner.remember_weights()
         due = learner is not None and learner.is_due(step)
@@ -160,6 +172,10 @@ class MetaStep:
             return
         alpha = float(lr.detach())
         learner.weights_to_delta()
+        if self.next_batch:  # the step stands as taken; its hypergradient comes with the next step's gradient
+            scheduler.apply_lr(alpha, state)
+            learner.pending_alpha = alpha
+            return
         meta_loss, dot = self._meta_loss_and_dot(learner, learner.num_meta_steps)
         meta_loss, dot = self._across_ranks(learner, meta_loss, dot)
         if math.isfinite(meta_loss) and math.isfinite(dot):
@@ -179,6 +195,23 @@ class MetaStep:
             learner.rescale(scheduler.apply_lr(lr, state) / alpha)
         else:  # delta spans the window: the last step stands as taken; the updated lr applies from the next step
             scheduler.apply_lr(alpha, state)
+        learner.close_window()
+        learner.advance()
+
+    def _next_batch_update(self) -> None:
+        """Step t+1's gradients are final: dL_{t+1}(w_{t+1})/dlog(gamma) = <g_{t+1}, delta_t> updates the scale
+        before alpha_{t+1} is computed. The gradient is the one the optimizer will use (clipped, if the Trainer
+        clips: a positive factor, which keeps the hypergradient's sign)."""
+        learner = self.scheduler.meta_learner
+        alpha = learner.pending_alpha
+        grads = [p.grad for p in learner.params]
+        dot = float(learner.local_dot(grads)) if any(g is not None for g in grads) else math.nan
+        if math.isfinite(dot):
+            learner.scale.update(dot)
+            self.log_window["hypergrad"].append(dot / alpha)
+        else:
+            learner.num_skipped += 1
+            self._on_nonfinite(f"hypergradient ({dot / alpha})")
         learner.close_window()
         learner.advance()
 

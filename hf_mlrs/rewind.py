@@ -77,6 +77,7 @@ def rewind_when_due(rewind: Rewind | None, scheduler, model: torch.nn.Module, op
         rewind.skip()  # a long probe (or one still going): its steps trained the model, and going on is cheaper
         # than their rerun; the kept copy is dropped now, not when the growth stops
     elif learner.scale.settled:  # the scale was found, and holds: train again from the start with it
+        learner.close_window()  # no meta-update may read a step of the probe after this
         rewind.apply(model, optimizer, global_step)
         scheduler.read_from_start()  # the net reads the loss curve from its start
     elif learner.finished(global_step):

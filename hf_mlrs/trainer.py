@@ -120,7 +120,15 @@ class MLRSTrainer(Trainer):
             _require_lr_linear(type(optimizer), optimizer.defaults, args)
         elif kwargs.get("optimizer_cls_and_kwargs") is not None:
             _require_lr_linear(*kwargs["optimizer_cls_and_kwargs"], args)
-        if self.meta_learning and meta_dataset is None and args.mlrs_meta_fraction == 0:
+        self._next_batch = self.meta_learning and args.mlrs_meta_source == "next_batch"
+        if self._next_batch and self.meta_training:
+            raise ValueError("MLRSTrainer: mlrs_meta_source='next_batch' learns only the scale of a frozen schedule; "
+                             "meta-training a net needs held-out data. Pass schedule=MLRSNet.from_pretrained(...) "
+                             "(without continue_meta_training), or use mlrs_meta_source='held_out'.")
+        if self._next_batch and meta_dataset is not None:
+            raise ValueError("MLRSTrainer: mlrs_meta_source='next_batch' uses no meta_dataset (the next training "
+                             "batch is the meta batch); drop meta_dataset=..., or use mlrs_meta_source='held_out'.")
+        if self.meta_learning and not self._next_batch and meta_dataset is None and args.mlrs_meta_fraction == 0:
             raise ValueError(
                 "MLRSTrainingArguments.mlrs_meta_fraction is 0 and no meta_dataset was given, so meta-training (or a "
                 "learned gamma) has no held-out data. Pass meta_dataset=... or set mlrs_meta_fraction (e.g. 0.1); to "
@@ -144,7 +152,8 @@ class MLRSTrainer(Trainer):
             if args.mlrs_scale_rewind is True and self.accelerator.distributed_type == DistributedType.FSDP:
                 raise ValueError("MLRSTrainer: mlrs_scale_rewind keeps the whole model's starting state, which FSDP2 "
                                  "shards; it is not supported there yet. Drop mlrs_scale_rewind under FSDP2.")
-            self._setup_meta_set(meta_dataset)
+            if not self._next_batch:  # the next training batch needs no held-out set
+                self._setup_meta_set(meta_dataset)
         if schedule is None:
             schedule = MLRSNet(
                 hidden_size=self.args.mlrs_hidden_size,
@@ -237,9 +246,11 @@ class MLRSTrainer(Trainer):
                     self.lr_scheduler.meta_learner.load_meta_optimizer_state(self._meta_optimizer_state)  # checkpoint
                     # overrides them later with its own, as it should)
             self._meta_step = self.meta_step_class(self, self.lr_scheduler, self.args.mlrs_on_nonfinite,
-                                                   eval_mode=self.args.mlrs_meta_eval_mode)
+                                                   eval_mode=self.args.mlrs_meta_eval_mode,
+                                                   next_batch=self._next_batch)
             if self.meta_learning:
-                self._meta_step.set_meta_data(self.meta_dataset, self._meta_batch_size, self.args.seed)
+                if not self._next_batch:
+                    self._meta_step.set_meta_data(self.meta_dataset, self._meta_batch_size, self.args.seed)
                 self.lr_scheduler.meta_share = self._meta_share  # its release is part of the checkpointed state
                 if self._meta_share is not None:
                     self._meta_share.released_from = None  # a new run holds it out (a checkpoint loads its own)
@@ -373,6 +384,7 @@ class MLRSTrainer(Trainer):
             "gamma_trajectory": _relative_gamma_trajectory(self.state),
             "input_normalization": self.schedule.input_normalization,
             "meta_interval": self.args.mlrs_meta_interval,
+            "meta_source": self.args.mlrs_meta_source if self.meta_learning else None,
             "meta_updates": scheduler.meta_learner.num_updates if scheduler and scheduler.meta_learner else 0,
             "rewound_at_step": scheduler.rewind.step if scheduler and scheduler.rewind else None,
             "lr_history": [[e["step"], e["learning_rate"]] for e in history][-500:],

@@ -103,7 +103,7 @@ def test_frozen_arm_applies_the_defaults_held_out_variant_and_names_the_command_
     net = MLRSNet(hidden_size=4)
     net.save_pretrained(tmp_path / "multitask-without-fashion-select3" / "schedule")
     assert quality.frozen_source("fashion", "default").hidden_size == 4  # the variant that never saw fashion
-    with pytest.raises(ValueError, match="only mlrs_frozen:default"):
+    with pytest.raises(ValueError, match="held out. or mlrs_frozen:shipped"):
         quality.frozen_source("fashion", "text-bbc")
 
 

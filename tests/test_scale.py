@@ -533,11 +533,6 @@ def test_callback_resumed_before_its_rewind_rewinds_to_the_run_start_bitwise(tmp
     with pytest.raises(FileNotFoundError, match="rewind=False"):
         callback_run(tmp_path / "run", save_steps=2, resume=str(checkpoint))
 
-def test_callback_learned_scale_needs_a_meta_dataset():
-    from hf_mlrs import MLRSCallback
-
-    with pytest.raises(ValueError, match="meta_dataset"):
-        MLRSCallback(constant_stages(0.0), gamma="learned")
 
 
 def test_cooldown_decays_linearly_and_stops_meta_updates(tmp_path):

@@ -1,7 +1,8 @@
 """Run under `accelerate launch` with 2 CPU processes (see tests/test_distributed.py).
 
 Meta-trains a tiny BERT with MLRSTrainer over an uneven last batch and gradient accumulation (mode "callback": a plain
-Trainer + MLRSCallback learning only the scale of a frozen schedule), then checks on every rank that the lrs, the
+Trainer + MLRSCallback learning only the scale of a frozen schedule; "next_batch": the same without held-out data, from
+the next step's gradient), then checks on every rank that the lrs, the
 schedule net and the model are identical, and that meta steps add no gradient all-reduce.
 Writes the verdict of rank 0 as JSON to argv[1].
 """
@@ -59,8 +60,9 @@ def main(out_path, gamma):
         # after a probe longer than the default max share of a 14-step run
         learned.update(mlrs_scale_rewind=True, mlrs_scale_min_growth=3, mlrs_scale_rewind_max_share=1.0)
     common = dict(max_steps=14, per_device_train_batch_size=8, gradient_accumulation_steps=2, seed=7)
-    if gamma == "callback":  # the same run shape, the net frozen, the scale learned from a held-out 20 examples
-        train, meta = split_meta_set(dataset, 20 / len(dataset), 7)
+    if gamma in ("callback", "next_batch"):  # the same run shape, the net frozen, the scale learned from a held-out
+        # 20 examples, or ("next_batch") from the next step's training gradient, with no held-out data
+        train, meta = split_meta_set(dataset, 20 / len(dataset), 7) if gamma == "callback" else (dataset, None)
         callback = MLRSCallback(MLRSNet.from_pretrained("multitask-default"), gamma="learned", meta_dataset=meta,
                                 meta_interval=2, cooldown_fraction=0.5)
         args = TrainingArguments(os.path.dirname(out_path) + "/ddp", learning_rate=1e-3, logging_steps=1,

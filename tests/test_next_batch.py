@@ -1,0 +1,140 @@
+"""The next training batch as the meta batch (`mlrs_meta_source="next_batch"`, and MLRSCallback(gamma="learned")
+without a meta_dataset): the hypergradient <g_{t+1}, w_{t+1} - w_t> of the step's own training gradient, no held-out
+data, no extra forward or backward; exact against finite differences, exact resume, the same in both entry points."""
+
+import copy
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_mlrs import MLRSCallback, MLRSTrainer, MLRSTrainingArguments
+from tests.test_scale import LeastSquares, gammas, near_solution_data
+from tests.test_trainer import logged_lrs
+from tests.testing_utils import constant_stages
+
+
+class Recorder(TrainerCallback):
+    """Weights after every optimizer step (W[k] after k steps) and each scale update's (step, hypergradient)."""
+
+    def __init__(self):
+        self.weights, self.updates = [], []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.weights.append([p.detach().clone() for p in model.parameters()])
+
+    def on_pre_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
+        scale = lr_scheduler.scale  # runs before MLRSTrainer's own hook, which reads the gradient
+        if not hasattr(scale, "recorded"):
+            update, scale.recorded = scale.update, True
+
+            def spied(dot):
+                self.updates.append((self.current_step, dot))
+                return update(dot)
+
+            scale.update = spied
+        self.current_step = state.global_step  # W[current_step] is where this step's gradient was taken
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.weights.append([p.detach().clone() for p in model.parameters()])
+
+
+def plain_args(output_dir, **overrides):
+    values = dict(max_steps=40, per_device_train_batch_size=64, learning_rate=1e-3, optim="sgd", max_grad_norm=0.0,
+                  logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    return {**values, **overrides}
+
+
+def trainer_run(output_dir, resume=None, callbacks=(), **overrides):
+    args = MLRSTrainingArguments(str(output_dir), mlrs_gamma="learned", mlrs_meta_source="next_batch",
+                                 **plain_args(output_dir, **overrides))
+    trainer = MLRSTrainer(model=LeastSquares(), args=args, train_dataset=near_solution_data(),
+                          schedule=constant_stages(8.0), callbacks=list(callbacks))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def callback_run(output_dir, resume=None, callbacks=(), **overrides):
+    callback = MLRSCallback(constant_stages(8.0), gamma="learned")  # no meta_dataset: the next training batch
+    args = TrainingArguments(str(output_dir), **plain_args(output_dir, **overrides))
+    trainer = Trainer(model=LeastSquares(), args=args, train_dataset=near_solution_data(),
+                      callbacks=[callback, *callbacks])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, callback
+
+
+def test_next_batch_hypergradient_is_the_directional_derivative_of_the_next_steps_loss(tmp_path):
+    """Each scale update at step s uses <g(W[s]), W[s] - W[s-1]>: checked against float64 central differences of the
+    next batch's loss (full batch here: the whole training set) along the step just taken, L(W[s-1] + c delta) at
+    c = 1. Reading the gradient one step early or late, or the wrong delta, fails by orders of magnitude."""
+    recorder = Recorder()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the model and its batches in float64: rounding does not blur the check
+    try:
+        trainer = trainer_run(tmp_path, callbacks=[recorder], mlrs_scale_rewind=False)
+    finally:
+        torch.set_default_dtype(default)
+    assert next(trainer.model.parameters()).dtype == torch.float64
+    data = trainer.train_dataset  # made in float64 too
+    x, y = torch.tensor(data["x"], dtype=torch.float64), torch.tensor(data["labels"], dtype=torch.float64)
+    reference = copy.deepcopy(trainer.model).double()
+
+    def loss_at(weights):
+        with torch.no_grad():
+            for p, w in zip(reference.parameters(), weights):
+                p.copy_(w)
+            return float(reference(x, y)["loss"])
+
+    assert len(recorder.updates) >= 10  # the growth: one update per step, each read one step later
+    eps = 1e-5
+    for step, dot in recorder.updates:
+        before, after = recorder.weights[step - 1], recorder.weights[step]
+        delta = [(a.double() - b.double()) for a, b in zip(after, before)]
+        plus = loss_at([b.double() + (1 + eps) * d for b, d in zip(before, delta)])
+        minus = loss_at([b.double() + (1 - eps) * d for b, d in zip(before, delta)])
+        finite_difference = (plus - minus) / (2 * eps)
+        assert abs(dot - finite_difference) <= 1e-5 * abs(finite_difference), step
+
+
+def test_next_batch_is_the_same_run_in_mlrs_trainer_and_mlrs_callback(tmp_path):
+    """The same defaults (relative start, growth, hold, rewind, cooldown), no held-out split in either: the same lrs,
+    scales and weights. Neither draws a meta batch."""
+    trainer = trainer_run(tmp_path / "trainer", max_steps=80)
+    plain, callback = callback_run(tmp_path / "callback", max_steps=80)
+    scale = callback.scheduler.scale
+    assert scale.holds and scale.num_updates >= 10 and not hasattr(callback.meta_step, "meta_sampler")
+    assert len(trainer.train_dataset) == 64  # nothing held out
+    assert gammas(plain) == gammas(trainer) and len(set(gammas(plain))) > 5
+    assert logged_lrs(plain) == logged_lrs(trainer)
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), trainer.model.parameters()))
+
+
+@pytest.mark.parametrize("entry", ["trainer", "callback"])
+def test_resumed_with_a_pending_next_batch_update_is_bitwise_exact(tmp_path, entry):
+    """A checkpoint saved during the growth holds a meta-update that waits for the next step's gradient: its step
+    (delta) is saved with it, and the resumed run ends bitwise as the uninterrupted one."""
+    run = trainer_run if entry == "trainer" else (lambda *a, **k: callback_run(*a, **k)[0])
+    full = run(tmp_path / "run", save_strategy="steps", save_steps=3)
+    checkpoint = tmp_path / "run" / "checkpoint-6"
+    resumed = run(tmp_path / "run", save_strategy="steps", save_steps=3, resume=str(checkpoint))
+    assert gammas(resumed)[-34:] == gammas(full)[-34:] and len(set(gammas(full)[6:])) > 3  # still growing at 6
+    assert logged_lrs(resumed)[-34:] == logged_lrs(full)[-34:]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), full.model.parameters()))
+    if entry == "callback":
+        (checkpoint / "hf_mlrs_pending_delta.pt").unlink()
+        with pytest.raises(FileNotFoundError, match="pending_delta"):
+            run(tmp_path / "run", save_strategy="steps", save_steps=3, resume=str(checkpoint))
+
+
+def test_next_batch_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(ValueError, match="mlrs_meta_source"):
+        MLRSTrainingArguments(str(tmp_path), mlrs_meta_source="next_batch")  # a fixed gamma: nothing to learn
+    with pytest.raises(ValueError, match="mlrs_meta_source"):
+        MLRSTrainingArguments(str(tmp_path), mlrs_gamma="learned", mlrs_meta_source="train")
+    args = MLRSTrainingArguments(str(tmp_path), mlrs_gamma="learned", mlrs_meta_source="next_batch", use_cpu=True,
+                                 report_to="none")
+    with pytest.raises(ValueError, match="frozen schedule"):  # meta-training a net needs held-out data
+        MLRSTrainer(model=LeastSquares(), args=args, train_dataset=near_solution_data())
+    with pytest.raises(ValueError, match="meta_dataset"):
+        MLRSTrainer(model=LeastSquares(), args=args, train_dataset=near_solution_data(),
+                    meta_dataset=near_solution_data(), schedule=constant_stages(8.0))
