@@ -14,6 +14,9 @@ Arms (same model, data, batch size, AdamW; the meta batch is as large as the tra
              path: only the scale is learned; meta steps every step while it grows, then none if it holds or every
              4th if it tracks, none in the cooldown); reported over the whole run, as `learned`
   frozen_learned_half  the same with mlrs_scale_track_batch_share=0.5 (half of each meta batch while it tracks)
+  frozen_learned_next  the same with mlrs_meta_source="next_batch": the hypergradient from the next step's training
+             gradient, no meta batch (all the data trains)
+  callback_next  MLRSCallback(multitask-default, gamma="learned") without meta_dataset: the same next-batch path
   callback_learned  the same no-lr path in a plain Trainer: MLRSCallback(multitask-default, gamma="learned",
              meta_dataset=...), timed as `transfer` (its hooks) and reported over the whole run, as `learned`
 Each arm runs in a fresh process, because peak memory (RSS on CPU) is a per-process high-water mark; arms are
@@ -43,7 +46,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ARMS = ["plain", "transfer", "meta_1", "meta_10", "paper_1", "paper_10", "learned", "frozen_learned",
-        "frozen_learned_half", "callback_learned"]
+        "frozen_learned_half", "frozen_learned_next", "callback_learned", "callback_next"]
 SIZES = {  # BERT encoders; vocabulary kept small so the transformer body dominates the parameter count
     "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=1024),
     "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
@@ -120,27 +123,31 @@ def worker(arm: str, size: str, steps: int, warmup: int, batch: int, seq: int, d
     common = dict(output_dir="/tmp/hf_mlrs_overhead", max_steps=steps + warmup, per_device_train_batch_size=batch,
                   learning_rate=1e-4, report_to="none", save_strategy="no", logging_steps=10_000,
                   disable_tqdm=True, use_cpu=device == "cpu", dataloader_pin_memory=False)
-    if arm in ("plain", "transfer", "callback_learned"):
+    if arm in ("plain", "transfer", "callback_learned", "callback_next"):
         callbacks = [clock] + ([MLRSCallback(MLRSNet())] if arm == "transfer" else [])
         if arm == "callback_learned":
             callbacks.append(MLRSCallback(MLRSNet.from_pretrained("multitask-default"), gamma="learned",
                                           meta_dataset=meta, meta_batch_size=batch))
+        if arm == "callback_next":  # no meta_dataset: the next step's gradient
+            callbacks.append(MLRSCallback(MLRSNet.from_pretrained("multitask-default"), gamma="learned"))
         for callback in callbacks[1:]:
             for hook in ("on_pre_optimizer_step", "on_optimizer_step", "on_step_end"):
                 timed(callback, hook)
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=train, callbacks=callbacks)
     else:
         cls = paper_style_trainer_class() if arm.startswith("paper") else MLRSTrainer
-        if arm in ("learned", "frozen_learned", "frozen_learned_half"):
+        if arm in ("learned", "frozen_learned", "frozen_learned_half", "frozen_learned_next"):
             settings = dict(mlrs_gamma="learned")  # the library defaults for a learned scale
             if arm == "frozen_learned_half":
                 settings["mlrs_scale_track_batch_share"] = 0.5
+            if arm == "frozen_learned_next":
+                settings["mlrs_meta_source"] = "next_batch"
         else:
             settings = dict(mlrs_meta_interval=int(arm.split("_")[1]))
         args = MLRSTrainingArguments(**common, **settings, mlrs_meta_batch_size=batch)
         schedule = MLRSNet.from_pretrained("multitask-default") if arm.startswith("frozen_learned") else None
-        trainer = cls(model=model, args=args, train_dataset=train, meta_dataset=meta, callbacks=[clock],
-                      schedule=schedule)
+        trainer = cls(model=model, args=args, train_dataset=train, callbacks=[clock], schedule=schedule,
+                      meta_dataset=None if arm == "frozen_learned_next" else meta)
         timed(cls.meta_step_class, "before_step")
         timed(cls.meta_step_class, "after_step")
     trainer.train()

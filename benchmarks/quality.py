@@ -204,10 +204,14 @@ def frozen_source(task_name: str, entry: str, smoke: bool = False):
     leave-one-task-out variant made as the default is (a selection over its draws), so the task is a held-out one."""
     from hf_mlrs import MLRSNet
 
-    if entry != "default":
-        raise ValueError(f"mlrs_frozen:{entry}: only mlrs_frozen:default (the multi-task default, held out) exists")
+    if entry not in ("default", "shipped"):
+        raise ValueError(f"mlrs_frozen:{entry}: mlrs_frozen:default (the multi-task default, held out) or "
+                         "mlrs_frozen:shipped (the shipped default itself, trained on these tasks: for A/B tests of "
+                         "the learned scale's mechanics, not of transfer)")
     if smoke:
         return MLRSNet()
+    if entry == "shipped":
+        return MLRSNet.from_pretrained("multitask-default")
     folder, command = held_out_default_dir(task_name)
     if not folder.exists():
         raise FileNotFoundError(f"{folder} does not exist: make it with `{command}` (after its draws)")
@@ -296,6 +300,8 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
         train, meta = split_meta_set(train, MLRSTrainingArguments.mlrs_meta_fraction, seed)
         net = frozen_source(task_name, arm.split(":")[1].split("@")[0], options.smoke)
         common["lr_scheduler_type"] = "constant"
+        if overrides.pop("next_batch", False):  # not a training argument: no held-out data, the next batch's gradient
+            train, meta = data["train_dataset"], None
         callback = MLRSCallback(net, gamma="learned", meta_dataset=meta)
         trainer = Trainer(model=task.model, args=arguments(), callbacks=[callback], **{**data, "train_dataset": train})
     elif arm.startswith("mlrs_transfer"):
