@@ -353,14 +353,20 @@ def build(output_dir: str, max_steps: int = 12, variant: str = "windows") -> MLR
     """Meta-trains the net and learns the scale, with dropout (RNG state) and checkpoints every 4 steps.
 
     "windows": symmetric updates over 2-step windows; "defaults": the library's defaults for a learned scale
-    (calibrated start, growth, a meta step every step until settled, cooldown)."""
+    (calibrated start, growth, a meta step every step until settled, cooldown); "next_batch": the shipped default
+    frozen, its scale learned from the next step's gradient (a checkpoint during the growth holds a pending update)."""
     torch.set_num_threads(1)
     common = dict(max_steps=max_steps, save_strategy="steps", save_steps=4, per_device_train_batch_size=8,
                   mlrs_meta_lr=1e-2)
     if variant == "windows":
         args = learned_args(output_dir, mlrs_meta_interval=2, mlrs_horizon=2, **common)
-    else:
+    elif variant == "defaults":
         args = tiny_args(output_dir, mlrs_gamma="learned", mlrs_meta_interval=None, **common)
+    else:
+        args = tiny_args(output_dir, mlrs_gamma="learned", mlrs_meta_interval=None, mlrs_meta_source="next_batch",
+                         **common)
+        return MLRSTrainer(model=tiny_bert(dropout=0.1), args=args, train_dataset=tiny_dataset(n=120),
+                           schedule=MLRSNet.from_pretrained("multitask-default"))
     return MLRSTrainer(model=tiny_bert(dropout=0.1), args=args, train_dataset=tiny_dataset(n=120))
 
 
@@ -386,7 +392,7 @@ trainer.train()
 """
 
 
-@pytest.mark.parametrize("variant", ["windows", "defaults"])
+@pytest.mark.parametrize("variant", ["windows", "defaults", "next_batch"])
 def test_sigkill_then_resume_is_bitwise_exact_with_a_learned_scale(tmp_path, variant):
     full = build(str(tmp_path / "full"), variant=variant)
     full.train()
@@ -397,6 +403,9 @@ def test_sigkill_then_resume_is_bitwise_exact_with_a_learned_scale(tmp_path, var
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    if variant == "next_batch":  # the checkpoint was written with a scale update waiting for step 5's gradient
+        saved = torch.load(run_dir / "checkpoint-4" / "scheduler.pt", weights_only=True)
+        assert saved["meta_learner"]["pending_alpha"] is not None and len(saved["meta_learner"]["pending_delta"])
     resumed = build(str(run_dir), variant=variant)
     resumed.train(resume_from_checkpoint=str(run_dir / "checkpoint-4"))
     lrs, values, net, model = outcome(resumed)
