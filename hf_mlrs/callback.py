@@ -206,6 +206,16 @@ class MLRSCallback(TrainerCallback):
                 return tapped
 
             tap_method(trainer, "log", with_scale_logs)
+            if self.meta_step.next_batch:  # the hypergradient is taken on the gradient before clipping
+                def noting_clipping(clip):
+                    def tapped(model):
+                        norm = clip(model)
+                        meta_step.note_clipping(norm, trainer.args.max_grad_norm)
+                        return norm
+
+                    return tapped
+
+                tap_method(trainer, "_clip_grad_norm", noting_clipping)
             if self.rewind and self.scheduler.scale.growing and \
                     trainer.accelerator.distributed_type != DistributedType.FSDP:  # a growth whose stop can hold
                 share = MLRSTrainingArguments.mlrs_scale_rewind_max_share  # MLRSTrainer's default
@@ -308,7 +318,7 @@ class MLRSCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.scheduler is not None and state.is_world_process_zero:
             self.scheduler.warn_if_at_ceiling()
-        for name in ("training_step", "_save_checkpoint", "get_batch_samples", "log"):
+        for name in ("training_step", "_save_checkpoint", "get_batch_samples", "log", "_clip_grad_norm"):
             untap_method(self.trainer, name)
 
 

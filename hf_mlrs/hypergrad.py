@@ -305,7 +305,13 @@ class MetaLearner:
             if state.get("pending_delta") is None:
                 raise ValueError("hf_mlrs: this checkpoint has a next-batch meta-update pending but not its step "
                                  "(delta); resume from the whole checkpoint folder hf_mlrs wrote.")
-            self.delta = [d.to(p.device, p.dtype) for d, p in zip(state["pending_delta"], self.local_params())]
+            saved, params = state["pending_delta"], self.local_params()
+            if [tuple(d.shape) for d in saved] != [tuple(p.shape) for p in params]:
+                raise ValueError(f"hf_mlrs: the pending next-batch step in this checkpoint has {len(saved)} tensors "
+                                 f"whose shapes do not match the {len(params)} trained parameters: it was written "
+                                 "for another model or another set of trainable parameters. Resume with the model "
+                                 "and optimizer the run started with.")
+            self.delta = [d.to(p.device, p.dtype) for d, p in zip(saved, params)]
             self.window_open = True
 
 

@@ -10,8 +10,8 @@ Per optimizer step t, once gradients are complete (accumulated, synced, clipped)
 The first step of a learned scale that starts relative to the model is a calibration step instead (see
 `LearnedScale.start_update`). With `next_batch=True` (a frozen net's learned scale) no meta batch is drawn: the
 gradient at w_{t+1} is the one the Trainer computes for step t+1 anyway, so after_step only turns the buffer into
-delta_t, and before_step of step t+1 takes dot = <g_{t+1}, delta_t> and updates gamma before alpha_{t+1} is set; the
-step t stands as taken (its gradient is spent); under DDP that gradient is already averaged: nothing to communicate.
+delta_t, and before_step of step t+1 takes dot = <g_{t+1}, delta_t> (g_{t+1} before the Trainer clipped it) and
+updates gamma before alpha_{t+1} is set; the step t stands as taken (its gradient is spent); under DDP that gradient is already averaged: nothing to communicate.
 With held-out meta batches, under DDP only two scalars per meta step cross processes. Under FSDP2 the meta
 backward runs through the sharded model (its all-gathers and reduce-scatter, as any backward), the dot product is
 taken over each rank's shards, and the same two scalars are all-reduced.
@@ -50,6 +50,7 @@ class MetaStep:
         self.scheduler = scheduler
         self.on_nonfinite = on_nonfinite
         self.log_window: dict[str, list[float]] = {"meta_loss": [], "hypergrad": []}
+        self.clip_factor = 1.0  # what the Trainer's clipping multiplied this step's gradients by (note_clipping)
         self.reset()
 
     def reset(self) -> None:
@@ -90,14 +91,23 @@ class MetaStep:
 
     # ---- before the optimizer step ------------------------------------------------------------------------------
 
+    def note_clipping(self, grad_norm, max_norm: float) -> None:
+        """The Trainer has just clipped this step's gradients (`_clip_grad_norm`, which returns the norm before
+        clipping): torch's clip_grad_norm_ multiplied them by min(1, max_norm / (norm + 1e-6)). Kept so that the
+        next-batch hypergradient is taken on the gradient itself, as the held-out one is: clipping rescales it by a
+        factor that differs from step to step, which would reweight the scale's Adam average."""
+        norm = float(grad_norm)
+        self.clip_factor = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) else math.nan
+
     def before_step(self, loss: float) -> None:
         """Set alpha_t from the loss of step t; keep w_start at a window's first step; prepare a due meta-update."""
         scheduler, learner = self.scheduler, self.scheduler.meta_learner
         step = self.trainer.state.global_step
         if scheduler.scale is not None and not scheduler.scale.calibrated:
             return self._calibration_before_step(loss)
+        clip_factor, self.clip_factor = self.clip_factor, 1.0
         if learner is not None and learner.pending_alpha is not None:
-            self._next_batch_update()
+            self._next_batch_update(clip_factor)
         if learner is not None and learner.window_starts(step):
             learner.remember_weights()
         due = learner is not None and learner.is_due(step)
@@ -198,17 +208,19 @@ class MetaStep:
         learner.close_window()
         learner.advance()
 
-    def _next_batch_update(self) -> None:
+    def _next_batch_update(self, clip_factor: float = 1.0) -> None:
         """Step t+1's gradients are final: dL_{t+1}(w_{t+1})/dlog(gamma) = <g_{t+1}, delta_t> updates the scale
-        before alpha_{t+1} is computed. The gradient is the one the optimizer will use (clipped, if the Trainer
-        clips: a positive factor, which keeps the hypergradient's sign)."""
+        before alpha_{t+1} is computed. g_{t+1} is the gradient before the Trainer clipped it (the dot product of the
+        clipped one divided by the clipping factor), as exact as the held-out hypergradient."""
         learner = self.scheduler.meta_learner
         alpha = learner.pending_alpha
         grads = [p.grad for p in learner.params]
-        dot = float(learner.local_dot(grads)) if any(g is not None for g in grads) else math.nan
+        dot = float(learner.local_dot(grads)) / clip_factor if any(g is not None for g in grads) else math.nan
         if math.isfinite(dot):
             learner.scale.update(dot)
             self.log_window["hypergrad"].append(dot / alpha)
+        elif self.trainer.accelerator.scaler is not None:
+            pass  # fp16 overflow: the loss scaler skips this step; no signal, as on the held-out path
         else:
             learner.num_skipped += 1
             self._on_nonfinite(f"hypergradient ({dot / alpha})")

@@ -297,6 +297,13 @@ class MLRSTrainer(Trainer):
         self._loss_meter.add(loss)
         return loss
 
+    # Why: the next-batch hypergradient is taken on the gradient before clipping (MetaStep.note_clipping).
+    def _clip_grad_norm(self, model):
+        norm = super()._clip_grad_norm(model)
+        if self._meta_step is not None:
+            self._meta_step.note_clipping(norm, self.args.max_grad_norm)
+        return norm
+
     # Why: log what the schedule did next to the lr it set.
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._meta_step is not None:

@@ -63,17 +63,23 @@ def callback_run(output_dir, resume=None, callbacks=(), **overrides):
     return trainer, callback
 
 
-def test_next_batch_hypergradient_is_the_directional_derivative_of_the_next_steps_loss(tmp_path):
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])
+def test_next_batch_hypergradient_is_the_directional_derivative_of_the_next_steps_loss(tmp_path, max_grad_norm):
     """Each scale update at step s uses <g(W[s]), W[s] - W[s-1]>: checked against float64 central differences of the
     next batch's loss (full batch here: the whole training set) along the step just taken, L(W[s-1] + c delta) at
-    c = 1. Reading the gradient one step early or late, or the wrong delta, fails by orders of magnitude."""
+    c = 1. Reading the gradient one step early or late, or the wrong delta, fails by orders of magnitude; with
+    clipping on, so does taking the clipped gradient (the derivative is of the loss, whatever the optimizer does
+    with the gradient next)."""
     recorder = Recorder()
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # the model and its batches in float64: rounding does not blur the check
     try:
-        trainer = trainer_run(tmp_path, callbacks=[recorder], mlrs_scale_rewind=False)
+        trainer = trainer_run(tmp_path, callbacks=[recorder], mlrs_scale_rewind=False, max_grad_norm=max_grad_norm)
     finally:
         torch.set_default_dtype(default)
+    if max_grad_norm:  # the check means something only where the Trainer really clipped g(W[s])
+        norms = {h["step"]: h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h}
+        assert sum(norms[step + 1] > 2 * max_grad_norm for step, _ in recorder.updates) >= 5
     assert next(trainer.model.parameters()).dtype == torch.float64
     data = trainer.train_dataset  # made in float64 too
     x, y = torch.tensor(data["x"], dtype=torch.float64), torch.tensor(data["labels"], dtype=torch.float64)
@@ -96,17 +102,21 @@ def test_next_batch_hypergradient_is_the_directional_derivative_of_the_next_step
         assert abs(dot - finite_difference) <= 1e-5 * abs(finite_difference), step
 
 
-def test_next_batch_is_the_same_run_in_mlrs_trainer_and_mlrs_callback(tmp_path):
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])
+def test_next_batch_is_the_same_run_in_mlrs_trainer_and_mlrs_callback(tmp_path, max_grad_norm):
     """The same defaults (relative start, growth, hold, rewind, cooldown), no held-out split in either: the same lrs,
-    scales and weights. Neither draws a meta batch."""
-    trainer = trainer_run(tmp_path / "trainer", max_steps=80)
-    plain, callback = callback_run(tmp_path / "callback", max_steps=80)
+    scales and weights, with the Trainer's clipping too. Neither draws a meta batch."""
+    trainer = trainer_run(tmp_path / "trainer", max_steps=80, max_grad_norm=max_grad_norm)
+    plain, callback = callback_run(tmp_path / "callback", max_steps=80, max_grad_norm=max_grad_norm)
     scale = callback.scheduler.scale
     assert scale.holds and scale.num_updates >= 10 and not hasattr(callback.meta_step, "meta_sampler")
     assert len(trainer.train_dataset) == 64  # nothing held out
     assert gammas(plain) == gammas(trainer) and len(set(gammas(plain))) > 5
     assert logged_lrs(plain) == logged_lrs(trainer)
     assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), trainer.model.parameters()))
+    hypergradients = [[h["mlrs/hypergrad"] for h in run.state.log_history if "mlrs/hypergrad" in h]
+                      for run in (plain, trainer)]  # the same signs may give the same run: the values must agree too
+    assert hypergradients[0] == hypergradients[1] and len(hypergradients[0]) >= 10
 
 
 @pytest.mark.parametrize("entry", ["trainer", "callback"])
@@ -121,6 +131,9 @@ def test_resumed_with_a_pending_next_batch_update_is_bitwise_exact(tmp_path, ent
     assert logged_lrs(resumed)[-34:] == logged_lrs(full)[-34:]
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), full.model.parameters()))
     if entry == "callback":
+        torch.save([torch.zeros(3)], checkpoint / "hf_mlrs_pending_delta.pt")  # another model's step
+        with pytest.raises(ValueError, match="another model"):
+            run(tmp_path / "run", save_strategy="steps", save_steps=3, resume=str(checkpoint))
         (checkpoint / "hf_mlrs_pending_delta.pt").unlink()
         with pytest.raises(FileNotFoundError, match="pending_delta"):
             run(tmp_path / "run", save_strategy="steps", save_steps=3, resume=str(checkpoint))
