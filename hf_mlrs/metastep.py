@@ -11,7 +11,8 @@ The first step of a learned scale that starts relative to the model is a calibra
 `LearnedScale.start_update`). With `next_batch=True` (a frozen net's learned scale) no meta batch is drawn: the
 gradient at w_{t+1} is the one the Trainer computes for step t+1 anyway, so after_step only turns the buffer into
 delta_t, and before_step of step t+1 takes dot = <g_{t+1}, delta_t> (g_{t+1} before the Trainer clipped it) and
-updates gamma before alpha_{t+1} is set; the step t stands as taken (its gradient is spent); under DDP that gradient is already averaged: nothing to communicate.
+updates gamma before alpha_{t+1} is set; the step t stands as taken (its gradient is spent); under DDP that gradient
+is already averaged: nothing to communicate.
 With held-out meta batches, under DDP only two scalars per meta step cross processes. Under FSDP2 the meta
 backward runs through the sharded model (its all-gathers and reduce-scatter, as any backward), the dot product is
 taken over each rank's shards, and the same two scalars are all-reduced.
