@@ -521,7 +521,10 @@ def test_callback_learned_scale_holds_and_rewinds_as_mlrs_trainer_with_a_frozen_
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
     no_rewind, without = callback_run(tmp_path / "no_rewind", rewind=False)
     assert without.scheduler.rewind is None and gammas(no_rewind) == gammas(plain)
-    assert not all(torch.equal(a, b) for a, b in zip(no_rewind.model.parameters(), plain.model.parameters()))
+    # Both runs end at this least-squares problem's solution (bitwise, on some versions), so compare where the rewind
+    # acts: the rewound run's first step after it starts from the starting weights again, the other from the probe's.
+    losses = [[h["loss"] for h in run.state.log_history if "loss" in h] for run in (plain, no_rewind)]
+    assert losses[0][rewind.step] == losses[0][0] and losses[1][rewind.step] < 1e-2 * losses[0][0]
 
 
 def test_callback_resumed_before_its_rewind_rewinds_to_the_run_start_bitwise(tmp_path):
