@@ -46,9 +46,9 @@ def value(run: dict, test: bool) -> float:
     return run["test_accuracy" if test else "val_accuracy"]
 
 
-def mean_se(xs: list[float]) -> str:
-    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
-    return f"{statistics.fmean(xs):.4f} ± {se:.4f}"
+def mean_and_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and standard error over seeds."""
+    return statistics.fmean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0)
 
 
 def ab(args) -> None:
@@ -65,11 +65,9 @@ def ab(args) -> None:
     unit = "%" if quality.by_loss(args.task) else " points"
     print(f"{args.task} {args.arm} lr {lr:g}, seeds {seeds[0]}-{seeds[-1]} ({len(seeds)})"
           f"{' (test split)' if args.test else ''}")
-    print(f"  A {args.a}: {mean_se(va)}")
-    print(f"  B {args.b}: {mean_se(vb)}")
-    print(f"  B - A paired: {statistics.fmean(diff):+.2f} ± "
-          f"{statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0:.2f}{unit}, "
-          f"B worse on {worse} of {len(diff)}")
+    for name, overrides, values in (("A", args.a, va), ("B", args.b, vb)):
+        print(f"  {name} {overrides}: " + "{:.4f} ± {:.4f}".format(*mean_and_se(values)))
+    print("  B - A paired: {:+.2f} ± {:.2f}".format(*mean_and_se(diff)) + f"{unit}, B worse on {worse} of {len(diff)}")
 
 
 def protocol(args) -> None:

@@ -51,13 +51,13 @@ class MetaStep:
         self.scheduler = scheduler
         self.on_nonfinite = on_nonfinite
         self.log_window: dict[str, list[float]] = {"meta_loss": [], "hypergrad": []}
-        self.clip_factor = 1.0  # what the Trainer's clipping multiplied this step's gradients by (note_clipping)
         self.reset()
 
     def reset(self) -> None:
         """Nothing pending from a train() that raised, or from before a resume."""
         self.pending_meta = None
         self.pending_calibration = None
+        self.clip_factor = 1.0  # what the Trainer's clipping multiplied this step's gradients by (note_clipping)
         if self.scheduler.meta_learner is not None:
             self.scheduler.meta_learner.window_lrs = []
 
@@ -96,7 +96,10 @@ class MetaStep:
         """The Trainer has just clipped this step's gradients (`_clip_grad_norm`, which returns the norm before
         clipping): torch's clip_grad_norm_ multiplied them by min(1, max_norm / (norm + 1e-6)). Kept so that the
         next-batch hypergradient is taken on the gradient itself, as the held-out one is: clipping rescales it by a
-        factor that differs from step to step, which would reweight the scale's Adam average."""
+        factor that differs from step to step, which would reweight the scale's Adam average. Held-out meta
+        gradients are never clipped: nothing to keep (and no device sync for the norm on every step)."""
+        if not self.next_batch:
+            return
         norm = float(grad_norm)
         self.clip_factor = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) else math.nan
 
@@ -104,9 +107,9 @@ class MetaStep:
         """Set alpha_t from the loss of step t; keep w_start at a window's first step; prepare a due meta-update."""
         scheduler, learner = self.scheduler, self.scheduler.meta_learner
         step = self.trainer.state.global_step
+        clip_factor, self.clip_factor = self.clip_factor, 1.0  # this step's, used once
         if scheduler.scale is not None and not scheduler.scale.calibrated:
             return self._calibration_before_step(loss)
-        clip_factor, self.clip_factor = self.clip_factor, 1.0
         if learner is not None and learner.pending_alpha is not None:
             self._next_batch_update(clip_factor)
         if learner is not None and learner.window_starts(step):
