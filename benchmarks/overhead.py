@@ -10,12 +10,13 @@ Arms (same model, data, batch size, AdamW; the meta batch is as large as the tra
   learned    MLRSTrainer meta-training with the learned lr scale (the recommended settings: a meta step every
              step until the scale settles, every 4th after, none in the final cooldown); its cost is reported over
              the whole run, warm-up steps included, since its meta steps are denser at the start
-  frozen_learned  MLRSTrainer applying the shipped multitask-default frozen with the learned lr scale (the no-lr
-             path: only the scale is learned; meta steps every step while it grows, then none if it holds or every
-             4th if it tracks, none in the cooldown); reported over the whole run, as `learned`
+  frozen_learned  MLRSTrainer applying the shipped multitask-default frozen with the learned lr scale from held-out
+             meta batches (a meta_dataset given; the default before session 27): the no-lr path, only the scale is
+             learned; meta steps every step while it grows, then none if it holds or every 4th if it tracks, none in
+             the cooldown; reported over the whole run, as `learned`
   frozen_learned_half  the same with mlrs_scale_track_batch_share=0.5 (half of each meta batch while it tracks)
-  frozen_learned_next  the same with mlrs_meta_source="next_batch": the hypergradient from the next step's training
-             gradient, no meta batch (all the data trains)
+  frozen_learned_next  the same with mlrs_meta_source="next_batch" (the default without a meta_dataset since session
+             27): the hypergradient from the next step's training gradient, no meta batch (all the data trains)
   callback_next  MLRSCallback(multitask-default, gamma="learned") without meta_dataset: the same next-batch path
   callback_learned  the same no-lr path in a plain Trainer: MLRSCallback(multitask-default, gamma="learned",
              meta_dataset=...), timed as `transfer` (its hooks) and reported over the whole run, as `learned`
@@ -144,7 +145,9 @@ def worker(arm: str, size: str, steps: int, warmup: int, batch: int, seq: int, d
                 settings["mlrs_meta_source"] = "next_batch"
         else:
             settings = dict(mlrs_meta_interval=int(arm.split("_")[1]))
-        args = MLRSTrainingArguments(**common, **settings, mlrs_meta_batch_size=batch)
+        if arm != "frozen_learned_next":  # the next batch has no meta batch (a size would be refused)
+            settings["mlrs_meta_batch_size"] = batch
+        args = MLRSTrainingArguments(**common, **settings)
         schedule = MLRSNet.from_pretrained("multitask-default") if arm.startswith("frozen_learned") else None
         trainer = cls(model=model, args=args, train_dataset=train, callbacks=[clock], schedule=schedule,
                       meta_dataset=None if arm == "frozen_learned_next" else meta)

@@ -16,8 +16,11 @@ Arms (AdamW unless said; every arm x every seed):
   mlrs_learned:<v>     MLRSTrainer(mlrs_gamma="learned"), the net meta-trained too, from each of 5 starting lrs
   mlrs_frozen:default  MLRSTrainer(schedule=..., mlrs_gamma="learned"): the multi-task default frozen, only its lr
                        scale learned, from each of 5 starting lrs; on each task the default's leave-one-task-out
-                       variant that never saw it (outputs/zoo/multitask-without-<task>-select3, made by
-                       `python recipes/zoo.py --entry multitask-without-<task> --select 3`)
+                       variant that never saw it (benchmarks/heldout_nets/multitask-without-<task>, committed;
+                       else outputs/zoo/multitask-without-<task>-select3, made by
+                       `python recipes/zoo.py --entry multitask-without-<task> --select 3`); the meta source is the
+                       library's default (the next training batch since session 27; held-out batches before, in
+                       records without `meta_source`)
   mlrs_callback:default  the same schedule and learned scale through a plain Trainer + MLRSCallback(gamma="learned",
                        meta_dataset=...): the held-out 10% MLRSTrainer would split off is passed as meta_dataset and
                        never trained on (a callback cannot return it to training, as MLRSTrainer does)
@@ -186,12 +189,23 @@ LEARNED_VARIANTS["rewind"] = {"mlrs_scale_rewind": True, "mlrs_scale_rewind_max_
 # not act (the same scale trajectories on 10 seeds, RESULTS.md 3b session 23), and their runs stay "default".
 
 
+# Committed copies of the leave-one-task-out variants measured in RESULTS.md (session 27 on): rebuilds of one command
+# differ by up to 2 points of transfer between machines and library versions (section 8; 3b, session 26), so the
+# held-out cells are measured with these nets wherever they are rerun. benchmarks/heldout_variants.sh copies a build
+# here when none is committed yet.
+HELD_OUT_NETS = HERE / "heldout_nets"
+
+
 def held_out_default_dir(task_name: str) -> tuple[Path, str]:
-    """Where the multi-task default's leave-one-task-out variant without `task_name` lives, made as the shipped
-    default is (a selection over its draws), and the command that makes it."""
+    """Where the multi-task default's leave-one-task-out variant without `task_name` lives (its committed copy, else
+    the build under outputs/zoo/), made as the shipped default is (a selection over its draws), and the command that
+    makes it."""
     import zoo
 
     name, count = f"multitask-without-{task_name}", zoo.entry("multitask-default")["select"]
+    committed = HELD_OUT_NETS / name
+    if (committed / "model.safetensors").is_file():
+        return committed, f"python recipes/zoo.py --entry {name} --select {count}"
     return zoo.pool_dir(name, count, "select"), f"python recipes/zoo.py --entry {name} --select {count}"
 
 
@@ -339,7 +353,9 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
             "test_accuracy": test.get("test_accuracy"), "test_loss": test["test_loss"], "val_curve": curve,
             "lrs": [[e["step"], e["learning_rate"]] for e in history if "learning_rate" in e],
             "losses": [[e["step"], e["loss"]] for e in history if "loss" in e],
-            "gammas": [[e["step"], e["mlrs/gamma"]] for e in history if "mlrs/gamma" in e]}
+            "gammas": [[e["step"], e["mlrs/gamma"]] for e in history if "mlrs/gamma" in e],
+            # where the scale's hypergradient came from, as resolved (MLRSTrainer's default changed in session 27)
+            "meta_source": getattr(trainer, "meta_source", None)}
 
 
 def run_task(task_name: str, options, log, earlier: list[dict]) -> list[dict]:

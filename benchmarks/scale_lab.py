@@ -50,6 +50,8 @@ def main(task: str, arms: str, lrs: str, seeds: str, overrides: str = "{}") -> N
                     r = quality.run_one(task, arm, lr, seed, options, overrides=overrides)
                     every = max(1, len(r["gammas"]) // 6)
                     r["overrides"] = {**overrides, **({"patch": patched} if patched else {})}
+                    if r.get("meta_source") == "next_batch":  # the default since session 27: recorded as such, so
+                        r["overrides"].setdefault("mlrs_meta_source", "next_batch")  # {} stays held-out batches
                     print(f"{task} {arm:24s} {shown}lr={lr:<8.2g} s={seed} val={r['val_accuracy']} "
                           f"test={r['test_accuracy']} "
                           f"vloss={r['val_loss']:.4f} gamma: {[f'{g:.2e}' for _, g in r['gammas'][::every]]} "

@@ -152,13 +152,16 @@ class MLRSTrainingArguments(TrainingArguments):
         run in `benchmarks/overhead.py`. Its quality cost is unresolved: on bbc, 20 seeds paired, -0.17 +- 0.31
         points (level), but -2.9 points at the worst start of the 3-seed protocol (seeds 0-2 lose 0.8-2.4 each), so
         it is not the default (RESULTS.md 3b, session 24).
-    mlrs_meta_source (`str`, *optional*, defaults to `"held_out"`):
+    mlrs_meta_source (`str`, *optional*):
         Where the hypergradient's gradient comes from. `"held_out"`: the paper's meta loss, one forward and backward
-        of a held-out meta batch after the step (`mlrs_meta_fraction` of the training data is held out).
-        `"next_batch"` (a frozen schedule with a learned gamma only): the next step's training gradient, which the
-        Trainer computes anyway, <g_{t+1}, w_{t+1} - w_t> (the hypergradient of Baydin et al. 2018): no meta batch,
-        no held-out data, no extra forward or backward; the update to gamma applies from that next step on instead
-        of rescaling the step just taken.
+        of a held-out meta batch after the step (`mlrs_meta_fraction` of the training data is held out, or
+        `meta_dataset`). `"next_batch"` (a frozen schedule with a learned gamma only): the next step's training
+        gradient, which the Trainer computes anyway, <g_{t+1}, w_{t+1} - w_t> (the hypergradient of Baydin et al.
+        2018): no meta batch, no held-out data, no extra forward or backward; the update to gamma applies from that
+        next step on instead of rescaling the step just taken. Unset (the default): `"next_batch"` where it applies
+        (a frozen `schedule`, `mlrs_gamma="learned"`, no `meta_dataset`, `mlrs_horizon=1`, not FSDP2), where it
+        costs 1.01x a plain run against 1.35x and scored level with held-out batches on 10 seeds of four tasks
+        (RESULTS.md 3b, sessions 25-27); `"held_out"` everywhere else.
     mlrs_meta_eval_mode (`bool`, *optional*, defaults to `False`):
         Measure the meta loss in eval mode (BatchNorm running statistics, no dropout) instead of train mode.
     mlrs_cooldown_fraction (`float`, *optional*):
@@ -275,9 +278,10 @@ class MLRSTrainingArguments(TrainingArguments):
     mlrs_scale_track_batch_share: float = field(
         default=1.0, metadata={"help": "Frozen schedule, learned gamma that tracks: share of each meta batch used."}
     )
-    mlrs_meta_source: str = field(
-        default="held_out", metadata={"help": "'held_out' (a meta batch) or 'next_batch' (the next step's training "
-                                      "gradient; frozen schedule with a learned gamma only)."}
+    mlrs_meta_source: str | None = field(
+        default=None, metadata={"help": "'held_out' (a meta batch) or 'next_batch' (the next step's training "
+                                "gradient; frozen schedule with a learned gamma only); unset: next_batch where it "
+                                "applies, else held_out."}
     )
     mlrs_meta_eval_mode: bool = field(
         default=False, metadata={"help": "Measure the meta loss in eval mode (running statistics, no dropout)."}
@@ -341,6 +345,11 @@ class MLRSTrainingArguments(TrainingArguments):
         self._validate_mlrs()
         super().__post_init__()
 
+    def held_out_only_settings(self) -> list[str]:
+        """The settings given that act only on held-out meta batches (each has no effect with the next batch)."""
+        return [name for name, unset in (("mlrs_meta_batch_size", None), ("mlrs_meta_eval_mode", False),
+                                         ("mlrs_scale_track_batch_share", 1.0)) if getattr(self, name) != unset]
+
     @property
     def mlrs_gamma_value(self) -> float | str:
         """gamma as the scheduler takes it: a float, "auto" or "learned"."""
@@ -374,13 +383,17 @@ class MLRSTrainingArguments(TrainingArguments):
             fail("mlrs_scale_rewind", "rewinds to the start once a learned gamma stops growing and holds, and this "
                  f"run has mlrs_gamma={self.mlrs_gamma!r}, mlrs_scale_hold={self.mlrs_scale_hold!r}",
                  "Set mlrs_gamma='learned' (and leave mlrs_scale_hold unset or True), or drop mlrs_scale_rewind.")
-        if self.mlrs_meta_source not in ("held_out", "next_batch"):
+        if self.mlrs_meta_source not in (None, "held_out", "next_batch"):
             fail("mlrs_meta_source", f"{self.mlrs_meta_source!r} is not 'held_out' or 'next_batch'",
-                 "Use 'held_out' (the paper's held-out meta batch) or 'next_batch' (the next training gradient).")
+                 "Use 'held_out' (the paper's held-out meta batch), 'next_batch' (the next training gradient) or "
+                 "leave it unset (the next batch where it applies).")
         if self.mlrs_meta_source == "next_batch" and (self.mlrs_gamma != "learned" or self.mlrs_horizon != 1):
             fail("mlrs_meta_source", f"'next_batch' with mlrs_gamma={self.mlrs_gamma!r} and "
                  f"mlrs_horizon={self.mlrs_horizon}", "'next_batch' learns only the scale of a frozen schedule "
                  "(MLRSTrainer(schedule=...), mlrs_gamma='learned', mlrs_horizon=1); use 'held_out' otherwise.")
+        if self.mlrs_meta_source == "next_batch" and self.held_out_only_settings():
+            fail("mlrs_meta_source", f"'next_batch' uses no meta batch, so {', '.join(self.held_out_only_settings())} "
+                 "would have no effect", "Use mlrs_meta_source='held_out' to keep them, or drop them.")
         if not 0 < self.mlrs_scale_track_batch_share <= 1:
             fail("mlrs_scale_track_batch_share", f"{self.mlrs_scale_track_batch_share} is not a share in (0, 1]",
                  "Use e.g. 0.5 (half of each meta batch while the scale tracks) or 1.0 (the whole batch).")

@@ -120,21 +120,17 @@ class MLRSTrainer(Trainer):
             _require_lr_linear(type(optimizer), optimizer.defaults, args)
         elif kwargs.get("optimizer_cls_and_kwargs") is not None:
             _require_lr_linear(*kwargs["optimizer_cls_and_kwargs"], args)
-        self._next_batch = self.meta_learning and args.mlrs_meta_source == "next_batch"
-        if self._next_batch and self.meta_training:
-            raise ValueError("MLRSTrainer: mlrs_meta_source='next_batch' learns only the scale of a frozen schedule; "
-                             "meta-training a net needs held-out data. Pass schedule=MLRSNet.from_pretrained(...) "
-                             "(without continue_meta_training), or use mlrs_meta_source='held_out'.")
-        if self._next_batch and meta_dataset is not None:
-            raise ValueError("MLRSTrainer: mlrs_meta_source='next_batch' uses no meta_dataset (the next training "
-                             "batch is the meta batch); drop meta_dataset=..., or use mlrs_meta_source='held_out'.")
-        if self.meta_learning and not self._next_batch and meta_dataset is None and args.mlrs_meta_fraction == 0:
-            raise ValueError(
-                "MLRSTrainingArguments.mlrs_meta_fraction is 0 and no meta_dataset was given, so meta-training (or a "
-                "learned gamma) has no held-out data. Pass meta_dataset=... or set mlrs_meta_fraction (e.g. 0.1); to "
-                "apply a learned schedule at a fixed gamma, pass schedule=MLRSNet.from_pretrained(...) and a number "
-                "as mlrs_gamma."
-            )
+        if self.meta_learning and args.mlrs_meta_source == "next_batch":  # asked for: refused here before anything
+            if self.meta_training:                                          # is built
+                raise ValueError("MLRSTrainer: mlrs_meta_source='next_batch' learns only the scale of a frozen "
+                                 "schedule; meta-training a net needs held-out data. Pass "
+                                 "schedule=MLRSNet.from_pretrained(...) (without continue_meta_training), or use "
+                                 "mlrs_meta_source='held_out'.")
+            if meta_dataset is not None:
+                raise ValueError("MLRSTrainer: mlrs_meta_source='next_batch' uses no meta_dataset (the next "
+                                 "training batch is the meta batch); drop meta_dataset=..., or use "
+                                 "mlrs_meta_source='held_out'.")
+        self.meta_source = None  # "held_out" or "next_batch" where anything is meta-learned (_resolve_meta_source)
         super().__init__(*positional, **kwargs)
         # Why: the schedule must read the real mean loss, not one multiplied by accumulation steps x processes.
         fix_loss_scaling(self)
@@ -149,6 +145,7 @@ class MLRSTrainer(Trainer):
                     "one process, then apply the learned schedule frozen at a fixed gamma (schedule=... or "
                     "MLRSCallback), which works under any mode."
                 )
+            self.meta_source = self._resolve_meta_source(meta_dataset)
             if args.mlrs_scale_rewind is True and self.accelerator.distributed_type == DistributedType.FSDP:
                 raise ValueError("MLRSTrainer: mlrs_scale_rewind keeps the whole model's starting state, which FSDP2 "
                                  "shards; it is not supported there yet. Drop mlrs_scale_rewind under FSDP2.")
@@ -167,6 +164,35 @@ class MLRSTrainer(Trainer):
         self._meta_step: MetaStep | None = None  # made with the scheduler
         self._nothing_to_train = False  # resumed from a checkpoint at max_steps
         self.add_callback(_MLRSHooks(self))
+
+    def _resolve_meta_source(self, meta_dataset) -> str:
+        """The meta source asked for, else the default: the next training batch where it applies (only gamma is
+        learned, over one-step windows, outside FSDP2, and no meta_dataset was given), held-out batches elsewhere.
+        Where it applies the two scored level on 10 seeds of four tasks, and the next batch costs 1.01x a plain run
+        against 1.35x, holding no data out (RESULTS.md 3b, sessions 25-27)."""
+        args = self.args
+        source = args.mlrs_meta_source
+        if source is None:
+            applies = (not self.meta_training and meta_dataset is None and args.mlrs_horizon == 1
+                       and self.accelerator.distributed_type != DistributedType.FSDP)
+            source = "next_batch" if applies else "held_out"
+            if applies and args.held_out_only_settings():
+                raise ValueError(
+                    f"MLRSTrainer: with a frozen schedule and a learned gamma the meta source defaults to the next "
+                    f"training batch, which has no meta batch: {', '.join(args.held_out_only_settings())} would have "
+                    "no effect. Set mlrs_meta_source='held_out' to use held-out meta batches, or drop them.")
+        if source == "held_out" and meta_dataset is None and args.mlrs_meta_fraction == 0:
+            raise ValueError(
+                "MLRSTrainingArguments.mlrs_meta_fraction is 0 and no meta_dataset was given, so meta-training (or a "
+                "learned gamma) has no held-out data. Pass meta_dataset=... or set mlrs_meta_fraction (e.g. 0.1); to "
+                "apply a learned schedule at a fixed gamma, pass schedule=MLRSNet.from_pretrained(...) and a number "
+                "as mlrs_gamma."
+            )
+        return source
+
+    @property
+    def _next_batch(self) -> bool:
+        return self.meta_source == "next_batch"
 
     # ---- overrides (each minimal) -------------------------------------------------------------------------------
 
@@ -391,7 +417,7 @@ class MLRSTrainer(Trainer):
             "gamma_trajectory": _relative_gamma_trajectory(self.state),
             "input_normalization": self.schedule.input_normalization,
             "meta_interval": self.args.mlrs_meta_interval,
-            "meta_source": self.args.mlrs_meta_source if self.meta_learning else None,
+            "meta_source": self.meta_source,
             "meta_updates": scheduler.meta_learner.num_updates if scheduler and scheduler.meta_learner else 0,
             "rewound_at_step": scheduler.rewind.step if scheduler and scheduler.rewind else None,
             "lr_history": [[e["step"], e["learning_rate"]] for e in history][-500:],

@@ -151,3 +151,32 @@ def test_next_batch_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="meta_dataset"):
         MLRSTrainer(model=LeastSquares(), args=args, train_dataset=near_solution_data(),
                     meta_dataset=near_solution_data(), schedule=constant_stages(8.0))
+
+
+def test_the_meta_source_defaults_to_the_next_batch_only_where_it_applies(tmp_path):
+    """Unset, mlrs_meta_source is the next batch with a frozen schedule and a learned gamma (the same run as asking
+    for it, nothing held out), and held-out batches wherever the next batch cannot serve or data was given for them."""
+    def trainer(meta_source=None, schedule=True, meta_dataset=None, **overrides):
+        values = {**plain_args(tmp_path, max_steps=12), "mlrs_gamma": "learned", **overrides}
+        args = MLRSTrainingArguments(str(tmp_path), mlrs_meta_source=meta_source, **values)
+        return MLRSTrainer(model=LeastSquares(), args=args, train_dataset=near_solution_data(),
+                           schedule=constant_stages(8.0) if schedule else None, meta_dataset=meta_dataset)
+
+    default, asked = trainer(), trainer("next_batch")
+    assert default.meta_source == "next_batch" and len(default.train_dataset) == 64  # nothing held out
+    default.train()
+    asked.train()
+    assert gammas(default) == gammas(asked) and len(set(gammas(default))) > 3
+    assert all(torch.equal(a, b) for a, b in zip(default.model.parameters(), asked.model.parameters()))
+    small = dict(mlrs_meta_batch_size=4)  # a meta batch the 10% held out of 64 examples can fill
+    held_out = trainer("held_out", **small)
+    assert held_out.meta_source == "held_out" and len(held_out.train_dataset) < 64
+    assert trainer(meta_dataset=near_solution_data()).meta_source == "held_out"  # data given for held-out batches
+    assert trainer(schedule=False, **small).meta_source == "held_out"  # the net is meta-trained
+    assert trainer(mlrs_horizon=2, **small).meta_source == "held_out"
+    assert trainer(mlrs_gamma=1e-3).meta_source is None  # nothing is learned
+    with pytest.raises(ValueError, match="mlrs_meta_batch_size would have no effect"):
+        trainer(**small)  # a held-out setting under the default: a choice to make, not to ignore
+    with pytest.raises(ValueError, match="mlrs_meta_eval_mode would have no effect"):
+        MLRSTrainingArguments(str(tmp_path), mlrs_gamma="learned", mlrs_meta_source="next_batch",
+                              mlrs_meta_eval_mode=True)
