@@ -1,6 +1,7 @@
 """MLRSTrainer meta-training under FSDP2 on GPUs: exactness against one process, resume, and cost against plain FSDP.
 
-Not run yet (no GPU in the session that wrote it); the mechanism is tested on CPU in tests/test_fsdp.py. Runs on
+Not measured yet: on one H200 (session 27, torch 2.11) the launch failed inside accelerate's FSDP2 preparation, for a
+plain Trainer too (RESULTS.md section 5); the mechanism is tested on CPU in tests/test_fsdp.py. Runs on
 however many GPUs are present (one works: FSDP2 over a 1-rank mesh). The driver starts every part in its own process:
 
   check      one process, no FSDP: MLRSTrainer meta-training of a small BERT (float64, dropout 0, sequential data,
