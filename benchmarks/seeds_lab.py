@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ sys.path.insert(0, str(HERE))
 
 import transfer  # noqa: E402, I001  (first: quality.py puts recipes/, which has a transfer.py of its own, ahead)
 import quality  # noqa: E402
+from lab_report import mean_and_se  # noqa: E402
 
 
 def tuned_lrs(reuse: str, task: str) -> dict[str, float]:
@@ -51,8 +51,7 @@ def tuned_lrs(reuse: str, task: str) -> dict[str, float]:
 
 def paired(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Mean and standard error of x - y over seeds."""
-    d = [x - y for x, y in zip(xs, ys)]
-    return statistics.fmean(d), (statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan"))
+    return mean_and_se([x - y for x, y in zip(xs, ys)])
 
 
 def main(argv=None):
