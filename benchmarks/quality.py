@@ -291,8 +291,8 @@ def run_one(task_name: str, arm: str, lr: float, seed: int, options, schedule_so
         trainer = MLRSTrainer(model=task.model, args=args, **data)
     elif arm.startswith(("mlrs_learned", "mlrs_scale")):  # learned gamma: meta-trained net, or a flat frozen net
         variant = dict(LEARNED_VARIANTS[arm.split(":")[1].split("@")[0]])
-        if arm.startswith("mlrs_scale"):  # a flat frozen net tracked its scale until session 22: pinned, as measured
-            variant = {"mlrs_scale_hold": False, **variant}
+        if arm.startswith("mlrs_scale"):  # a flat frozen net tracked its scale until session 22, from held-out
+            variant = {"mlrs_scale_hold": False, "mlrs_meta_source": "held_out", **variant}  # batches: pinned
         common["lr_scheduler_type"] = "constant"
         args = arguments(MLRSTrainingArguments, mlrs_gamma="learned", mlrs_meta_lr=1e-2, **variant)
         flat = None

@@ -7,7 +7,9 @@ cell of its row is a held-out task. Each cell, at the task's length in benchmark
   builtin:<s>   the tuned built-in schedules (peak lr from quality.py's 5-value grid on validation, seed 0), reused
                 from quality.py's results (`--reuse`) where the same task, model and length were run (not on the LM)
   zoo           equal tuning: the schedule frozen (Trainer + MLRSCallback), its gamma chosen from the same grid
-  learned       the schedule frozen, its lr scale learned (MLRSTrainer(schedule=..., mlrs_gamma="learned")), no lr
+  learned       the schedule frozen, its lr scale learned (MLRSTrainer(schedule=..., mlrs_gamma="learned")), no lr;
+                from the next training batch since session 27 (the library's default), from held-out batches in runs
+                cached before: `--remeasure learned` measures the default as it is now
 Budgets: on one cheap held-out cell per schedule, the same arms (built-ins: the tuned constant and the best tuned
 schedule of the cell) at 1/3x and 3x the schedule's meta-training episode length (capped by --budget_cap steps).
 Draws (`--draws N`): a zoo entry is one draw of its meta-training command, and two draws differ by up to 2 points per
