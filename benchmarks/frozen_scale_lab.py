@@ -1,9 +1,11 @@
 """A frozen schedule with its lr scale learned: what the scale does after its growth stops (RESULTS.md section 8,
 session 22).
 
-Applies the default's leave-one-task-out variant of each task (`outputs/zoo/multitask-without-<task>-select3`, built
-by `python recipes/zoo.py --entry multitask-without-<task> --select 3`) frozen with `mlrs_gamma="learned"`, as
-`benchmarks/transfer.py`'s learned-scale arm does (`quality.run_one`, arm `mlrs_transfer_learned`), under one design:
+Applies the default's leave-one-task-out variant of each task (`quality.held_out_default_dir`: committed in
+benchmarks/heldout_nets/, else `outputs/zoo/multitask-without-<task>-select3`, built by
+`python recipes/zoo.py --entry multitask-without-<task> --select 3`) frozen with `mlrs_gamma="learned"`, as
+`benchmarks/transfer.py`'s learned-scale arm does (`quality.run_one`, arm `mlrs_transfer_learned`), the scale learned
+from held-out batches as when these designs were measured (sessions 21-23), under one design:
 
   track      the session-21 default: growth (linear 1.35 x the start), stop, then tracking the signal
   hold       hold after any stop (margin 0.8, rewind when the probe took at most 20% of the run), growth 1.35
@@ -141,8 +143,11 @@ def main(argv=None) -> None:
             for seed in range(int(seeds)):
                 r = quality.run_one(task, "mlrs_transfer_learned", 1e-3, seed, run_options,
                                     schedule_source=str(source), model=model,
-                                    overrides=dict(VARIANTS[options.variant]))
-                r["variant"], r["schedule"] = options.variant, shipped[0] if shipped else source.parent.name
+                                    overrides={"mlrs_meta_source": "held_out", **VARIANTS[options.variant]})
+                # the held-out variant's name, wherever its net lives (outputs/zoo/<name>-select3/schedule or the
+                # committed benchmarks/heldout_nets/<name>)
+                r["variant"], r["schedule"] = options.variant, shipped[0] if shipped else (
+                    source.parent.name if source.name == "schedule" else source.name)
                 out.write(json.dumps(r) + "\n")
                 out.flush()
                 every = max(1, len(r["lrs"]) // 7)

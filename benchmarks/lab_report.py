@@ -30,12 +30,17 @@ import quality  # noqa: E402
 
 
 def records(task: str, arm: str, overrides: dict) -> dict[tuple[float, int], dict]:
-    """(lr, seed) -> the last record of `task` and `arm` run with exactly `overrides`."""
-    found = {}
+    """(lr, seed) -> the last record of `task` and `arm` run with exactly `overrides`. For `mlrs_frozen:` arms, no
+    "mlrs_meta_source" means held-out batches, on either side: MLRSTrainer's default with a frozen schedule until
+    session 27, and scale_lab.py has recorded the next batch (the default since) by name."""
+    def normal(o: dict) -> dict:
+        return {"mlrs_meta_source": "held_out", **o} if arm.startswith("mlrs_frozen:") else o
+
+    found, overrides = {}, normal(overrides)
     with open(HERE / "results" / "scale_lab.jsonl") as f:
         for line in f:
             r = json.loads(line)
-            if r["task"] == task and r["arm"] == arm and r.get("overrides", {}) == overrides:
+            if r["task"] == task and r["arm"] == arm and normal(r.get("overrides", {})) == overrides:
                 found[(r["lr"], r["seed"])] = r
     return found
 

@@ -200,6 +200,10 @@ python benchmarks/transfer.py --entries lm-bytes \
 for task in digits lm; do
   python benchmarks/scale_lab.py "$task" mlrs_learned:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"mlrs_scale_growth_linear": 2.7}'
 done
+# Sessions 23-26 measured the no-lr path with held-out meta batches, MLRSTrainer's default with a frozen schedule until
+# session 27 (the next training batch since): their scale_lab.py runs pin "mlrs_meta_source": "held_out" (lab_report.py
+# reads their records, written without the key, as held out); their quality.py runs of mlrs_frozen:default now measure
+# the next batch, so they reproduce only at a checkout before session 27.
 # Session 23: the no-lr path (the default's leave-one-task-out variants frozen, the scale learned) by issue 9's
 # protocol (five starts x 3 seeds, AdamW and SGD; merged into quality_cpu*.json), seeds 3-9 at start 1e-3, the
 # from-the-first-update rule tried as a patch (frozen and meta-trained), then in the library: the bbc runs and every
@@ -207,7 +211,7 @@ done
 python benchmarks/quality.py --tasks digits,fashion,bbc,lm --arms mlrs_frozen:default \
   --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/quality_s23
 for task in digits fashion lm bbc; do
-  python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-3 3,4,5,6,7,8,9
+  python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-3 3,4,5,6,7,8,9 '{"mlrs_meta_source": "held_out"}'
 done
 python benchmarks/frozen_scale_lab.py fromstart bbc:minilm-L2:10,lm:gpt2-small:10,digits:resnet-small:3,\
 fashion:resnet-small:3,digits:resnet-large:3,lm:gpt2-large:3
@@ -216,7 +220,7 @@ for task in bbc lm digits fashion; do
 done
 python benchmarks/frozen_scale_lab.py fromstart bbc:minilm-L2:3:lm-bytes,bbc:minilm-L2:3:image-fashion
 # (the rule now in hf_mlrs/scale.py)
-python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 3,4,5,6,7,8,9
+python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 3,4,5,6,7,8,9 '{"mlrs_meta_source": "held_out"}'
 python benchmarks/quality.py --tasks bbc --arms mlrs_frozen:default --reuse benchmarks/results/quality_cpu.json \
   --out benchmarks/results/quality_s23b
 python benchmarks/quality.py --optimizer sgd --tasks digits,fashion,lm,bbc --arms mlrs_frozen:default \
@@ -248,9 +252,9 @@ python benchmarks/quality.py --tasks bbc --arms mlrs_learned:default --reuse ben
   --out benchmarks/results/quality_s23c
 # session 23, tried and not adopted: sparser tracking for the no-lr path's cost; SGD without the hold's margin; the
 # meta-trained default tracking after a stop on noise
-python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"mlrs_meta_interval": 8}'
+python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"mlrs_meta_source": "held_out", "mlrs_meta_interval": 8}'
 for task in fashion digits lm; do
-  python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-2 0,1,2 '{"optimizer": "sgd", "mlrs_scale_margin": 1.0}'
+  python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-2 0,1,2 '{"mlrs_meta_source": "held_out", "optimizer": "sgd", "mlrs_scale_margin": 1.0}'
 done
 python benchmarks/scale_lab.py bbc mlrs_learned:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"patch": "confidentmeta"}'
 # session 24: the no-lr path through MLRSCallback (with the hold and the rewind), merged into quality_cpu.json (the
@@ -259,23 +263,23 @@ python benchmarks/scale_lab.py bbc mlrs_learned:default 1e-3 0,1,2,3,4,5,6,7,8,9
 python benchmarks/quality.py --tasks bbc,digits,fashion,lm --arms mlrs_callback:default \
   --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/quality_s24b
 for task in lm fashion; do
-  python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_release_meta_share": false}'
-  python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_scale_rewind": false}'
+  python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_meta_source": "held_out", "mlrs_release_meta_share": false}'
+  python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_meta_source": "held_out", "mlrs_scale_rewind": false}'
 done
 python benchmarks/overhead.py --sizes small --arms plain,frozen_learned,callback_learned --steps 150 --repeats 2 \
   --out benchmarks/results/overhead_callback
-python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"mlrs_meta_interval": 8, "mlrs_scale_lr": 0.2}'
-G='{"mlrs_settle_interval": 2, "mlrs_scale_growth": 0.2, "mlrs_scale_growth_linear": 5.4}'
+python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"mlrs_meta_source": "held_out", "mlrs_meta_interval": 8, "mlrs_scale_lr": 0.2}'
+G='{"mlrs_meta_source": "held_out", "mlrs_settle_interval": 2, "mlrs_scale_growth": 0.2, "mlrs_scale_growth_linear": 5.4}'
 python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9 "$G"
 for task in lm digits fashion; do python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-3 0,1,2 "$G"; done
 # half of each meta batch: everywhere (negative on the from-scratch tasks), and only while the scale tracks
-python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"mlrs_meta_batch_size": 8}'
-python benchmarks/scale_lab.py lm mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_meta_batch_size": 8}'
-python benchmarks/scale_lab.py digits mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_meta_batch_size": 16}'
-python benchmarks/scale_lab.py fashion mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_meta_batch_size": 32}'
+python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9 '{"mlrs_meta_source": "held_out", "mlrs_meta_batch_size": 8}'
+python benchmarks/scale_lab.py lm mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_meta_source": "held_out", "mlrs_meta_batch_size": 8}'
+python benchmarks/scale_lab.py digits mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_meta_source": "held_out", "mlrs_meta_batch_size": 16}'
+python benchmarks/scale_lab.py fashion mlrs_frozen:default 1e-3 0,1,2 '{"mlrs_meta_source": "held_out", "mlrs_meta_batch_size": 32}'
 for share in 0.5 1.0; do
   python benchmarks/scale_lab.py bbc mlrs_frozen:default 1e-3 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19 \
-    "{\"mlrs_scale_track_batch_share\": $share}"
+    "{\"mlrs_meta_source\": \"held_out\", \"mlrs_scale_track_batch_share\": $share}"
 done  # (share 1.0: seeds 10-19 only; seeds 0-9 are the default's runs above)
 python benchmarks/overhead.py --sizes small --arms plain,frozen_learned,frozen_learned_half,callback_learned \
   --steps 150 --repeats 2 --out benchmarks/results/overhead_s24
@@ -284,3 +288,12 @@ python benchmarks/quality.py --tasks bbc --arms mlrs_frozen:default,mlrs_callbac
   --reuse benchmarks/results/quality_cpu.json --out benchmarks/results/quality_s24c_halftrack
 # the callback's 10 seeds at start 1e-3 (seeds 0-2: the protocol's runs)
 for task in bbc digits fashion lm; do python benchmarks/scale_lab.py "$task" mlrs_callback:default 1e-3 3,4,5,6,7,8,9; done
+# Sessions 25-27: the scale from the next training batch (RESULTS.md 3b), with the GPU checks of session 27 on a machine
+# that has one (bash benchmarks/gpu_checks.sh). The held-out cells: the four leave-one-task-out variants (committed in
+# benchmarks/heldout_nets/; built where missing) by the protocol with both meta sources.
+bash benchmarks/heldout_variants.sh
+for task in bbc digits fashion lm; do  # the next batch (the default) against held-out batches on 10 seeds at 1e-3
+  for source in next_batch held_out; do
+    python benchmarks/scale_lab.py "$task" mlrs_frozen:default 1e-3 3,4,5,6,7,8,9 "{\"mlrs_meta_source\": \"$source\"}"
+  done
+done

@@ -146,8 +146,9 @@ class MLRSTrainingArguments(TrainingArguments):
         The longest probe, as a share of the run's optimizer steps, after which the run still rewinds; a growth that
         stops later goes on from where it is. 1.0 rewinds after any probe.
     mlrs_scale_track_batch_share (`float`, *optional*, defaults to 1.0):
-        With a frozen schedule and a learned gamma that tracks (after a stop on noise): the share of each meta
-        batch its meta steps use (its first examples; the growth and its stop always read the whole batch). 0.5
+        With a frozen schedule and a learned gamma that tracks (after a stop on noise), from held-out batches: the
+        share of each meta batch its meta steps use (its first examples; the growth and its stop always read the
+        whole batch). 0.5
         halves the tracking meta steps' cost: the no-lr path's whole run went from 1.34x to 1.26x a plain Trainer
         run in `benchmarks/overhead.py`. Its quality cost is unresolved: on bbc, 20 seeds paired, -0.17 +- 0.31
         points (level), but -2.9 points at the worst start of the 3-seed protocol (seeds 0-2 lose 0.8-2.4 each), so
@@ -163,7 +164,8 @@ class MLRSTrainingArguments(TrainingArguments):
         costs 1.01x a plain run against 1.35x and scored level with held-out batches on 10 seeds of four tasks
         (RESULTS.md 3b, sessions 25-27); `"held_out"` everywhere else.
     mlrs_meta_eval_mode (`bool`, *optional*, defaults to `False`):
-        Measure the meta loss in eval mode (BatchNorm running statistics, no dropout) instead of train mode.
+        Measure the meta loss in eval mode (BatchNorm running statistics, no dropout) instead of train mode
+        (held-out batches only).
     mlrs_cooldown_fraction (`float`, *optional*):
         Share of training, at the end, over which the lr decays linearly towards 0 (as warmup-stable-decay does);
         no meta-update happens in it. Defaults to 0.2 with a learned gamma (a one-step lookahead does not anneal by
@@ -190,10 +192,11 @@ class MLRSTrainingArguments(TrainingArguments):
         Adam on the net's parameters (paper values, for runs of tens of thousands of steps). Runs of a few hundred
         steps learn little at these settings: the recipes use `mlrs_meta_interval=2` and `mlrs_meta_lr=1e-2`.
     mlrs_meta_batch_size (`int`, *optional*):
-        Meta batch size per process; defaults to `per_device_train_batch_size`.
+        Meta batch size per process (held-out batches); defaults to `per_device_train_batch_size`.
     mlrs_meta_fraction (`float`, *optional*, defaults to `0.1`):
-        Share of `train_dataset` held out as the meta set when no `meta_dataset` is given (class-balanced when a
-        `label`/`labels` column exists). The model does not train on it while meta steps remain in the run.
+        Share of `train_dataset` held out as the meta set when held-out batches are used and no `meta_dataset` is
+        given (class-balanced when a `label`/`labels` column exists). The model does not train on it while meta
+        steps remain in the run.
     mlrs_release_meta_share (`bool`, *optional*, defaults to `True`):
         Once no meta step is left in the run (a learned gamma that holds, or the final cooldown), the held-out
         share rejoins the training data from the next epoch on: with a learned gamma the meta set is only needed
@@ -346,9 +349,15 @@ class MLRSTrainingArguments(TrainingArguments):
         super().__post_init__()
 
     def held_out_only_settings(self) -> list[str]:
-        """The settings given that act only on held-out meta batches (each has no effect with the next batch)."""
-        return [name for name, unset in (("mlrs_meta_batch_size", None), ("mlrs_meta_eval_mode", False),
-                                         ("mlrs_scale_track_batch_share", 1.0)) if getattr(self, name) != unset]
+        """The settings given that act only on held-out meta batches (each has no effect with the next batch; a
+        meta fraction of 0, nothing held out, agrees with it)."""
+        unset = {"mlrs_meta_batch_size": None, "mlrs_meta_eval_mode": False, "mlrs_scale_track_batch_share": 1.0,
+                 "mlrs_release_meta_share": True}
+        given = [name for name, value in unset.items() if getattr(self, name) != value]
+        default_fraction = type(self).__dataclass_fields__["mlrs_meta_fraction"].default
+        if self.mlrs_meta_fraction not in (0, default_fraction):
+            given.append("mlrs_meta_fraction")
+        return given
 
     @property
     def mlrs_gamma_value(self) -> float | str:

@@ -100,6 +100,7 @@ class MetaLearner:
                                                 weight_decay=weight_decay) if train_net else None)
         self.delta: list[torch.Tensor] | None = None  # the one extra parameter-sized buffer: w_start, then delta
         self.window_open = False  # whether delta holds w_start of the current window (not after a resume)
+        self.meta_source = None  # "held_out" or "next_batch", set by MetaStep; checked against a resumed checkpoint
         self.window_lrs: list[torch.Tensor] = []  # alpha_j of the window's earlier steps, with graphs to theta
         # With the next training batch as the meta batch (MetaStep(next_batch=True)): alpha_t of the step whose delta
         # waits in the buffer for the next step's gradient; None when no such update is pending.
@@ -274,7 +275,7 @@ class MetaLearner:
         `include_delta=False`, for a caller that saves the tensors itself) a CPU copy of its delta."""
         state = {"next_due": self.next_due, "window_length": self.window_length,
                  "num_meta_steps": self.num_meta_steps, "num_updates": self.num_updates,
-                 "num_skipped": self.num_skipped}
+                 "num_skipped": self.num_skipped, "meta_source": self.meta_source}
         if self.meta_optimizer is not None:
             state["meta_optimizer"] = self.meta_optimizer.state_dict()
         if self.pending_alpha is not None:  # a next-batch update waits for the next step's gradient: its delta too
@@ -294,6 +295,16 @@ class MetaLearner:
             group.update(kept)
 
     def load_state_dict(self, state: dict) -> None:
+        # A checkpoint written before the source was recorded (session 27) says so by a pending next-batch update.
+        saved = state.get("meta_source") or ("next_batch" if state.get("pending_alpha") is not None else None)
+        if saved and self.meta_source and saved != self.meta_source:
+            names = {"held_out": "held-out meta batches", "next_batch": "the next training batch"}
+            raise ValueError(
+                f"hf_mlrs: the checkpoint being resumed learned from {names[saved]}, and this run would learn from "
+                f"{names[self.meta_source]}: its data, order and pending state would not continue. Resume as the "
+                f"run started: set mlrs_meta_source='{saved}' in MLRSTrainer (unset, a frozen schedule with a "
+                "learned gamma and no meta_dataset now learns from the next batch; it used held-out batches "
+                "before), or pass MLRSCallback the same meta_dataset (or none).")
         if self.meta_optimizer is not None:
             self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.next_due, self.num_meta_steps = state["next_due"], state["num_meta_steps"]

@@ -48,6 +48,8 @@ class MetaStep:
         self.trainer = trainer
         self.eval_mode = eval_mode
         self.next_batch = next_batch
+        if learner is not None:  # recorded in checkpoints, so that a resume cannot switch sources unnoticed
+            learner.meta_source = "next_batch" if next_batch else "held_out"
         self.scheduler = scheduler
         self.on_nonfinite = on_nonfinite
         self.log_window: dict[str, list[float]] = {"meta_loss": [], "hypergrad": []}

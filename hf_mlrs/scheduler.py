@@ -360,7 +360,10 @@ class MLRSScheduler(LRScheduler):
         self.schedule.load_state_dict(state["schedule"])
         self.load_run_state(state)
         if self.meta_learner is not None and "meta_learner" in state:
-            self.meta_learner.load_state_dict(state["meta_learner"])
+            learner = state["meta_learner"]
+            if "meta_source" not in learner and "meta_share" in state:  # written before the source was recorded:
+                learner = {**learner, "meta_source": "held_out"}  # only held-out batches have a share to release
+            self.meta_learner.load_state_dict(learner)
         if self.meta_share is not None and "meta_share" in state:
             self.meta_share.load_state_dict(state["meta_share"])
         if self.rewind is not None:

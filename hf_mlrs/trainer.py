@@ -61,8 +61,11 @@ class MLRSTrainer(Trainer):
 
     Args:
         meta_dataset (`Dataset`, *optional*):
-            Held-out data for the meta loss. If unset, `args.mlrs_meta_fraction` of `train_dataset` is held out
-            (class-balanced) and the model never trains on it. Ignored in transfer mode.
+            Held-out data for the meta loss (meta-training, or a learned gamma from held-out batches). If unset,
+            `args.mlrs_meta_fraction` of `train_dataset` is held out (class-balanced) while meta steps remain, except
+            with a frozen `schedule` and a learned gamma, whose scale learns from the next training batch and holds
+            nothing out (`args.mlrs_meta_source`); given there, the scale learns from it instead. Ignored with a
+            frozen schedule at a fixed gamma.
         schedule (`MLRSNet`, *optional*):
             A learned schedule to apply frozen (transfer mode). If unset, a new net is meta-trained.
         continue_meta_training (`bool`, *optional*, defaults to `False`):

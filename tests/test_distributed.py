@@ -21,7 +21,7 @@ def launch_two_processes(script: Path, *script_args: str, timeout: int = 300) ->
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("gamma", ["fixed", "learned", "rewind", "callback", "next_batch"])
+@pytest.mark.parametrize("gamma", ["fixed", "learned", "rewind", "callback", "next_batch", "trainer_next_batch"])
 def test_two_processes_keep_identical_lrs_nets_and_models(tmp_path, gamma):
     out = tmp_path / "verdict.json"
     result = launch_two_processes(ROOT / "tests" / "scripts" / "ddp_worker.py", str(out), gamma)
@@ -35,7 +35,9 @@ def test_two_processes_keep_identical_lrs_nets_and_models(tmp_path, gamma):
     else:  # the learned scale: the same on both ranks (in "identical"), calibrated, then grown or tracked
         assert verdict["scale"]["calibrated"] and verdict["scale"]["num_updates"] >= 4
         assert len(set(verdict["gammas"])) > 3
-        if gamma not in ("callback", "next_batch"):  # (a callback cannot return its meta_dataset to training)
+        assert verdict["meta_source"] == ("next_batch" if gamma.endswith("next_batch") else "held_out")
+        if gamma not in ("callback", "next_batch", "trainer_next_batch"):  # (a callback cannot return its
+            # meta_dataset to training; the next batch holds nothing out)
             assert verdict["released_from"] in (1, 2)  # the held-out share trained in epoch 2 at least, on both ranks
         # with the rewind: both ranks put their starting weights back after the same step (in "identical")
         assert (verdict["rewound_at"] is not None) == (gamma == "rewind"), verdict["rewound_at"]

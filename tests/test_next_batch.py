@@ -46,8 +46,8 @@ def plain_args(output_dir, **overrides):
 
 
 def trainer_run(output_dir, resume=None, callbacks=(), **overrides):
-    args = MLRSTrainingArguments(str(output_dir), mlrs_gamma="learned", mlrs_meta_source="next_batch",
-                                 **plain_args(output_dir, **overrides))
+    args = MLRSTrainingArguments(str(output_dir), mlrs_gamma="learned",
+                                 **plain_args(output_dir, **{"mlrs_meta_source": "next_batch", **overrides}))
     trainer = MLRSTrainer(model=LeastSquares(), args=args, train_dataset=near_solution_data(),
                           schedule=constant_stages(8.0), callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=resume)
@@ -180,3 +180,52 @@ def test_the_meta_source_defaults_to_the_next_batch_only_where_it_applies(tmp_pa
     with pytest.raises(ValueError, match="mlrs_meta_eval_mode would have no effect"):
         MLRSTrainingArguments(str(tmp_path), mlrs_gamma="learned", mlrs_meta_source="next_batch",
                               mlrs_meta_eval_mode=True)
+
+
+def test_under_fsdp2_the_default_meta_source_is_held_out(tmp_path):
+    """The next batch is not built for FSDP2's shards: unset, the source falls back to held-out batches there (the
+    rule itself; a real FSDP2 Trainer needs GPUs)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    args = MLRSTrainingArguments(str(tmp_path), mlrs_gamma="learned", use_cpu=True, report_to="none")
+    for mode, expected in ((DistributedType.FSDP, "held_out"), (DistributedType.MULTI_GPU, "next_batch"),
+                           (DistributedType.NO, "next_batch")):
+        trainer = SimpleNamespace(args=args, meta_training=False, accelerator=SimpleNamespace(distributed_type=mode))
+        assert MLRSTrainer._resolve_meta_source(trainer, None) == expected, mode
+
+
+def test_a_meta_fraction_is_refused_with_the_next_batch_unless_nothing_is_held_out(tmp_path):
+    def trainer(**overrides):
+        args = MLRSTrainingArguments(str(tmp_path), mlrs_gamma="learned", **plain_args(tmp_path), **overrides)
+        return MLRSTrainer(model=LeastSquares(), args=args, train_dataset=near_solution_data(),
+                           schedule=constant_stages(8.0))
+
+    assert trainer(mlrs_meta_fraction=0.0).meta_source == "next_batch"  # nothing held out: what it does anyway
+    for setting in (dict(mlrs_meta_fraction=0.2), dict(mlrs_release_meta_share=False)):
+        with pytest.raises(ValueError, match=f"{next(iter(setting))} would have no effect"):
+            trainer(**setting)
+
+
+@pytest.mark.filterwarnings("ignore:MLRSTrainer. resuming from")  # the edited scheduler.pt differs from its record
+@pytest.mark.parametrize("written_before_the_source_was_recorded", [False, True])
+def test_a_checkpoint_of_held_out_batches_is_not_resumed_with_the_next_batch(tmp_path,
+                                                                              written_before_the_source_was_recorded):
+    """A run started with held-out batches (the default with a frozen schedule until session 27) and resumed with
+    the next batch would train on other data in another order: refused, naming the setting that resumes it."""
+    def run(meta_source, resume=None):
+        overrides = dict(mlrs_meta_batch_size=4) if meta_source == "held_out" else {}
+        return trainer_run(tmp_path / "run", resume=resume, max_steps=12, save_strategy="steps", save_steps=6,
+                           mlrs_meta_source=meta_source, **overrides)
+
+    run("held_out")
+    checkpoint = tmp_path / "run" / "checkpoint-6"
+    if written_before_the_source_was_recorded:  # as hf_mlrs wrote it before: no "meta_source" in the learner's state
+        state = torch.load(checkpoint / "scheduler.pt", weights_only=False)
+        del state["meta_learner"]["meta_source"]
+        torch.save(state, checkpoint / "scheduler.pt")
+    with pytest.raises(ValueError, match="learned from held-out meta batches.*mlrs_meta_source='held_out'"):
+        run(None, resume=str(checkpoint))
+    resumed = run("held_out", resume=str(checkpoint))  # as it started: goes on
+    assert resumed.state.global_step == 12

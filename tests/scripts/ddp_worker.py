@@ -2,8 +2,9 @@
 
 Meta-trains a tiny BERT with MLRSTrainer over an uneven last batch and gradient accumulation (mode "callback": a plain
 Trainer + MLRSCallback learning only the scale of a frozen schedule; "next_batch": the same without held-out data, from
-the next step's gradient), then checks on every rank that the lrs, the
-schedule net and the model are identical, and that meta steps add no gradient all-reduce.
+the next step's gradient; "trainer_next_batch": MLRSTrainer's default with a frozen schedule, the same), then checks
+on every rank that the lrs, the schedule net and the model are identical, and that meta steps add no gradient
+all-reduce.
 Writes the verdict of rank 0 as JSON to argv[1].
 """
 
@@ -69,6 +70,12 @@ def main(out_path, gamma):
                                  report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, **common)
         trainer = Trainer(model=tiny_bert(), args=args, train_dataset=train, callbacks=[callback])
         net, scheduler_of = callback.schedule, lambda: callback.scheduler
+    elif gamma == "trainer_next_batch":  # MLRSTrainer's default with a frozen schedule: the scale from the next batch
+        trainer = MLRSTrainer(
+            model=tiny_bert(), schedule=MLRSNet.from_pretrained("multitask-default"), train_dataset=dataset,
+            args=tiny_args(os.path.dirname(out_path) + "/ddp", mlrs_gamma="learned", mlrs_cooldown_fraction=0.5,
+                           **common))
+        net, scheduler_of = trainer.schedule, lambda: trainer.lr_scheduler
     else:
         trainer = MLRSTrainer(
             model=tiny_bert(),
@@ -94,6 +101,7 @@ def main(out_path, gamma):
         "allreduces_per_step": counter.per_step,
         "released_from": share.released_from if share is not None else None,
         "rewound_at": scheduler.rewind.step if scheduler.rewind is not None else None,
+        "meta_source": scheduler.meta_learner.meta_source if scheduler.meta_learner is not None else None,
     }
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
