@@ -98,11 +98,13 @@ def test_frozen_arm_applies_the_defaults_held_out_variant_and_names_the_command_
     from hf_mlrs import MLRSNet
 
     monkeypatch.setattr(zoo, "pool_dir", lambda name, count, kind: tmp_path / f"{name}-{kind}{count}" / "schedule")
+    monkeypatch.setattr(quality, "HELD_OUT_NETS", tmp_path / "committed")
     with pytest.raises(FileNotFoundError, match=r"python recipes/zoo.py --entry multitask-without-fashion --select 3"):
         quality.frozen_source("fashion", "default")
-    net = MLRSNet(hidden_size=4)
-    net.save_pretrained(tmp_path / "multitask-without-fashion-select3" / "schedule")
+    MLRSNet(hidden_size=4).save_pretrained(tmp_path / "multitask-without-fashion-select3" / "schedule")
     assert quality.frozen_source("fashion", "default").hidden_size == 4  # the variant that never saw fashion
+    MLRSNet(hidden_size=6).save_pretrained(tmp_path / "committed" / "multitask-without-fashion")
+    assert quality.frozen_source("fashion", "default").hidden_size == 6  # its committed copy comes first
     with pytest.raises(ValueError, match="held out. or mlrs_frozen:shipped"):
         quality.frozen_source("fashion", "text-bbc")
 
