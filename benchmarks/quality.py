@@ -204,9 +204,8 @@ def held_out_default_dir(task_name: str) -> tuple[Path, str]:
 
     name, count = f"multitask-without-{task_name}", zoo.entry("multitask-default")["select"]
     committed = HELD_OUT_NETS / name
-    if (committed / "model.safetensors").is_file():
-        return committed, f"python recipes/zoo.py --entry {name} --select {count}"
-    return zoo.pool_dir(name, count, "select"), f"python recipes/zoo.py --entry {name} --select {count}"
+    folder = committed if (committed / "model.safetensors").is_file() else zoo.pool_dir(name, count, "select")
+    return folder, f"python recipes/zoo.py --entry {name} --select {count}"
 
 
 # Arm families run from each starting lr of the learned scale (LEARNED_LRS), one record per start and seed

@@ -400,9 +400,10 @@ class MLRSTrainingArguments(TrainingArguments):
             fail("mlrs_meta_source", f"'next_batch' with mlrs_gamma={self.mlrs_gamma!r} and "
                  f"mlrs_horizon={self.mlrs_horizon}", "'next_batch' learns only the scale of a frozen schedule "
                  "(MLRSTrainer(schedule=...), mlrs_gamma='learned', mlrs_horizon=1); use 'held_out' otherwise.")
-        if self.mlrs_meta_source == "next_batch" and self.held_out_only_settings():
-            fail("mlrs_meta_source", f"'next_batch' uses no meta batch, so {', '.join(self.held_out_only_settings())} "
-                 "would have no effect", "Use mlrs_meta_source='held_out' to keep them, or drop them.")
+        ignored = self.held_out_only_settings() if self.mlrs_meta_source == "next_batch" else []
+        if ignored:
+            fail("mlrs_meta_source", f"'next_batch' uses no meta batch, so {', '.join(ignored)} would have no effect",
+                 "Use mlrs_meta_source='held_out' to keep them, or drop them.")
         if not 0 < self.mlrs_scale_track_batch_share <= 1:
             fail("mlrs_scale_track_batch_share", f"{self.mlrs_scale_track_batch_share} is not a share in (0, 1]",
                  "Use e.g. 0.5 (half of each meta batch while the scale tracks) or 1.0 (the whole batch).")

@@ -179,11 +179,12 @@ class MLRSTrainer(Trainer):
             applies = (not self.meta_training and meta_dataset is None and args.mlrs_horizon == 1
                        and self.accelerator.distributed_type != DistributedType.FSDP)
             source = "next_batch" if applies else "held_out"
-            if applies and args.held_out_only_settings():
+            ignored = args.held_out_only_settings() if applies else []
+            if ignored:
                 raise ValueError(
                     f"MLRSTrainer: with a frozen schedule and a learned gamma the meta source defaults to the next "
-                    f"training batch, which has no meta batch: {', '.join(args.held_out_only_settings())} would have "
-                    "no effect. Set mlrs_meta_source='held_out' to use held-out meta batches, or drop them.")
+                    f"training batch, which has no meta batch: {', '.join(ignored)} would have no effect. Set "
+                    "mlrs_meta_source='held_out' to use held-out meta batches, or drop them.")
         if source == "held_out" and meta_dataset is None and args.mlrs_meta_fraction == 0:
             raise ValueError(
                 "MLRSTrainingArguments.mlrs_meta_fraction is 0 and no meta_dataset was given, so meta-training (or a "
