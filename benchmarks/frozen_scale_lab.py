@@ -61,7 +61,8 @@ VARIANTS = {
 }
 
 
-PATCHES = ("sign", "down", "stagetrack", "fromstart", "confidentmeta")  # the designs that are code, not settings
+# the designs that are code, not settings
+PATCHES = ("sign", "down", "stagetrack", "fromstart", "confidentmeta", "lastlarger")
 
 
 def patch(variant: str) -> None:
@@ -124,6 +125,14 @@ def patch(variant: str) -> None:
             init(self, *args, **{**kwargs, "confident_hold": True})
 
         scale.LearnedScale.__init__ = confident_init
+    elif variant == "lastlarger":  # the rule before session 28: a confident growth's stop backs off to the last
+        def last_larger_update(self, g):  # "larger" vote of all, not the last one of its agreeing streak
+            if self.growing:  # the value update() gives last_larger before it reads its target
+                larger_now = math.isfinite(float(g)) and float(g) <= 0
+                self.last_agreed = self.log_gamma if larger_now else self.last_larger
+            return update(self, g)
+
+        scale.LearnedScale.update = last_larger_update
 
 
 def main(argv=None) -> None:

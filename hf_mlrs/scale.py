@@ -28,7 +28,8 @@ import math
 LINEAR_AFTER = 5
 
 STATE_KEYS = ("log_gamma", "initial_log_gamma", "m", "v", "t", "adam_t", "num_updates", "num_skipped", "settled",
-              "growing", "calibrated", "recent_positive", "last_larger", "larger_streak", "confident")
+              "growing", "calibrated", "recent_positive", "last_larger", "larger_streak", "confident",
+              "last_agreed")
 
 
 class LearnedScale:
@@ -59,7 +60,11 @@ class LearnedScale:
             average negative for dozens of updates after the raw signal has turned.
         backoff (`float`, defaults to `0.0`): when growth ends, gamma goes back to the last value whose raw
             hypergradient still said "larger", by at most `backoff` in log and never below the (calibrated) start,
-            and Adam's moments restart there: their history is of a larger hypergradient at a smaller lr.
+            and Adam's moments restart there: their history is of a larger hypergradient at a smaller lr. After a
+            confident growth, "larger" counts only inside a streak that agreed (the linear growth engaged): the
+            first "smaller" ends that streak where the one-step signal crosses zero, and the votes after it are
+            noise around zero while growth goes on, whose last "larger" came 1.5-2.5x past the crossing on some
+            seeds and held a from-scratch LM where it stalled (RESULTS.md 3b, session 28).
         growth_linear (`float`, defaults to `0.0`): growth linear in the lr while the signal agrees: once the last
             `LINEAR_AFTER` (5) raw hypergradients in a row said "larger", each growth update adds growth_linear x the
             start to gamma (still clipped to `max_step`) instead of multiplying it by exp(growth); a sign that
@@ -148,6 +153,7 @@ class LearnedScale:
         self.min_growth = min_growth
         self.recent_positive: list[bool] = []  # the last stop_votes + 1 raw signs, while growing
         self.last_larger = self.log_gamma  # the last log(gamma) whose raw hypergradient said "larger"
+        self.last_agreed = self.log_gamma  # ... and the last one inside a streak that agreed (a confident growth)
         self.adam_t = 0  # Adam's own step count (restarts with its moments)
         self.start_update = start_update
         self.calibrated = start_update is None
@@ -202,6 +208,8 @@ class LearnedScale:
         agreeing = self.growing and self.larger_streak >= LINEAR_AFTER and (
             self.confident or self.larger_streak == self.t)
         self.confident = self.confident or agreeing
+        if agreeing:
+            self.last_agreed = self.log_gamma  # this step's gamma: "larger", with LINEAR_AFTER agreeing before it
         if agreeing and self.growth_linear:  # + c x start, not x e^growth
             step = self.log_gamma - math.log(self.gamma + self.growth_linear * math.exp(self.initial_log_gamma))
         elif self.growing:
@@ -210,7 +218,8 @@ class LearnedScale:
             step = self.lr * confidence
         step = min(max(step, -self.max_step), self.max_step)
         if stopped_now and self.backoff > 0:  # back to where the raw signal last said "larger"; a fresh Adam there
-            target = max(self.last_larger, self.log_gamma - self.backoff, self.initial_log_gamma)
+            last_larger = self.last_agreed if self.confident else self.last_larger  # the crossing, not the noise
+            target = max(last_larger, self.log_gamma - self.backoff, self.initial_log_gamma)
             step = max(0.0, self.log_gamma - target)
             self.m = self.v = 0.0
             self.adam_t = 0
@@ -229,7 +238,7 @@ class LearnedScale:
         if math.isfinite(relative_update) and relative_update > 0:
             log_gamma = self.log_gamma + math.log(self.start_update / relative_update)
             self.log_gamma = self.initial_log_gamma = min(max(log_gamma, self.log_low), self.log_high)
-            self.last_larger = self.log_gamma
+            self.last_larger = self.last_agreed = self.log_gamma
         self.calibrated = True
         return self.gamma
 
@@ -240,5 +249,6 @@ class LearnedScale:
         # A checkpoint written before the stop votes and the backoff existed: Adam never restarted in it.
         state = {"adam_t": state.get("t", 0), "recent_positive": [], "last_larger": state.get("log_gamma"),
                  "larger_streak": 0, "confident": False, **state}
+        state.setdefault("last_agreed", state["last_larger"])  # written before session 28: its backoff target
         for key, value in state.items():
             setattr(self, key, value)

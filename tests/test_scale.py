@@ -209,8 +209,11 @@ def test_no_stop_before_min_growth_updates(min_growth):
 
 def test_backoff_returns_to_the_last_gamma_the_raw_signal_called_too_small():
     scale = LearnedScale(1e-4, lr=0.1, growth=0.1, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0))
-    for g in [-100.0] * 10 + [2.0, -1.0]:  # 12 growth updates; the 12th was taken at 1e-4 * e^1.1 and said "larger"
+    # 12 growth updates, not a confident growth (the first said "smaller"); the 12th was taken at 1e-4 * e^1.1 and
+    # said "larger"
+    for g in [1.0] + [-100.0] * 9 + [2.0, -1.0]:
         scale.update(g)
+    assert not scale.confident
     assert scale.growing and scale.log_gamma == pytest.approx(math.log(1e-4) + 1.2)
     scale.update(2.0)
     scale.update(2.0)  # 3 of the last 4 positive: stop, back to e^1.1 (not 0.9 below the current e^1.4)
@@ -226,6 +229,42 @@ def test_backoff_returns_to_the_last_gamma_the_raw_signal_called_too_small():
     for g in (1.0, 1.0, 1.0):  # no raw signal ever said "larger": back to the start, never below it
         early.update(g)
     assert not early.growing and early.gamma == pytest.approx(1e-4, rel=1e-12)
+
+
+def test_after_a_confident_growth_the_backoff_returns_to_where_its_agreeing_streak_ended():
+    """A confident growth ("larger" from the first update on) ends its agreeing streak where the one-step signal
+    crosses zero; the votes after it are noise around zero while growth goes on. The backoff goes to the last gamma
+    of that streak, not to a later "larger" (session 28: a from-scratch LM's late "larger" came 2.5x past the
+    crossing, and the scale held there stalled the run); Adam restarts there, the margin below it, as before."""
+    def grown(votes, **kwargs):
+        scale = LearnedScale(1e-4, **{"growth": 0.1, "stop_votes": 3, "backoff": 0.9, "bounds": (1e-6, 1.0), **kwargs})
+        for g in votes:
+            scale.update(g)
+        return scale
+
+    noisy_after = [-100.0] * 10 + [2.0, -1.0, 2.0, 2.0]  # agreeing through the 10th update, taken at e^0.9
+    scale = grown(noisy_after)
+    assert scale.confident and not scale.growing
+    assert scale.gamma == pytest.approx(1e-4 * math.exp(0.9), rel=1e-12)  # not e^1.1, its last "larger"
+    assert scale.m == 0.0 and scale.v == 0.0 and scale.adam_t == 0
+    assert grown(noisy_after, margin=0.6).gamma == pytest.approx(0.6 * 1e-4 * math.exp(0.9), rel=1e-12)
+    # the backoff's cap still bounds how far back it goes
+    assert grown(noisy_after, backoff=0.3).gamma == pytest.approx(1e-4 * math.exp(1.0), rel=1e-12)  # from e^1.3
+    # a new agreeing streak (LINEAR_AFTER "larger" in a row once confident) moves the crossing on
+    later = grown([-100.0] * 10 + [2.0] + [-1.0] * 6 + [2.0] * 3)  # agreeing again at updates 16-17 (e^1.5, e^1.6)
+    assert later.gamma == pytest.approx(1e-4 * math.exp(1.6), rel=1e-12)
+    # the crossing rides in the checkpointed state; a state written before it resumes with the old target
+    restored = grown([-100.0] * 10 + [2.0, -1.0])
+    resumed = LearnedScale(1e-4, growth=0.1, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0))
+    resumed.load_state_dict(restored.state_dict())
+    for g in (2.0, 2.0):
+        resumed.update(g)
+    assert resumed.gamma == pytest.approx(scale.gamma, rel=1e-12)
+    legacy = LearnedScale(1e-4, growth=0.1, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0))
+    legacy.load_state_dict({k: v for k, v in restored.state_dict().items() if k != "last_agreed"})
+    for g in (2.0, 2.0):
+        legacy.update(g)
+    assert legacy.gamma == pytest.approx(1e-4 * math.exp(1.1), rel=1e-12)
 
 
 def test_margin_lowers_the_stopped_gamma_once_by_its_factor():
