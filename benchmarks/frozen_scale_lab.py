@@ -127,9 +127,8 @@ def patch(variant: str) -> None:
         scale.LearnedScale.__init__ = confident_init
     elif variant == "lastlarger":  # the rule before session 28: a confident growth's stop backs off to the last
         def last_larger_update(self, g):  # "larger" vote of all, not the last one of its agreeing streak
-            if self.growing:  # the value update() gives last_larger before it reads its target
-                larger_now = math.isfinite(float(g)) and float(g) <= 0
-                self.last_agreed = self.log_gamma if larger_now else self.last_larger
+            if self.growing and math.isfinite(float(g)) and float(g) <= 0:
+                self.last_larger = self.log_gamma  # before update() reads its target, as it did until session 28
             return update(self, g)
 
         scale.LearnedScale.update = last_larger_update

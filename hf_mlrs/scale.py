@@ -28,8 +28,7 @@ import math
 LINEAR_AFTER = 5
 
 STATE_KEYS = ("log_gamma", "initial_log_gamma", "m", "v", "t", "adam_t", "num_updates", "num_skipped", "settled",
-              "growing", "calibrated", "recent_positive", "last_larger", "larger_streak", "confident",
-              "last_agreed")
+              "growing", "calibrated", "recent_positive", "last_larger", "larger_streak", "confident")
 
 
 class LearnedScale:
@@ -152,8 +151,7 @@ class LearnedScale:
             raise ValueError(f"LearnedScale: min_growth must be an integer >= 1, got {min_growth!r}.")
         self.min_growth = min_growth
         self.recent_positive: list[bool] = []  # the last stop_votes + 1 raw signs, while growing
-        self.last_larger = self.log_gamma  # the last log(gamma) whose raw hypergradient said "larger"
-        self.last_agreed = self.log_gamma  # ... and the last one inside a streak that agreed (a confident growth)
+        self.last_larger = self.log_gamma  # the last log(gamma) whose raw signal said "larger" (see `backoff`)
         self.adam_t = 0  # Adam's own step count (restarts with its moments)
         self.start_update = start_update
         self.calibrated = start_update is None
@@ -198,8 +196,7 @@ class LearnedScale:
             self.recent_positive = (self.recent_positive + [g > 0])[-(self.stop_votes + 1):]
             overshoot = overshoot or sum(self.recent_positive) >= self.stop_votes
         stopped_now = self.growing and self.t >= self.min_growth and overshoot
-        if self.growing and g <= 0:
-            self.last_larger = self.log_gamma  # this update's step was taken at this gamma, and it was too small
+        larger_at = self.growing and g <= 0  # this update's step was taken at this gamma, and it was too small
         if stopped_now:
             self.growing, self.settled = False, True  # the held-out loss says the lr is now large enough
         self.larger_streak = self.larger_streak + 1 if g <= 0 else 0
@@ -208,8 +205,8 @@ class LearnedScale:
         agreeing = self.growing and self.larger_streak >= LINEAR_AFTER and (
             self.confident or self.larger_streak == self.t)
         self.confident = self.confident or agreeing
-        if agreeing:
-            self.last_agreed = self.log_gamma  # this step's gamma: "larger", with LINEAR_AFTER agreeing before it
+        if larger_at and (agreeing or not self.confident):  # once confident, only inside a streak that agrees
+            self.last_larger = self.log_gamma
         if agreeing and self.growth_linear:  # + c x start, not x e^growth
             step = self.log_gamma - math.log(self.gamma + self.growth_linear * math.exp(self.initial_log_gamma))
         elif self.growing:
@@ -218,8 +215,7 @@ class LearnedScale:
             step = self.lr * confidence
         step = min(max(step, -self.max_step), self.max_step)
         if stopped_now and self.backoff > 0:  # back to where the raw signal last said "larger"; a fresh Adam there
-            last_larger = self.last_agreed if self.confident else self.last_larger  # the crossing, not the noise
-            target = max(last_larger, self.log_gamma - self.backoff, self.initial_log_gamma)
+            target = max(self.last_larger, self.log_gamma - self.backoff, self.initial_log_gamma)
             step = max(0.0, self.log_gamma - target)
             self.m = self.v = 0.0
             self.adam_t = 0
@@ -238,7 +234,7 @@ class LearnedScale:
         if math.isfinite(relative_update) and relative_update > 0:
             log_gamma = self.log_gamma + math.log(self.start_update / relative_update)
             self.log_gamma = self.initial_log_gamma = min(max(log_gamma, self.log_low), self.log_high)
-            self.last_larger = self.last_agreed = self.log_gamma
+            self.last_larger = self.log_gamma
         self.calibrated = True
         return self.gamma
 
@@ -249,6 +245,5 @@ class LearnedScale:
         # A checkpoint written before the stop votes and the backoff existed: Adam never restarted in it.
         state = {"adam_t": state.get("t", 0), "recent_positive": [], "last_larger": state.get("log_gamma"),
                  "larger_streak": 0, "confident": False, **state}
-        state.setdefault("last_agreed", state["last_larger"])  # written before session 28: its backoff target
         for key, value in state.items():
             setattr(self, key, value)

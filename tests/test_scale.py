@@ -261,7 +261,8 @@ def test_after_a_confident_growth_the_backoff_returns_to_where_its_agreeing_stre
         resumed.update(g)
     assert resumed.gamma == pytest.approx(scale.gamma, rel=1e-12)
     legacy = LearnedScale(1e-4, growth=0.1, stop_votes=3, backoff=0.9, bounds=(1e-6, 1.0))
-    legacy.load_state_dict({k: v for k, v in restored.state_dict().items() if k != "last_agreed"})
+    # as the rule before it wrote it: the last "larger" of all, the 12th update's e^1.1
+    legacy.load_state_dict({**restored.state_dict(), "last_larger": math.log(1e-4) + 1.1})
     for g in (2.0, 2.0):
         legacy.update(g)
     assert legacy.gamma == pytest.approx(1e-4 * math.exp(1.1), rel=1e-12)
