@@ -29,10 +29,11 @@ sys.path.insert(0, str(HERE))
 import quality  # noqa: E402
 
 
-def records(task: str, arm: str, overrides: dict) -> dict[tuple[float, int], dict]:
-    """(lr, seed) -> the last record of `task` and `arm` run with exactly `overrides`. For `mlrs_frozen:` arms, no
-    "mlrs_meta_source" means held-out batches, on either side: MLRSTrainer's default with a frozen schedule until
-    session 27, and scale_lab.py has recorded the next batch (the default since) by name."""
+def records(task: str, arm: str, overrides: dict, optimizer: str = "adamw") -> dict[tuple[float, int], dict]:
+    """(lr, seed) -> the last record of `task` and `arm` run with exactly `overrides` and `optimizer` ("adamw" or
+    "sgd": scale_lab.py takes it among the overrides but records it apart; the earliest records name none: AdamW).
+    For `mlrs_frozen:` arms, no "mlrs_meta_source" means held-out batches, on either side: MLRSTrainer's default with
+    a frozen schedule until session 27, and scale_lab.py has recorded the next batch (the default since) by name."""
     def normal(o: dict) -> dict:
         return {"mlrs_meta_source": "held_out", **o} if arm.startswith("mlrs_frozen:") else o
 
@@ -40,7 +41,8 @@ def records(task: str, arm: str, overrides: dict) -> dict[tuple[float, int], dic
     with open(HERE / "results" / "scale_lab.jsonl") as f:
         for line in f:
             r = json.loads(line)
-            if r["task"] == task and r["arm"] == arm and normal(r.get("overrides", {})) == overrides:
+            if (r["task"] == task and r["arm"] == arm and normal(r.get("overrides", {})) == overrides
+                    and (r.get("optimizer") or "AdamW").lower() == optimizer):
                 found[(r["lr"], r["seed"])] = r
     return found
 
@@ -58,7 +60,7 @@ def mean_and_se(xs: list[float]) -> tuple[float, float]:
 
 def ab(args) -> None:
     lr = float(args.lr)
-    a, b = (records(args.task, args.arm, json.loads(o)) for o in (args.a, args.b))
+    a, b = (records(args.task, args.arm, json.loads(o), args.optimizer) for o in (args.a, args.b))
     seeds = sorted(s for (x, s) in a if x == lr and (x, s) in b)
     if not seeds:
         raise SystemExit(f"no seed has both arms at lr {lr}: run scale_lab.py for each first")
@@ -77,7 +79,8 @@ def ab(args) -> None:
 
 def protocol(args) -> None:
     seeds = {int(s) for s in args.seeds.split(",")}
-    runs = {k: r for k, r in records(args.task, args.arm, json.loads(args.overrides)).items() if k[1] in seeds}
+    found = records(args.task, args.arm, json.loads(args.overrides), args.optimizer)
+    runs = {k: r for k, r in found.items() if k[1] in seeds}
     if not runs:
         raise SystemExit(f"no record of {args.arm} on {args.task} with overrides {args.overrides}")
     earlier = json.loads(Path(args.reuse).read_text())["runs"]
@@ -107,12 +110,15 @@ def main(argv=None) -> None:
     p = sub.add_parser("ab", help="two sets of overrides, paired by seed")
     p.add_argument("task"), p.add_argument("arm"), p.add_argument("lr"), p.add_argument("a"), p.add_argument("b")
     p.add_argument("--test", action="store_true", help="the test split instead of the validation split")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="the runs' optimizer")
     p.set_defaults(run=ab)
     p = sub.add_parser("protocol", help="every starting lr against the best tuned arm")
     p.add_argument("task"), p.add_argument("arm"), p.add_argument("overrides", nargs="?", default="{}")
     p.add_argument("--reuse", default=str(HERE / "results" / "quality_cpu.json"))
     p.add_argument("--seeds", default="0,1,2", help="the protocol's seeds (default 0,1,2, as quality.py)")
     p.add_argument("--test", action="store_true", help="the test split instead of the validation split")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="the runs' optimizer (with sgd, "
+                   "--reuse benchmarks/results/quality_cpu_sgd.json)")
     p.set_defaults(run=protocol)
     args = parser.parse_args(argv)
     args.run(args)
