@@ -31,6 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "recipes"))
+import lab_report  # noqa: E402
 import quality  # noqa: E402
 
 
@@ -52,15 +53,12 @@ def candidates(entry: str, count: int) -> tuple[list[dict], list[str]]:
 
 
 def as_applied(folder: str, outputs: list[float]):
-    """A candidate as the selection would ship it (`zoo.select`): the selected cooldown, its first output as its
-    start."""
+    """A candidate as the selection would ship it (`zoo.as_shipped`)."""
     import zoo
 
     from hf_mlrs import MLRSNet
 
-    net = MLRSNet.from_pretrained(folder)
-    net.cooldown_fraction, net.start_output = zoo.SELECTED_COOLDOWN, outputs[0]
-    return net
+    return zoo.as_shipped(MLRSNet.from_pretrained(folder), outputs)
 
 
 def load_records(entry: str) -> dict[tuple[str, str, int], dict]:
@@ -112,7 +110,8 @@ def report(options) -> None:
     for c in selection:
         per_task = {}
         for task in own + held:
-            values = [value(r) for (run_, t, _), r in sorted(records.items()) if run_ == c["run"] and t == task]
+            values = [lab_report.value(r, test=False) for (run_, t, _), r in records.items()
+                      if run_ == c["run"] and t == task]
             if values:
                 per_task[task] = (gap(task, statistics.fmean(values), target[task]), len(values))
         mean_own = statistics.fmean(per_task[t][0] for t in own) if all(t in per_task for t in own) else None
@@ -127,25 +126,18 @@ def report(options) -> None:
               " ".join(f"{per_task[t][0]:8.2f}" if t in per_task else f"{'-':>8s}" for t in own + held) +
               "  " + ",".join(str(per_task[t][1]) for t in own + held if t in per_task))
     scored = [row for row in rows if row[2] is not None]
-    for name, key in (("seed-0 score (zoo.py today)", lambda row: row[0]["mean_gap"]),
-                      ("as applied, mean over seeds", lambda row: row[2])):
-        if not scored:
-            break
+    scores = (("seed-0 score (zoo.py today)", lambda row: row[0]["mean_gap"]),
+              ("as applied, mean over seeds", lambda row: row[2]))
+    for name, key in scores if scored else ():
         c, per_task, _ = min(scored, key=key)
         print(f"choice by {name}: {c['run']}" +
               "".join(f"; {t} {per_task[t][0]:+.2f}" for t in held if t in per_task))
     for t in held:
         both = [row for row in scored if t in row[1]]
         if len(both) > 2:
-            for name, key in (("seed-0 score", lambda row: row[0]["mean_gap"]), ("as applied", lambda row: row[2])):
+            for name, key in scores:
                 rho = spearman([key(row) for row in both], [row[1][t][0] for row in both])
                 print(f"rank correlation of the {name} with the {t} gap over {len(both)} candidates: {rho:+.2f}")
-
-
-def value(r: dict) -> float:
-    if quality.by_loss(r["task"]):
-        return r["val_loss"]
-    return r["val_accuracy"]
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:

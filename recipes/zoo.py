@@ -233,12 +233,18 @@ def select(name: str, count: int, output_dirs: list[Path] | None = None, target:
         "selected_from": " + ".join(command_of(name, k) for k in range(count))})
     net.provenance.pop("draw", None)
     net.provenance.pop("stage_midpoints", None)  # the median rule's record: not how these stages were chosen
-    net.cooldown_fraction = SELECTED_COOLDOWN
-    # Applied at learning_rate, the shape starts at learning_rate: the scoring above put its start where tuning puts
-    # a built-in's peak, and equal tuning (the built-ins' grid) does the same (RESULTS.md section 8, session 21).
-    net.start_output = candidates[best]["outputs"][0]
+    as_shipped(net, candidates[best]["outputs"])
     net.save_pretrained(target)
     print(f"Selected {runs[best]} of {count} draws of {name} (mean gap {scores[best]['mean_gap']:+.2f}): {target}")
+    return net
+
+
+def as_shipped(net, outputs: list[float]):
+    """A selected run's net (in place) as `select` ships it: the final cooldown SELECTED_COOLDOWN, and its first-stage
+    output `outputs[0]` as its `start_output`. Applied at learning_rate, the shape starts at learning_rate: the scoring
+    put its start where tuning puts a built-in's peak, and equal tuning (the built-ins' grid) does the same
+    (RESULTS.md section 8, session 21)."""
+    net.cooldown_fraction, net.start_output = SELECTED_COOLDOWN, outputs[0]
     return net
 
 
