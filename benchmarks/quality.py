@@ -177,6 +177,10 @@ for _name in set(LEARNED_VARIANTS) - {"default"}:  # before session 10 a stop co
 # mlrs_scale_rewind_max_share): every variant above but "default" ran without it.
 for _name in set(LEARNED_VARIANTS) - {"default"}:
     LEARNED_VARIANTS[_name] = {"mlrs_scale_rewind": False, **LEARNED_VARIANTS[_name]}
+# The 4-step windows (g4c, g3h4, h4) ran before the hold (session 7) and tracked the scale after its growth: a scale
+# that holds would never use their windows, which MLRSTrainer now refuses (RESULTS.md 3b, session 30).
+for _name in ("g4c", "g3h4", "h4"):
+    LEARNED_VARIANTS[_name] = {"mlrs_scale_hold": False, **LEARNED_VARIANTS[_name]}
 # the default of sessions 10-12 (its runs were recorded as "default" until session 13)
 LEARNED_VARIANTS["s10"] = {"mlrs_scale_rewind": False}
 # session 12: the session-10 default, and when the growth stops the model is rewound to its starting weights and

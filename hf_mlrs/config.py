@@ -87,7 +87,8 @@ class MLRSTrainingArguments(TrainingArguments):
         Optimizer steps per meta-update window: the meta loss is measured after the window and its gradient taken
         along the window's whole displacement (1: the paper's exact one-step lookahead; longer windows are
         first-order in the steps' directions; on the benchmarks they did not help, RESULTS.md 3b). At most the meta
-        interval.
+        interval. With a learned gamma a window is at most `mlrs_settle_interval` steps while the scale grows, and a
+        scale that holds takes no meta step after: such a run refuses a horizon it would never use.
     mlrs_scale_growth_stop (`float`, *optional*, defaults to `0.3`):
         With a learned gamma: growth stops once Adam's normalised first moment of dL/dlog(gamma), m / sqrt(v) in
         [-1, 1], exceeds this (0: as soon as the averaged hypergradient says a larger lr hurts; on a pretrained

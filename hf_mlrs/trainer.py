@@ -149,6 +149,7 @@ class MLRSTrainer(Trainer):
                     "MLRSCallback), which works under any mode."
                 )
             self.meta_source = self._resolve_meta_source(meta_dataset)
+            self._check_horizon_is_used()
             if args.mlrs_scale_rewind is True and self.accelerator.distributed_type == DistributedType.FSDP:
                 raise ValueError("MLRSTrainer: mlrs_scale_rewind keeps the whole model's starting state, which FSDP2 "
                                  "shards; it is not supported there yet. Drop mlrs_scale_rewind under FSDP2.")
@@ -167,6 +168,21 @@ class MLRSTrainer(Trainer):
         self._meta_step: MetaStep | None = None  # made with the scheduler
         self._nothing_to_train = False  # resumed from a checkpoint at max_steps
         self.add_callback(_MLRSHooks(self))
+
+    def _check_horizon_is_used(self) -> None:
+        """A learned gamma takes a meta step every `mlrs_settle_interval` steps while it grows (windows no longer
+        than that) and, where it holds, none after: there `mlrs_horizon` would change nothing, silently (the same
+        runs to the last digit, RESULTS.md 3b, session 30)."""
+        args = self.args
+        holds = args.mlrs_scale_hold is True or (args.mlrs_scale_hold is None and self.meta_training)
+        settle = args.mlrs_settle_interval
+        if args.mlrs_gamma == "learned" and holds and settle is not None and settle < args.mlrs_horizon:
+            raise ValueError(
+                f"MLRSTrainer: mlrs_horizon={args.mlrs_horizon} would never be used: a learned gamma takes its meta "
+                f"steps every mlrs_settle_interval={settle} step(s) while it grows, so its windows are that long, and "
+                f"none once it holds (mlrs_scale_hold). Set mlrs_settle_interval={args.mlrs_horizon} for windows of "
+                f"{args.mlrs_horizon} steps throughout, mlrs_scale_hold=False to use them after the growth, or "
+                "mlrs_horizon=1.")
 
     def _resolve_meta_source(self, meta_dataset) -> str:
         """The meta source asked for, else the default: the next training batch where it applies (only gamma is

@@ -378,12 +378,23 @@ class FirstStepProbe(TrainerCallback):
 
 def test_horizon_windows_thin_out_once_the_scale_settles(tmp_path, dataset):
     args = learned_args(tmp_path, max_steps=40, learning_rate=1e-3, mlrs_settle_interval=1, mlrs_meta_interval=4,
-                        mlrs_horizon=4)
+                        mlrs_horizon=4, mlrs_scale_hold=False)  # tracks after settling, over 4-step windows
     trainer = MLRSTrainer(model=tiny_bert(), args=args, train_dataset=dataset)
     trainer.train()
     learner = trainer.lr_scheduler.meta_learner
-    assert learner.num_meta_steps < 40  # fewer meta steps than optimizer steps ...
+    assert learner.scale.settled and learner.window_length == 4  # windows of 4 steps after settling, ...
+    assert 40 <= learner.next_due < 44  # ... every 4th step to the end (a holding scale: none after settling) ...
+    assert learner.scale.settle_after < learner.num_meta_steps < 40  # ... so fewer meta steps than steps, ...
     assert learner.scale.num_updates == learner.num_meta_steps  # ... each of which updated the scale
+
+
+@pytest.mark.parametrize("hold", [None, True])
+def test_a_horizon_that_a_holding_scale_would_never_use_is_refused(tmp_path, dataset, hold):
+    args = learned_args(tmp_path, mlrs_settle_interval=1, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_scale_hold=hold)
+    with pytest.raises(ValueError, match="mlrs_horizon=4 would never be used.*mlrs_settle_interval=4"):
+        MLRSTrainer(model=tiny_bert(), args=args, train_dataset=dataset)  # meta-trains the net: holds by default
+    args = learned_args(tmp_path, mlrs_settle_interval=4, mlrs_meta_interval=4, mlrs_horizon=4, mlrs_scale_hold=hold)
+    MLRSTrainer(model=tiny_bert(), args=args, train_dataset=dataset)  # windows of 4 throughout: accepted
 
 
 # ---- exact resume -----------------------------------------------------------------------------------------------
@@ -399,7 +410,7 @@ def build(output_dir: str, max_steps: int = 12, variant: str = "windows") -> MLR
     common = dict(max_steps=max_steps, save_strategy="steps", save_steps=4, per_device_train_batch_size=8,
                   mlrs_meta_lr=1e-2)
     if variant == "windows":
-        args = learned_args(output_dir, mlrs_meta_interval=2, mlrs_horizon=2, **common)
+        args = learned_args(output_dir, mlrs_meta_interval=2, mlrs_settle_interval=2, mlrs_horizon=2, **common)
     elif variant == "defaults":
         args = tiny_args(output_dir, mlrs_gamma="learned", mlrs_meta_interval=None, **common)
     else:

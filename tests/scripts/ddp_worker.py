@@ -55,7 +55,7 @@ def main(out_path, gamma):
     dataset = tiny_dataset(n=203)  # 203 - 20 held out: the last batch of each epoch is uneven across 2 ranks
     # learned: no meta step is left once the scale holds, or at the latest when the cooldown starts at step 7 of 14
     # (epoch 1 of 3, 6 steps each): the held-out share rejoins training from the next epoch, alike on both ranks
-    learned = dict(mlrs_gamma="learned", mlrs_settle_interval=1, mlrs_horizon=2,
+    learned = dict(mlrs_gamma="learned", mlrs_settle_interval=1,
                    mlrs_cooldown_fraction=0.5) if gamma in ("learned", "rewind") else {}
     if gamma == "rewind":  # growth stoppable from its 3rd update, so that it stops (and rewinds) before the cooldown,
         # after a probe longer than the default max share of a 14-step run
