@@ -20,6 +20,8 @@ from held-out batches as when these designs were measured (sessions 21-23), unde
   fromstart  default, but a growth is confident (linear, then held) only if its signal said "larger" from the first
              update on, as from scratch; a run of "larger" after a "smaller" (a pretrained model's head learning
              after a noisy start: bbc, session 23) keeps the gentle growth and tracks after the stop
+  trackdecay<b>  (scale_lab.py, '{"patch": "trackdecay0.3"}') default, and a scale that tracks after its stop (a
+             growth that was not confident: a pretrained model) also steps log(gamma) down by its lr x b per update
   confidentmeta  (for scale_lab.py's meta-trained arms, '{"patch": "confidentmeta"}') the meta-trained default's
              scale, too, holds (and rewinds) only after a confident growth and tracks after a stop on noise, with its
              own margin (0.8) and growth (1.35)
@@ -62,7 +64,7 @@ VARIANTS = {
 
 
 # the designs that are code, not settings
-PATCHES = ("sign", "down", "stagetrack", "fromstart", "confidentmeta", "lastlarger")
+PATCHES = ("sign", "down", "stagetrack", "fromstart", "confidentmeta", "lastlarger", "trackdecay0.1", "trackdecay0.3")
 
 
 def patch(variant: str) -> None:
@@ -132,6 +134,18 @@ def patch(variant: str) -> None:
             return update(self, g)
 
         scale.LearnedScale.update = last_larger_update
+    elif variant.startswith("trackdecay"):  # a scale that tracks after its stop (not held) also steps down by
+        bias = float(variant[len("trackdecay"):])  # lr x bias per update: its rest point is where the signal says
+        # "larger" with a normalised confidence of `bias`, below the one-step zero crossing (session 30)
+
+        def decaying_update(self, g):
+            tracking = not self.growing
+            update(self, g)
+            if tracking and math.isfinite(float(g)):
+                self.log_gamma = max(self.log_gamma - self.lr * bias, self.log_low)
+            return self.gamma
+
+        scale.LearnedScale.update = decaying_update
 
 
 def main(argv=None) -> None:
