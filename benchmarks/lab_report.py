@@ -53,6 +53,11 @@ def value(run: dict, test: bool) -> float:
     return run["test_accuracy" if test else "val_accuracy"]
 
 
+def gap(task: str, value: float, target: float) -> float:
+    """Behind the target, in points (LM: % of the loss); positive = behind."""
+    return (value - target) / target * 100.0 if quality.by_loss(task) else (target - value) * 100.0
+
+
 def mean_and_se(xs: list[float]) -> tuple[float, float]:
     """Mean and standard error over seeds."""
     return statistics.fmean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0)
@@ -96,11 +101,11 @@ def protocol(args) -> None:
     means = {lr: statistics.fmean(v) for lr, v in per_lr.items()}
     loss = quality.by_loss(args.task)
     worst = max(means.values()) if loss else min(means.values())
-    gap = (worst - target) / target * 100.0 if loss else (target - worst) * 100.0
+    behind = gap(args.task, worst, target)
     print(f"{args.task} {args.arm} {args.overrides}{' (test split)' if args.test else ''}: seeds per start "
           f"{min(len(v) for v in per_lr.values())}, best tuned {target:.4f}")
     print("  by start " + " / ".join(f"{lr:g}: {m:.4f}" for lr, m in means.items()))
-    print(f"  mean {statistics.fmean(means.values()):.4f}, worst-start gap {gap:+.2f}{'%' if loss else ' points'}, "
+    print(f"  mean {statistics.fmean(means.values()):.4f}, worst-start gap {behind:+.2f}{'%' if loss else ' points'}, "
           f"spread {max(means.values()) - min(means.values()):.4f}")
 
 

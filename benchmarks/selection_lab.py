@@ -97,11 +97,6 @@ def targets(reuse: str) -> dict[str, float]:
     return {task: s["target"] for task, s in quality.summarize(runs).items()}
 
 
-def gap(task: str, value: float, target: float) -> float:
-    """Behind the target, in points (LM: % of the loss); positive = behind."""
-    return (value - target) / target * 100.0 if quality.by_loss(task) else (target - value) * 100.0
-
-
 def report(options) -> None:
     selection, own = candidates(options.entry, options.count)
     records, target = load_records(options.entry), targets(options.reuse)
@@ -113,7 +108,7 @@ def report(options) -> None:
             values = [lab_report.value(r, test=False) for (run_, t, _), r in records.items()
                       if run_ == c["run"] and t == task]
             if values:
-                per_task[task] = (gap(task, statistics.fmean(values), target[task]), len(values))
+                per_task[task] = (lab_report.gap(task, statistics.fmean(values), target[task]), len(values))
         mean_own = statistics.fmean(per_task[t][0] for t in own) if all(t in per_task for t in own) else None
         rows.append((c, per_task, mean_own))
     print(f"{options.entry}: candidates of --select {options.count}; gaps behind the best tuned arm (3-seed mean), "

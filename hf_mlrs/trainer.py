@@ -174,7 +174,8 @@ class MLRSTrainer(Trainer):
         than that) and, where it holds, none after: there `mlrs_horizon` would change nothing, silently (the same
         runs to the last digit, RESULTS.md 3b, session 30)."""
         args = self.args
-        holds = args.mlrs_scale_hold is True or (args.mlrs_scale_hold is None and self.meta_training)
+        hold, confident_hold = self._scale_hold()
+        holds = hold and not confident_hold  # a confident hold may not come: then the scale tracks, over windows
         settle = args.mlrs_settle_interval
         if args.mlrs_gamma == "learned" and holds and settle is not None and settle < args.mlrs_horizon:
             raise ValueError(
@@ -183,6 +184,12 @@ class MLRSTrainer(Trainer):
                 f"none once it holds (mlrs_scale_hold). Set mlrs_settle_interval={args.mlrs_horizon} for windows of "
                 f"{args.mlrs_horizon} steps throughout, mlrs_scale_hold=False to use them after the growth, or "
                 "mlrs_horizon=1.")
+
+    def _scale_hold(self) -> tuple[bool, bool]:
+        """(hold, confident_hold) of a learned gamma (`LearnedScale`). Unset: hold where the net is meta-trained; with
+        a frozen schedule only after a confident growth."""
+        hold = self.args.mlrs_scale_hold
+        return (True if hold is None else hold), (hold is None and not self.meta_training)
 
     def _resolve_meta_source(self, meta_dataset) -> str:
         """The meta source asked for, else the default: the next training batch where it applies (only gamma is
@@ -254,9 +261,7 @@ class MLRSTrainer(Trainer):
             gamma = self.args.mlrs_gamma_value
             if self.args.mlrs_gamma is None and not self.meta_training:  # frozen: learning_rate is where it starts
                 gamma = self.schedule.gamma_for(gamma)
-            # Unset: hold where the net is meta-trained; with a frozen schedule only after a confident growth
-            hold = True if self.args.mlrs_scale_hold is None else self.args.mlrs_scale_hold
-            confident_hold = self.args.mlrs_scale_hold is None and not self.meta_training
+            hold, confident_hold = self._scale_hold()
             if gamma == "learned":
                 gamma = learned_scale(self.args.learning_rate, self.args, hold=hold, confident_hold=confident_hold)
             self.lr_scheduler = MLRSScheduler(
